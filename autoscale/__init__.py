@@ -1,0 +1,1 @@
+"""The autoscaler: queue metrics, a scaling policy, local and Kubernetes backends (next issue)."""

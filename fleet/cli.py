@@ -1,0 +1,257 @@
+"""The ``fleet`` command line (click).
+
+Every FleetError becomes one line on stderr and its exit code; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from fleet.config import FleetConfig, load_config
+from fleet.errors import ConfigError, FleetError
+
+pass_config_path = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+    help="queues.yaml to use (default: $FLEET_CONFIG, ./queues.yaml, the shipped one).")
+
+
+def _load(config_path: str | None) -> FleetConfig:
+    return load_config(config_path)
+
+
+def _app(config: FleetConfig, queue: str | None = None):
+    from fleet.factory import create_app
+
+    return create_app(config, queue)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fleet")
+def cli() -> None:
+    """A resource-aware batch-processing worker fleet on Celery and Redis."""
+
+
+@cli.command()
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+def validate(file: str | None) -> None:
+    """Check FILE (default: the active queues.yaml); exit 2 listing every problem."""
+    config = load_config(file)
+    click.echo(f"{config.source}: OK ({len(config.queues)} queues: "
+               f"{', '.join(config.queues)})")
+
+
+@cli.command()
+@click.option("--queue", "-q", required=True, help="The queue (resource class) to serve.")
+@click.option("--print-config", is_flag=True, help="Show the worker's settings and exit.")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--hostname", "-n", default=None, help="Node name (default: QUEUE@%h).")
+@pass_config_path
+def worker(queue: str, print_config: bool, loglevel: str, hostname: str | None,
+           config_path: str | None) -> None:
+    """Start a Celery worker with exactly QUEUE's settings from queues.yaml."""
+    from fleet.worker import celery_argv, describe, worker_settings
+
+    config = _load(config_path)
+    settings = worker_settings(config, queue)
+    argv = celery_argv(settings, loglevel=loglevel, hostname=hostname)
+    if print_config:
+        width = max(len(k) for k, _ in describe(settings))
+        click.echo(f"# worker for queue {queue!r} ({config.source})")
+        for name, value in describe(settings):
+            click.echo(f"{name:<{width}}  {value}")
+        click.echo(f"\n# equivalent: celery -A fleet.app {' '.join(argv)}")
+        return
+    app = _app(config, queue)
+    app.worker_main(argv=argv)
+
+
+@cli.command()
+@click.argument("task")
+@click.option("--input", "-i", "input_spec", required=True,
+              help="A .jsonl/.csv path, an s3://bucket/key URL, or - for JSON lines on stdin.")
+@click.option("--chunk-size", "-c", type=int, default=None,
+              help="Records per chunk (default: jobs.default_chunk_size).")
+@click.option("--aggregate", "-a", default=None, help="Task that folds the chunk results.")
+@click.option("--kwarg", "-k", "kwargs", multiple=True, metavar="KEY=VALUE",
+              help="Keyword argument for TASK (VALUE is JSON, else a string). Repeatable.")
+@click.option("--aggregate-kwarg", "aggregate_kwargs", multiple=True, metavar="KEY=VALUE")
+@click.option("--watch", "-w", is_flag=True, help="Show a live progress bar until the job ends.")
+@pass_config_path
+def submit(task: str, input_spec: str, chunk_size: int | None, aggregate: str | None,
+           kwargs: tuple[str, ...], aggregate_kwargs: tuple[str, ...], watch: bool,
+           config_path: str | None) -> None:
+    """Split an input into chunks and run TASK over each, as one batch job."""
+    from fleet.jobs.submit import JobSpec
+    from fleet.jobs.submit import submit as submit_job
+
+    config = _load(config_path)
+    app = _app(config)
+    spec = JobSpec(
+        task=task, input=input_spec,
+        chunk_size=config.jobs.default_chunk_size if chunk_size is None else chunk_size,
+        aggregate=aggregate, kwargs=_parse_kwargs(kwargs, "--kwarg"),
+        aggregate_kwargs=_parse_kwargs(aggregate_kwargs, "--aggregate-kwarg"))
+    started = time.perf_counter()
+    done = submit_job(app, spec)
+    click.echo(f"job {done.job_id}: {done.records} records in {done.chunks} chunks of "
+               f"{spec.chunk_size}, submitted in {time.perf_counter() - started:.2f}s")
+    click.echo(f"result will be at {done.result_url}")
+    if watch:
+        _watch(config, done.job_id)
+
+
+def _parse_kwargs(pairs: tuple[str, ...], option: str) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=option)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@cli.group()
+def jobs() -> None:
+    """List, inspect, watch and retry batch jobs."""
+
+
+@jobs.command("list")
+@click.option("--limit", "-n", default=20, show_default=True)
+@pass_config_path
+def jobs_list(limit: int, config_path: str | None) -> None:
+    """The most recent jobs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fleet.jobs.state import JobStore
+
+    statuses = _redis_call(lambda: JobStore(_load(config_path)).recent(limit))
+    table = Table("job", "task", "state", "done", "failed", "total", "created")
+    for s in statuses:
+        table.add_row(s.id, s.task, s.state, str(s.done), str(s.failed), str(s.total),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created)))
+    Console().print(table)
+
+
+@jobs.command("status")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_config_path
+def jobs_status(job_id: str, as_json: bool, config_path: str | None) -> None:
+    """One job's progress, failures and result location."""
+    from fleet.jobs.state import JobStore
+
+    store = JobStore(_load(config_path))
+    status = _redis_call(lambda: store.status(job_id))
+    failed = store.failed_chunks(job_id) if status.failed else []
+    if as_json:
+        out = {k: getattr(status, k) for k in (
+            "id", "task", "aggregate", "state", "total", "done", "failed", "pending",
+            "records", "created", "finished", "input", "result_url", "error")}
+        out["failed_chunks"] = [{"index": c.index, "error": c.error} for c in failed]
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"job       {status.id}\ntask      {status.task}"
+               + (f" -> {status.aggregate}" if status.aggregate else "")
+               + f"\nstate     {status.state}\ninput     {status.input} ({status.records} "
+               f"records)\nchunks    {status.done} done, {status.failed} failed, "
+               f"{status.pending} pending, of {status.total}\nresult    "
+               f"{status.result_url or '-'}")
+    if status.error:
+        click.echo(f"error     {status.error}")
+    for chunk in failed[:20]:
+        click.echo(f"  chunk {chunk.index}: {chunk.error}")
+    if len(failed) > 20:
+        click.echo(f"  ... and {len(failed) - 20} more")
+
+
+@jobs.command("watch")
+@click.argument("job_id")
+@pass_config_path
+def jobs_watch(job_id: str, config_path: str | None) -> None:
+    """A live progress bar until JOB_ID ends; exit 1 if it failed."""
+    _watch(_load(config_path), job_id)
+
+
+@jobs.command("retry")
+@click.argument("job_id")
+@pass_config_path
+def jobs_retry(job_id: str, config_path: str | None) -> None:
+    """Re-run only the failed chunks of JOB_ID (or its failed aggregate step)."""
+    from fleet.jobs.submit import retry_failed
+
+    config = _load(config_path)
+    retried = _redis_call(lambda: retry_failed(_app(config), job_id))
+    if retried.aggregate:
+        click.echo(f"job {job_id}: re-running the aggregate step")
+    else:
+        click.echo(f"job {job_id}: re-sent {retried.chunks} failed chunks")
+
+
+def _watch(config: FleetConfig, job_id: str) -> None:
+    from fleet.jobs.watch import watch
+
+    status = _redis_call(lambda: watch(config, [job_id]))[0]
+    if status.state == "failed":
+        raise FleetError(f"job {job_id} failed: {status.error or f'{status.failed} chunks failed'}"
+                         f" (see: fleet jobs status {job_id}; fleet jobs retry {job_id})")
+    click.echo(f"result: {status.result_url}")
+
+
+def _redis_call(call):
+    import redis
+
+    from fleet.errors import BrokerUnavailableError
+
+    try:
+        return call()
+    except redis.ConnectionError as exc:
+        raise BrokerUnavailableError(f"Redis is not answering: {exc}") from None
+
+
+@cli.command()
+@click.option("--records", default=50_000, show_default=True, help="Size of the demo input.")
+@click.option("--exit-when-done", is_flag=True, help="Stop the fleet once the demo job ends.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=".fleet", show_default=True)
+@pass_config_path
+def demo(records: int, exit_when_done: bool, workdir: str, config_path: str | None) -> None:
+    """The main job: a local fleet, a demo batch job with progress, its result."""
+    from fleet.demo import run_demo
+
+    run_demo(_load(config_path), Path(workdir), records=records, exit_when_done=exit_when_done)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ConfigError as exc:
+        files = sorted({p.file for p in exc.problems})
+        count = len(exc.problems)
+        click.echo(f"fleet: {count} problem{'s' if count != 1 else ''} in "
+                   f"{', '.join(files)}:", err=True)
+        for problem in exc.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(exc.exit_code)
+    except FleetError as exc:
+        click.echo(f"fleet: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""The typed model of queues.yaml, parsed once into immutable objects.
+
+Structure and units are checked here by pydantic (unknown keys, wrong types, bad units);
+rules that span several keys live in ``fleet.validation``. Nothing downstream reads the
+raw YAML or the environment: ``load_config`` is the only door.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+)
+
+from fleet.errors import ConfigError, Problem
+from fleet.units import Rate, format_duration, format_size, parse_duration, parse_rate, parse_size
+from fleet.yamlfile import load_yaml
+
+Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+RateLimit = Annotated[Rate, BeforeValidator(parse_rate), PlainSerializer(str)]
+
+#: Environment variables read at the edge, by ``load_config`` only.
+ENV_CONFIG = "FLEET_CONFIG"
+ENV_BROKER_URL = "FLEET_BROKER_URL"
+ENV_KEY_PREFIX = "FLEET_KEY_PREFIX"
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Lease(Model):
+    """Workers refresh the delivery time of every message they hold (see fleet.lease)."""
+
+    enabled: bool = True
+    interval: Duration = 10.0
+
+
+class Broker(Model):
+    url: str = "redis://127.0.0.1:6379/0"
+    #: kombu's global_keyprefix: every broker, result and fleet key starts with it.
+    key_prefix: str = ""
+    #: With acks_late on Redis, a message unacked for this long is delivered again.
+    visibility_timeout: Duration = 60.0
+    lease: Lease = Lease()
+
+
+class Results(Model):
+    #: Defaults to the broker URL.
+    url: str | None = None
+    expires: Duration = 86400.0
+
+
+class Payloads(Model):
+    """Claim-check: arguments and results above ``threshold`` travel as references."""
+
+    store: Literal["local", "s3"] = "local"
+    path: str = ".fleet/payloads"
+    bucket: str | None = None
+    prefix: str = "fleet/"
+    endpoint_url: str | None = None
+    region: str | None = None
+    threshold: Size = 256 * 1024
+    #: Delete argument payloads once the task has succeeded.
+    cleanup: bool = True
+
+
+class Jobs(Model):
+    default_chunk_size: int = Field(1000, ge=1)
+    #: How long job state stays in Redis after the job ends.
+    ttl: Duration = 7 * 86400.0
+    #: Messages per Redis pipeline when fanning out a job.
+    publish_batch: int = Field(500, ge=1)
+
+
+class SizeRule(Model):
+    """Tasks (globs) whose input is larger than ``over`` bytes go to ``queue``."""
+
+    over: Size
+    queue: str
+    tasks: list[str] = ["*"]
+
+
+class TimeLimit(Model):
+    soft: Duration | None = None
+    hard: Duration | None = None
+
+
+class Retry(Model):
+    """Celery autoretry for the queue's tasks; exceptions by builtin or dotted name."""
+
+    max_retries: int = Field(3, ge=0)
+    exceptions: list[str] = ["Exception"]
+    backoff: Duration = 2.0
+    backoff_max: Duration = 600.0
+    jitter: bool = True
+
+
+class OnMemoryExceeded(Model):
+    #: Re-send the task to this (larger) queue instead of failing it.
+    retry_on: str | None = None
+    #: Attempts in all, the first one included.
+    max_attempts: int = Field(2, ge=1)
+
+
+class ResourceList(Model):
+    cpu: str | None = Field(None, pattern=r"^\d+(\.\d+)?m?$")
+    memory: Size | None = None
+
+
+class Resources(Model):
+    requests: ResourceList = ResourceList()
+    limits: ResourceList = ResourceList()
+
+
+class Kubernetes(Model):
+    resources: Resources = Resources()
+
+
+class Autoscaling(Model):
+    """Parsed and validated now; the autoscaler uses it (autoscale/)."""
+
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int = Field(4, ge=0)
+    #: Drain the backlog within this time.
+    target_wait: Duration = 30.0
+    #: Waiting messages below this keep a queue at zero replicas.
+    activation_threshold: int = Field(1, ge=0)
+    scale_up_stabilization: Duration = 0.0
+    scale_down_stabilization: Duration = 300.0
+    scale_down_step: int = Field(1, ge=1)
+    cooldown: Duration = 30.0
+
+
+class QueueClass(Model):
+    """One queue and the resource class of the workers that consume it."""
+
+    tasks: list[str] = []
+    pool: Literal["prefork", "threads", "solo"] = "prefork"
+    concurrency: int = Field(2, ge=1)
+    prefetch_multiplier: int = Field(4, ge=1)
+    #: Celery's worker_disable_prefetch: take a message only when a slot is free.
+    disable_prefetch: bool = False
+    acks_late: bool = True
+    reject_on_worker_lost: bool = False
+    #: RSS of one pool process above which the guard stops its task mid-flight.
+    memory_limit: Size | None = None
+    on_memory_exceeded: OnMemoryExceeded = OnMemoryExceeded()
+    time_limit: TimeLimit = TimeLimit()
+    max_tasks_per_child: int | None = Field(None, ge=1)
+    soft_shutdown_timeout: Duration = 0.0
+    #: Fleet-wide (all workers) rate for the whole queue, and per task name.
+    rate_limit: RateLimit | None = None
+    task_rate_limits: dict[str, RateLimit] = {}
+    retry: Retry | None = None
+    priority: int | None = Field(None, ge=0, le=9)
+    kubernetes: Kubernetes = Kubernetes()
+    autoscaling: Autoscaling = Autoscaling()
+
+
+class FleetConfig(Model):
+    version: Literal[1] = 1
+    broker: Broker = Broker()
+    results: Results = Results()
+    payloads: Payloads = Payloads()
+    jobs: Jobs = Jobs()
+    #: Modules whose tasks the workers register.
+    imports: list[str] = ["tasks.aggregate", "tasks.io", "tasks.heavy"]
+    default_queue: str = "default"
+    size_rules: list[SizeRule] = []
+    queues: dict[str, QueueClass] = Field(min_length=1)
+    #: Where the file was read from, for messages; not a YAML key.
+    source: str = Field("queues.yaml", exclude=True)
+
+    @property
+    def result_url(self) -> str:
+        return self.results.url or self.broker.url
+
+    def queue(self, name: str) -> QueueClass:
+        try:
+            return self.queues[name]
+        except KeyError:
+            known = ", ".join(sorted(self.queues))
+            raise ConfigError(
+                [Problem(self.source, f"queues.{name}", f"no such queue (known: {known})")]
+            ) from None
+
+
+def default_config_path() -> Path:
+    """``$FLEET_CONFIG``, else ./queues.yaml, else the queues.yaml shipped beside fleet/."""
+    if os.environ.get(ENV_CONFIG):
+        return Path(os.environ[ENV_CONFIG])
+    local = Path("queues.yaml")
+    if local.exists():
+        return local
+    return Path(__file__).resolve().parent.parent / "queues.yaml"
+
+
+def parse_config(data: Any, source: str, lines: dict | None = None) -> FleetConfig:
+    """Validate plain data into a FleetConfig or raise ConfigError listing every problem."""
+    from fleet.validation import check
+
+    lines = lines or {}
+    if data is None:
+        raise ConfigError([Problem(source, "", "file is empty; expected a mapping with queues")])
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(source, "", "expected a mapping at the top level")])
+    try:
+        config = FleetConfig.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(_problems_from(exc, source, lines)) from None
+    problems = check(config, lines)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load_config(
+    path: Path | str | None = None,
+    *,
+    broker_url: str | None = None,
+    key_prefix: str | None = None,
+) -> FleetConfig:
+    """Read, validate and return the config; env overrides apply to the broker only.
+
+    ``FLEET_BROKER_URL`` and ``FLEET_KEY_PREFIX`` let one file serve every environment
+    (an embedded Redis on a random port, a test's own key prefix, a Kubernetes Secret).
+    """
+    path = Path(path) if path is not None else default_config_path()
+    data, lines, duplicates = load_yaml(path)
+    if duplicates:
+        raise ConfigError(duplicates)
+    config = parse_config(data, str(path), lines)
+    url = broker_url or os.environ.get(ENV_BROKER_URL)
+    prefix = key_prefix if key_prefix is not None else os.environ.get(ENV_KEY_PREFIX)
+    return with_broker(config, url=url, key_prefix=prefix)
+
+
+def with_broker(
+    config: FleetConfig, *, url: str | None = None, key_prefix: str | None = None
+) -> FleetConfig:
+    """A copy of ``config`` pointing at another Redis and/or key prefix."""
+    broker = config.broker
+    if url:
+        broker = broker.model_copy(update={"url": url})
+    if key_prefix is not None:
+        broker = broker.model_copy(update={"key_prefix": key_prefix})
+    results = config.results
+    if url and results.url is None:
+        results = results.model_copy(update={"url": None})
+    return config.model_copy(update={"broker": broker, "results": results})
+
+
+def _problems_from(exc: ValidationError, source: str, lines: dict) -> list[Problem]:
+    problems = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            reason = "unknown key"
+        elif kind == "missing":
+            reason = "required key is missing"
+        else:
+            reason = error["msg"].removeprefix("Value error, ")
+            if kind not in ("value_error",) and "input" in error and not isinstance(
+                error["input"], dict | list
+            ):
+                reason += f" (got {error['input']!r})"
+        problems.append(Problem(source, _dotted(loc), reason, _line_for(loc, lines)))
+    return problems
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _line_for(loc: tuple, lines: dict) -> int | None:
+    """The line of ``loc``, or of its nearest ancestor present in the file."""
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None

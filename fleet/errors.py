@@ -1,0 +1,72 @@
+"""One exception hierarchy for everything a user can get wrong.
+
+The CLI turns any ``FleetError`` into one line on stderr and its ``exit_code``;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class FleetError(Exception):
+    """Base of every error whose message a user can act on."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config file: where, and why."""
+
+    file: str
+    path: str
+    reason: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.path or '(top level)'}: {self.reason}"
+
+
+class ConfigError(FleetError):
+    """queues.yaml is missing, unreadable or invalid; carries every problem found."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class JobInputError(FleetError):
+    """A batch job's input or parameters are wrong; nothing was enqueued."""
+
+    exit_code = 2
+
+
+class UnknownJobError(FleetError):
+    """A job id that Redis does not know (expired, mistyped, other prefix)."""
+
+    exit_code = 2
+
+
+class BrokerUnavailableError(FleetError):
+    """Redis did not answer at the configured URL."""
+
+    exit_code = 3
+
+
+class PayloadError(FleetError):
+    """A claim-check payload could not be stored or fetched."""
+
+
+class MemoryLimitExceeded(FleetError):
+    """A task's pool process outgrew its queue's memory limit and was stopped mid-task.
+
+    Raised (as a stored task result) by the memory guard, not by task code. Its message
+    carries the task id, the RSS seen and the limit so the result alone explains it.
+    """
+
+    def __init__(self, message: str = "memory limit exceeded", *args: object):
+        super().__init__(message, *args)

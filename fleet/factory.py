@@ -1,0 +1,101 @@
+"""The Celery app factory: queues.yaml in, a configured Celery app out.
+
+``fleet.app`` holds the module-level instance for the plain Celery CLI and Flower; the
+``fleet`` CLI and the tests build their own apps here from the config they loaded.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from fleet.config import FleetConfig
+from fleet.routing import FleetRouter, RoutingTable
+from fleet.worker import queue_conf, worker_settings
+
+#: kombu's priority sub-lists: Q, Q\x06\x163, ... (see design.md: LLEN of Q undercounts).
+PRIORITY_STEPS = [0, 3, 6, 9]
+
+#: Lowest restore sweep period: every poll may move messages whose lease lapsed back.
+RESTORE_INTERVAL_MAX = 10.0
+
+
+def broker_transport_options(config: FleetConfig) -> dict:
+    """kombu Redis options: short visibility timeout made safe by lease renewal."""
+    vt = config.broker.visibility_timeout
+    options = {
+        "visibility_timeout": vt,
+        "priority_steps": PRIORITY_STEPS,
+        "queue_order_strategy": "priority",
+        # kombu sweeps expired unacked messages every interval * throttle seconds
+        # (100 s by default): far too slow for a 60 s lease.
+        "unacked_restore_interval": max(1.0, min(RESTORE_INTERVAL_MAX, vt / 4)),
+        "unacked_restore_throttle": 1,
+        # A worker whose Redis vanished without closing the socket must notice.
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+    }
+    if config.broker.key_prefix:
+        options["global_keyprefix"] = config.broker.key_prefix
+    return options
+
+
+def celery_settings(config: FleetConfig) -> dict:
+    """Everything Celery needs that does not depend on which queue a worker serves."""
+    queues = [Queue(name, Exchange(name, type="direct"), routing_key=name)
+              for name in config.queues]
+    result_options = {}
+    if config.broker.key_prefix:
+        result_options["global_keyprefix"] = config.broker.key_prefix
+    default = config.queues[config.default_queue]
+    return {
+        "broker_url": config.broker.url,
+        # Results go through the claim-check backend: large results travel by reference.
+        "result_backend": f"fleet.claimcheck:ClaimCheckRedisBackend+{config.result_url}",
+        "broker_transport_options": broker_transport_options(config),
+        "result_backend_transport_options": result_options,
+        "broker_connection_retry_on_startup": True,
+        # JSON only: pickle would let anyone who can write to Redis run code on workers.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_expires": int(config.results.expires),
+        "result_extended": True,
+        "task_queues": queues,
+        "task_default_queue": config.default_queue,
+        "task_default_exchange": config.default_queue,
+        "task_default_routing_key": config.default_queue,
+        "task_create_missing_queues": False,
+        "task_routes": [FleetRouter(RoutingTable.from_config(config))],
+        "task_default_priority": default.priority,
+        "task_track_started": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        "worker_hijack_root_logger": True,
+        "imports": list(config.imports),
+        "broker_channel_error_retry": True,
+    }
+
+
+def create_app(config: FleetConfig, queue: str | None = None, main: str = "fleet") -> Celery:
+    """A Celery app wired to ``config``; with ``queue``, tuned as that queue's worker."""
+    app = Celery(
+        main,
+        task_cls="fleet.task:FleetTask",
+        amqp="fleet.claimcheck:ClaimCheckAMQP",
+        set_as_current=True,
+    )
+    app.conf.update(celery_settings(config))
+    app.fleet_config = config
+    app.fleet_queue = None
+    if queue is not None:
+        app.conf.update(queue_conf(worker_settings(config, queue)))
+        app.fleet_queue = queue
+    from fleet.workerstep import FleetWorkerStep
+
+    app.steps["worker"].add(FleetWorkerStep)
+    import fleet.jobs.hooks
+    import fleet.jobs.lifecycle  # noqa: F401 (registers fleet.jobs.collect)
+
+    return app

@@ -1,0 +1,213 @@
+"""The memory guard: stop a task whose pool process outgrows its class, mid-task.
+
+Celery's ``worker_max_memory_per_child`` is checked only after a task returns, so a
+runaway task grows until the kernel OOM-kills the whole pod and every neighbour with
+it. Here a thread in the worker's main process samples the RSS of each busy prefork
+child (and its own subprocesses) with psutil; a child over the queue's limit is killed
+at once. The worker then sees a lost child; ``GuardedRequest`` recognises the kill and
+turns it into a clear ``MemoryLimitExceeded`` result (task id, RSS, limit) instead of a
+bare WorkerLostError, or re-sends the task to a larger class (``on_memory_exceeded``).
+It never requeues it onto the same queue, where it would only die again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import psutil
+from billiard.exceptions import WorkerLostError
+from celery import signals
+from celery.utils.serialization import get_pickled_exception
+from celery.worker import state as worker_state
+from celery.worker.request import Request
+
+from fleet.errors import MemoryLimitExceeded
+from fleet.units import format_size
+
+logger = logging.getLogger("fleet.guard")
+
+ATTEMPT_HEADER = "fleet-memory-attempt"
+
+
+@dataclass(frozen=True)
+class Kill:
+    task_id: str
+    task_name: str
+    pid: int
+    rss: int
+    limit: int
+    queue: str
+
+    def message(self) -> str:
+        return (
+            f"Task {self.task_name}[{self.task_id}] stopped mid-task: its pool process "
+            f"(pid {self.pid}) reached {format_size(self.rss)} RSS, over the {self.queue!r} "
+            f"queue's memory_limit of {format_size(self.limit)}"
+        )
+
+
+@dataclass(frozen=True)
+class Busy:
+    """A pool process running a task, as the guard samples it."""
+
+    task_id: str
+    task_name: str
+    pid: int
+
+
+def over_limit(samples: Iterable[tuple[Busy, int]], limit: int) -> list[tuple[Busy, int]]:
+    """The busy processes whose RSS is above ``limit`` (the decision, without I/O)."""
+    return [(busy, rss) for busy, rss in samples if rss > limit]
+
+
+def rss_of(pid: int) -> int | None:
+    """RSS of a process plus its descendants (a task may shell out); None if gone."""
+    try:
+        proc = psutil.Process(pid)
+        total = proc.memory_info().rss
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += child.memory_info().rss
+        return total
+    except psutil.Error:
+        return None
+
+
+_kills: dict[str, Kill] = {}
+_kills_lock = threading.Lock()
+
+
+def record_kill(kill: Kill) -> None:
+    with _kills_lock:
+        _kills[kill.task_id] = kill
+
+
+def pop_kill(task_id: str) -> Kill | None:
+    with _kills_lock:
+        return _kills.pop(task_id, None)
+
+
+def busy_children() -> list[Busy]:
+    """Tasks running in pool processes right now (from the worker's own state)."""
+    for _ in range(3):
+        try:
+            requests = list(worker_state.active_requests)
+            break
+        except RuntimeError:  # the event loop changed the set under us
+            continue
+    else:
+        return []
+    return [Busy(r.id, r.name, r.worker_pid) for r in requests if r.worker_pid]
+
+
+class MemoryGuard:
+    """Samples busy children every ``interval`` and kills the ones over ``limit``."""
+
+    def __init__(self, queue: str, limit: int, interval: float = 0.25,
+                 busy: Callable[[], list[Busy]] = busy_children):
+        self.queue = queue
+        self.limit = limit
+        self.interval = interval
+        self.busy = busy
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet-memory-guard",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.tick()
+            except Exception:
+                logger.exception("memory guard sampling failed")
+
+    def tick(self) -> list[Kill]:
+        samples = []
+        for busy in self.busy():
+            rss = rss_of(busy.pid)
+            if rss is not None:
+                samples.append((busy, rss))
+        kills = []
+        for busy, rss in over_limit(samples, self.limit):
+            kill = Kill(busy.task_id, busy.task_name, busy.pid, rss, self.limit, self.queue)
+            record_kill(kill)
+            logger.error("%s; killing the process", kill.message())
+            try:
+                os.kill(busy.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pop_kill(busy.task_id)  # it ended on its own meanwhile
+                continue
+            kills.append(kill)
+        return kills
+
+
+class GuardedRequest(Request):
+    """A Celery request that knows a lost child may have been the guard's doing."""
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        kill = pop_kill(self.id) if isinstance(exc, WorkerLostError) else None
+        if kill is None:
+            return super().on_failure(exc_info, send_failed_event, return_ok)
+        worker_state.task_ready(self)
+        error = MemoryLimitExceeded(kill.message())
+        target = self._memory_retry_target()
+        if target is not None:
+            self._resend(error, target)
+        else:
+            self._fail(error, exc_info, send_failed_event)
+        self.send_event("task-memory-exceeded", rss=kill.rss, limit=kill.limit,
+                        pid=kill.pid, queue=kill.queue, retry_on=target)
+        return None
+
+    def _memory_retry_target(self) -> str | None:
+        config = getattr(self.task.app, "fleet_config", None)
+        queue = (self.delivery_info or {}).get("routing_key")
+        if config is None or queue not in config.queues:
+            return None
+        policy = config.queues[queue].on_memory_exceeded
+        attempt = int((self._context.headers or {}).get(ATTEMPT_HEADER, 1))
+        if policy.retry_on is None or attempt >= policy.max_attempts:
+            return None
+        return policy.retry_on
+
+    def _resend(self, error: MemoryLimitExceeded, target: str) -> None:
+        context = self._context
+        headers = dict(context.headers or {})
+        attempt = int(headers.get(ATTEMPT_HEADER, 1)) + 1
+        headers[ATTEMPT_HEADER] = attempt
+        self.task.signature_from_request(context, queue=target, headers=headers).apply_async()
+        logger.error("%s; re-sent to queue %r (attempt %d)", error, target, attempt)
+        if self.store_errors:
+            self.task.backend.mark_as_retry(self.id, error, request=context)
+        self.acknowledge()
+        self.send_event("task-retried", exception=repr(error), traceback="")
+
+    def _fail(self, error: MemoryLimitExceeded, exc_info, send_failed_event: bool) -> None:
+        logger.error("%s; task failed", error)
+        self.acknowledge()
+        self.task.backend.mark_as_failure(self.id, error, request=self._context,
+                                          store_result=self.store_errors)
+        self.task.request_stack.push(self._context)
+        try:
+            signals.task_failure.send(sender=self.task, task_id=self.id, exception=error,
+                                      args=self.args, kwargs=self.kwargs,
+                                      traceback=None, einfo=exc_info)
+        finally:
+            self.task.request_stack.pop()
+        if send_failed_event:
+            self.send_event("task-failed",
+                            exception=repr(get_pickled_exception(error)), traceback="")

@@ -1,0 +1,151 @@
+"""A batch job's input: a local file, an s3:// object or JSON lines on stdin.
+
+The input is read twice: once to check every record (a malformed line N must stop the
+job before anything is enqueued) and once to cut chunks, so memory stays bounded by
+one chunk however large the input. Stdin and S3 objects are spooled to a temporary
+file during the first pass so the second pass can re-read them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from fleet.config import Payloads
+from fleet.errors import JobInputError
+
+JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    records: list
+    #: Bytes of input the chunk came from: what size routing rules compare.
+    size: int
+
+
+@dataclass(frozen=True)
+class CheckedInput:
+    """An input that passed the first pass: where it is, its format, how many records."""
+
+    path: Path
+    fmt: str  # "jsonl" or "csv"
+    description: str
+    records: int
+    size: int
+
+    def chunks(self, chunk_size: int) -> Iterator[Chunk]:
+        records: list = []
+        size = 0
+        index = 0
+        with self.path.open("rb") as fh:
+            for nbytes, record in _parse(fh, self.fmt, self.description):
+                records.append(record)
+                size += nbytes
+                if len(records) == chunk_size:
+                    yield Chunk(index, records, size)
+                    records, size, index = [], 0, index + 1
+        if records:
+            yield Chunk(index, records, size)
+
+
+def _parse(fh: IO[bytes], fmt: str, description: str) -> Iterator[tuple[int, object]]:
+    """(bytes of input, record) for each record; JobInputError names the bad line."""
+    if fmt == "csv":
+        text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+        reader = csv.DictReader(text)
+        if reader.fieldnames is None:
+            return
+        for row in reader:
+            if None in row:
+                raise JobInputError(f"{description}: line {reader.line_num}: more fields "
+                                    f"than the header's {len(reader.fieldnames)}")
+            yield sum(len(v or "") + 1 for v in row.values()), row
+        return
+    for number, raw in enumerate(fh, start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield len(raw), json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            raise JobInputError(f"{description}: line {number}: malformed JSON ({reason})"
+                                ) from None
+
+
+def _format_of(name: str) -> str:
+    lower = name.lower()
+    if lower.endswith(".csv"):
+        return "csv"
+    if lower.endswith(JSON_SUFFIXES) or name == "-":
+        return "jsonl"
+    raise JobInputError(f"{name}: unknown input format (use .jsonl, .ndjson, .json or .csv)")
+
+
+def _check(path: Path, fmt: str, description: str) -> CheckedInput:
+    records = 0
+    try:
+        with path.open("rb") as fh:
+            for _size, _record in _parse(fh, fmt, description):
+                records += 1
+    except UnicodeDecodeError:
+        raise JobInputError(f"{description}: not UTF-8 text") from None
+    except csv.Error as exc:
+        raise JobInputError(f"{description}: malformed CSV: {exc}") from None
+    if records == 0:
+        raise JobInputError(f"{description}: no records in the input")
+    return CheckedInput(path, fmt, description, records, path.stat().st_size)
+
+
+@contextmanager
+def checked_input(spec: str, payloads: Payloads, stdin: IO[bytes] | None = None
+                  ) -> Iterator[CheckedInput]:
+    """Open ``spec`` (a path, ``s3://bucket/key`` or ``-``) and check every record."""
+    if spec == "-":
+        with _spooled(stdin or sys.stdin.buffer) as path:
+            yield _check(path, "jsonl", "stdin")
+        return
+    if spec.startswith("s3://"):
+        fmt = _format_of(spec)
+        with _spooled_s3(spec, payloads) as path:
+            yield _check(path, fmt, spec)
+        return
+    path = Path(spec)
+    if not path.exists():
+        raise JobInputError(f"{spec}: input file not found")
+    if not path.is_file():
+        raise JobInputError(f"{spec}: not a regular file")
+    yield _check(path, _format_of(spec), spec)
+
+
+@contextmanager
+def _spooled(stream: IO[bytes]) -> Iterator[Path]:
+    with tempfile.NamedTemporaryFile(prefix="fleet-input-", suffix=".jsonl") as tmp:
+        shutil.copyfileobj(stream, tmp)
+        tmp.flush()
+        yield Path(tmp.name)
+
+
+@contextmanager
+def _spooled_s3(url: str, payloads: Payloads) -> Iterator[Path]:
+    from fleet.payloads import S3Store, split_s3_url
+
+    bucket, key = split_s3_url(url)
+    store = S3Store(bucket, "", payloads.endpoint_url, payloads.region)
+    with tempfile.NamedTemporaryFile(prefix="fleet-input-") as tmp:
+        try:
+            store.client.download_fileobj(bucket, key, tmp)
+        except store._errors as exc:
+            raise JobInputError(f"{url}: cannot read input: {exc}") from None
+        tmp.flush()
+        yield Path(tmp.name)

@@ -1,0 +1,144 @@
+"""Submitting a batch job, and re-sending its failed chunks.
+
+Every check runs before the first message is sent: the task names, the chunk size and
+every input record. Chunks are published through kombu's producer batch, which buffers
+the LPUSHes of up to ``jobs.publish_batch`` messages in one Redis pipeline instead of
+one round trip per chunk; chunk results are tracked by the job, so no Celery result
+(and no per-task result subscription) is requested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from typing import IO, Any
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from fleet.claimcheck import CLAIM_KEY, is_claim
+from fleet.errors import BrokerUnavailableError, FleetError, JobInputError
+from fleet.jobs.ids import chunk_task_id, new_job_id
+from fleet.jobs.inputs import checked_input
+from fleet.jobs.lifecycle import COLLECT_TASK, result_key
+from fleet.jobs.state import FAILED, JobStore
+from fleet.payloads import open_store
+from fleet.routing import SIZE_HEADER
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    task: str
+    input: str
+    chunk_size: int
+    aggregate: str | None = None
+    kwargs: dict = field(default_factory=dict)
+    aggregate_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    chunks: int
+    records: int
+    result_url: str
+
+
+def registered_task(app: Celery, name: str, what: str = "task"):
+    """The task called ``name``, or a JobInputError that suggests near names."""
+    app.loader.import_default_modules()
+    tasks = app.tasks
+    if name in tasks:
+        return tasks[name]
+    ours = sorted(t for t in tasks if not t.startswith("celery."))
+    near = get_close_matches(name, ours, n=3)
+    hint = f"; did you mean {', '.join(near)}?" if near else f"; known: {', '.join(ours)}"
+    raise JobInputError(f"unknown {what} {name!r}{hint}")
+
+
+def submit(app: Celery, spec: JobSpec, stdin: IO[bytes] | None = None) -> Submitted:
+    config = app.fleet_config
+    if spec.chunk_size < 1:
+        raise JobInputError(f"chunk size must be at least 1, got {spec.chunk_size}")
+    task = registered_task(app, spec.task)
+    if spec.aggregate:
+        registered_task(app, spec.aggregate, "aggregate task")
+    store = JobStore(config)
+    with checked_input(spec.input, config.payloads, stdin) as source:
+        job_id = new_job_id()
+        total = math.ceil(source.records / spec.chunk_size)
+        result_url = open_store(config.payloads).url_for(result_key(job_id))
+        _guard_broker(lambda: store.create(
+            job_id, task=spec.task, aggregate=spec.aggregate, total=total,
+            records=source.records, input_desc=source.description,
+            chunk_size=spec.chunk_size, kwargs=spec.kwargs,
+            aggregate_kwargs=spec.aggregate_kwargs, result_url=result_url))
+        sent = 0
+        try:
+            with app.producer_or_acquire() as producer, \
+                    producer.batch(config.jobs.publish_batch):
+                for chunk in source.chunks(spec.chunk_size):
+                    task.apply_async(
+                        args=[chunk.records], kwargs=spec.kwargs,
+                        task_id=chunk_task_id(job_id, chunk.index), ignore_result=True,
+                        headers={SIZE_HEADER: chunk.size}, producer=producer)
+                    sent += 1
+        except (OperationalError, ConnectionError, OSError) as exc:
+            _mark_interrupted(store, job_id, sent, total, exc)
+            raise BrokerUnavailableError(
+                f"job {job_id}: broker unavailable after {sent} of {total} chunks were "
+                f"prepared; the job is marked failed and nothing more is sent: {exc}"
+            ) from None
+    return Submitted(job_id, total, source.records, result_url)
+
+
+def _guard_broker(call) -> Any:
+    try:
+        return call()
+    except (ConnectionError, OSError) as exc:
+        raise BrokerUnavailableError(f"Redis is not answering: {exc}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("redis"):
+            raise BrokerUnavailableError(f"Redis is not answering: {exc}") from None
+        raise
+
+
+def _mark_interrupted(store: JobStore, job_id: str, sent: int, total: int, exc) -> None:
+    # The broker is down: the job record may be unreachable too.
+    with contextlib.suppress(Exception):
+        store.set_state(job_id, FAILED, error=f"submission interrupted after {sent} of "
+                        f"{total} chunks: {exc}")
+
+
+@dataclass(frozen=True)
+class Retried:
+    job_id: str
+    chunks: int
+    aggregate: bool
+
+
+def retry_failed(app: Celery, job_id: str) -> Retried:
+    """Re-send only the failed chunks of ``job_id`` (or its failed aggregate step)."""
+    config = app.fleet_config
+    store = JobStore(config)
+    status = _guard_broker(lambda: store.status(job_id))
+    task = registered_task(app, status.task)
+    chunks = store.take_failed(job_id)
+    if not chunks:
+        if status.state == FAILED and status.done >= status.total:
+            store.reopen_aggregate(job_id)
+            app.send_task(COLLECT_TASK, args=[job_id], ignore_result=True)
+            return Retried(job_id, 0, True)
+        raise FleetError(f"job {job_id} has no failed chunks to retry (state {status.state})")
+    with app.producer_or_acquire() as producer, producer.batch(config.jobs.publish_batch):
+        for chunk in chunks:
+            claim = chunk.kwargs.get(CLAIM_KEY) if is_claim(chunk.kwargs) else None
+            size = claim["size"] if claim else len(json.dumps(chunk.args))
+            task.apply_async(args=chunk.args, kwargs=chunk.kwargs,
+                             task_id=chunk_task_id(job_id, chunk.index), ignore_result=True,
+                             headers={SIZE_HEADER: size}, producer=producer)
+    store.retried(job_id, chunks)
+    return Retried(job_id, len(chunks), False)

@@ -1,0 +1,39 @@
+"""Redis key names for fleet's own state, under the broker's global key prefix.
+
+kombu puts ``broker.key_prefix`` in front of its keys; fleet's keys follow the same
+rule so that one prefix isolates a whole fleet (or one test) inside a shared Redis.
+"""
+
+from __future__ import annotations
+
+import os
+
+import redis
+
+from fleet.config import FleetConfig
+
+
+def key(config: FleetConfig, *parts: str) -> str:
+    return config.broker.key_prefix + "fleet:" + ":".join(parts)
+
+
+def kombu_key(config: FleetConfig, name: str) -> str:
+    """A key kombu itself names (``unacked_index``, a queue list), with the prefix."""
+    return config.broker.key_prefix + name
+
+
+_clients: dict[tuple[str, int], redis.Redis] = {}
+
+
+def client(url: str) -> redis.Redis:
+    """One client (and connection pool) per URL and process: pools must not cross a fork."""
+    found = _clients.get((url, os.getpid()))
+    if found is None:
+        found = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                     health_check_interval=25)
+        _clients[(url, os.getpid())] = found
+    return found
+
+
+def broker_client(config: FleetConfig) -> redis.Redis:
+    return client(config.broker.url)

@@ -1,0 +1,72 @@
+"""FleetTask: the base class of every task on a fleet app (``task_cls``).
+
+It adds exactly what must happen inside the worker around task code, as hooks Celery
+already calls: claim-check arguments are resolved before ``run`` and their payload is
+deleted after success; fleet-wide rate limits are taken before ``run``; and the
+request class is the guard's, so a memory-limit kill reads as one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Task, states
+from celery.exceptions import Retry
+
+from fleet import claimcheck, keys
+from fleet.jobs import lifecycle
+from fleet.jobs.ids import parse_task_id
+from fleet.ratelimit import TokenBucket, requeue_delay
+
+logger = logging.getLogger("fleet.task")
+
+
+class FleetTask(Task):
+    Request = "fleet.guard:GuardedRequest"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        config = getattr(self.app, "fleet_config", None)
+        if config is None:
+            return super().__call__(*args, **kwargs)
+        args, kwargs, _ = claimcheck.resolve_arguments(config.payloads, args, kwargs)
+        self._take_rate_limits(config)
+        result = super().__call__(*args, **kwargs)
+        ref = parse_task_id(self.request.id)
+        if ref is not None:
+            lifecycle.on_task_success(self.app, config, ref, result)
+        return result
+
+    def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:
+        config = getattr(self.app, "fleet_config", None)
+        if (config is not None and status == states.SUCCESS and config.payloads.cleanup
+                and not args and claimcheck.is_claim(kwargs)):
+            from fleet.payloads import open_store
+
+            try:
+                open_store(config.payloads).delete(kwargs[claimcheck.CLAIM_KEY]["url"])
+            except Exception as exc:  # cleanup is best effort; the task already succeeded
+                logger.warning("could not delete payload of task %s: %s", task_id, exc)
+
+    def _take_rate_limits(self, config) -> None:
+        delivery = self.request.delivery_info or {}
+        queue = config.queues.get(delivery.get("routing_key") or "")
+        if queue is None:
+            return  # called directly, not from a worker: nothing to share
+        limits = []
+        if self.name in queue.task_rate_limits:
+            limits.append(("task", self.name, queue.task_rate_limits[self.name]))
+        if queue.rate_limit is not None:
+            limits.append(("queue", delivery["routing_key"], queue.rate_limit))
+        for kind, name, rate in limits:
+            bucket = TokenBucket(keys.broker_client(config),
+                                 keys.key(config, "rate", kind, name), rate.per_second)
+            grant = bucket.take()
+            if not grant.granted:
+                delay = requeue_delay(grant.wait)
+                self.signature_from_request(self.request, countdown=delay).apply_async()
+                raise Retry(f"fleet-wide rate limit {rate} on {kind} {name}: "
+                            f"re-queued for {delay:.1f}s", when=delay)
+            if grant.wait > 0:
+                time.sleep(grant.wait)

@@ -1,0 +1,102 @@
+"""Human units in queues.yaml: sizes (512Mi), durations (30s, 10m) and rates (100/m).
+
+Pure parsing, no I/O. Each parser raises ``ValueError`` with a message that names the
+accepted forms, which config validation turns into a file/key/reason problem.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_SIZE_FACTORS = {
+    "": 1,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+    "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+_DURATION_FACTORS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+_RATE_PERIODS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600}
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``512Mi``, ``2Gi``, ``100M``, ``1.5Gi`` or a plain integer of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 512Mi or 2Gi, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative, got {value}")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match and match.group(2).lower() in _SIZE_FACTORS:
+            return int(float(match.group(1)) * _SIZE_FACTORS[match.group(2).lower()])
+    raise ValueError(f"expected a size like 512Mi, 2Gi or 100M, got {value!r}")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``30s``, ``10m``, ``1h30m``, ``500ms`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 30s or 10m, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative, got {value}")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        parts = _DURATION_PART_RE.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return sum(float(n) * _DURATION_FACTORS[u] for n, u in parts)
+    raise ValueError(f"expected a duration like 30s, 10m or 1h30m, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A rate as tokens per second, plus the text it came from for messages."""
+
+    per_second: float
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_rate(value: object) -> Rate:
+    """A rate from ``100/m``, ``10/s`` or ``1000/h``."""
+    if isinstance(value, Rate):
+        return value
+    if isinstance(value, str):
+        match = _RATE_RE.match(value.lower())
+        if match and match.group(2) in _RATE_PERIODS:
+            count = float(match.group(1))
+            if count > 0:
+                return Rate(count / _RATE_PERIODS[match.group(2)], value.strip())
+    raise ValueError(f"expected a rate like 100/m, 10/s or 1000/h, got {value!r}")
+
+
+def format_size(n: float) -> str:
+    """The shortest binary-unit form of a byte count, for messages (``512.0Mi``)."""
+    for unit, factor in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if abs(n) >= factor:
+            return f"{n / factor:.1f}{unit}"
+    return f"{int(n)}B"
+
+
+def format_duration(seconds: float) -> str:
+    """``90`` -> ``1m30s``; for messages and printed config."""
+    if 0 < seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    out, rest = [], seconds
+    for unit, factor in (("h", 3600), ("m", 60)):
+        if rest >= factor:
+            out.append(f"{int(rest // factor)}{unit}")
+            rest = rest % factor
+    if rest or not out:
+        out.append(f"{rest:g}s")
+    return "".join(out)

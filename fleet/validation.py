@@ -1,0 +1,235 @@
+"""Rules that span several keys of queues.yaml: config in, list of problems out.
+
+Each rule is one small function so that a test can aim at exactly one of them. The ones
+about time and memory exist because Celery on Redis fails silently when they are broken:
+a hard limit past ``visibility_timeout`` runs a task twice, and a per-child memory limit
+past the pod's limit lets the kernel OOM-kill the whole pod before the guard can act.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from fleet.config import FleetConfig, QueueClass
+from fleet.errors import Problem
+from fleet.units import format_duration, format_size
+
+Lines = dict[tuple, int]
+Found = tuple[tuple, str]  # (key path, reason)
+
+
+def check(config: FleetConfig, lines: Lines | None = None) -> list[Problem]:
+    """Every cross-key problem in ``config``, in file order."""
+    lines = lines or {}
+    found: list[Found] = []
+    for rule in RULES:
+        found.extend(rule(config))
+    problems = [
+        Problem(config.source, ".".join(str(p) for p in path), reason, _line(path, lines))
+        for path, reason in found
+    ]
+    return sorted(problems, key=lambda p: (p.line or 0, p.path))
+
+
+def _line(path: tuple, lines: Lines) -> int | None:
+    for end in range(len(path), -1, -1):
+        if path[:end] in lines:
+            return lines[path[:end]]
+    return None
+
+
+def _queues(config: FleetConfig) -> Iterator[tuple[str, QueueClass]]:
+    yield from config.queues.items()
+
+
+def routes_to_known_queues(config: FleetConfig) -> Iterator[Found]:
+    known = set(config.queues)
+    names = ", ".join(sorted(known))
+    if config.default_queue not in known:
+        yield ("default_queue",), f"routes to undefined queue {config.default_queue!r} ({names})"
+    for index, rule in enumerate(config.size_rules):
+        if rule.queue not in known:
+            yield ("size_rules", index, "queue"), (
+                f"routes to undefined queue {rule.queue!r} (defined: {names})"
+            )
+    for name, queue in _queues(config):
+        target = queue.on_memory_exceeded.retry_on
+        if target is not None and target not in known:
+            yield ("queues", name, "on_memory_exceeded", "retry_on"), (
+                f"routes to undefined queue {target!r} (defined: {names})"
+            )
+
+
+def time_limits_ordered(config: FleetConfig) -> Iterator[Found]:
+    for name, queue in _queues(config):
+        soft, hard = queue.time_limit.soft, queue.time_limit.hard
+        if soft is not None and hard is not None and soft >= hard:
+            yield ("queues", name, "time_limit", "soft"), (
+                f"soft limit ({format_duration(soft)}) must be below the hard limit "
+                f"({format_duration(hard)}), or SoftTimeLimitExceeded never fires"
+            )
+
+
+def hard_limit_below_visibility(config: FleetConfig) -> Iterator[Found]:
+    """Without lease renewal, Redis redelivers any acks_late task older than the timeout."""
+    broker = config.broker
+    if broker.lease.enabled:
+        return
+    vt = broker.visibility_timeout
+    for name, queue in _queues(config):
+        if not queue.acks_late:
+            continue
+        hard = queue.time_limit.hard
+        if hard is None:
+            yield ("queues", name, "time_limit"), (
+                "acks_late with no hard time limit while broker.lease is off: a task running "
+                f"past broker.visibility_timeout ({format_duration(vt)}) is delivered twice; "
+                "set time_limit.hard below it or turn broker.lease on"
+            )
+        elif hard >= vt:
+            yield ("queues", name, "time_limit", "hard"), (
+                f"hard limit ({format_duration(hard)}) must be below broker.visibility_timeout "
+                f"({format_duration(vt)}) while broker.lease is off, or Redis delivers the "
+                "task again to another worker while it still runs"
+            )
+
+
+def lease_renews_in_time(config: FleetConfig) -> Iterator[Found]:
+    broker = config.broker
+    if broker.lease.enabled and broker.lease.interval * 2 > broker.visibility_timeout:
+        yield ("broker", "lease", "interval"), (
+            f"must be at most half of broker.visibility_timeout "
+            f"({format_duration(broker.visibility_timeout)}) so a live worker's lease "
+            "never lapses between two renewals"
+        )
+
+
+def memory_within_pod(config: FleetConfig) -> Iterator[Found]:
+    for name, queue in _queues(config):
+        pod_limit = queue.kubernetes.resources.limits.memory
+        limit = queue.memory_limit
+        if limit is None or pod_limit is None:
+            continue
+        path = ("queues", name, "memory_limit")
+        if limit > pod_limit:
+            yield path, (
+                f"{format_size(limit)} is above kubernetes.resources.limits.memory "
+                f"({format_size(pod_limit)}): the kernel kills the pod before the guard acts"
+            )
+        elif queue.pool == "prefork" and limit * queue.concurrency > pod_limit:
+            yield path, (
+                f"{format_size(limit)} x concurrency {queue.concurrency} = "
+                f"{format_size(limit * queue.concurrency)} is above "
+                f"kubernetes.resources.limits.memory ({format_size(pod_limit)}): "
+                "the kernel kills the pod before the guard acts"
+            )
+
+
+def memory_limit_needs_processes(config: FleetConfig) -> Iterator[Found]:
+    """Threads share one process: no single task's memory can be measured or stopped."""
+    for name, queue in _queues(config):
+        if queue.memory_limit is not None and queue.pool != "prefork":
+            yield ("queues", name, "memory_limit"), (
+                f"needs pool: prefork (pool {queue.pool!r} runs tasks inside the worker "
+                "process, so one task cannot be stopped alone)"
+            )
+
+
+def retry_goes_to_larger_class(config: FleetConfig) -> Iterator[Found]:
+    for name, queue in _queues(config):
+        target = queue.on_memory_exceeded.retry_on
+        if target is None or target not in config.queues:
+            continue
+        path = ("queues", name, "on_memory_exceeded", "retry_on")
+        if target == name:
+            yield path, "retries on the same queue; the task would run out of memory again"
+            continue
+        bigger = config.queues[target].memory_limit
+        if queue.memory_limit is not None and bigger is not None and bigger <= queue.memory_limit:
+            yield path, (
+                f"queue {target!r} has memory_limit {format_size(bigger)}, not larger than "
+                f"this queue's {format_size(queue.memory_limit)}"
+            )
+
+
+def one_queue_per_task(config: FleetConfig) -> Iterator[Found]:
+    owners: dict[str, str] = {}
+    for name, queue in _queues(config):
+        for index, pattern in enumerate(queue.tasks):
+            if pattern in owners and owners[pattern] != name:
+                yield ("queues", name, "tasks", index), (
+                    f"{pattern!r} is already claimed by queue {owners[pattern]!r}"
+                )
+            elif pattern in owners:
+                yield ("queues", name, "tasks", index), f"{pattern!r} is listed twice"
+            owners.setdefault(pattern, name)
+
+
+def time_limits_need_prefork(config: FleetConfig) -> Iterator[Found]:
+    """Celery enforces soft and hard time limits only in the prefork pool."""
+    for name, queue in _queues(config):
+        limits = queue.time_limit
+        if queue.pool != "prefork" and (limits.soft is not None or limits.hard is not None):
+            yield ("queues", name, "time_limit"), (
+                f"needs pool: prefork (Celery does not enforce time limits in the "
+                f"{queue.pool!r} pool)"
+            )
+
+
+def replicas_ordered(config: FleetConfig) -> Iterator[Found]:
+    for name, queue in _queues(config):
+        scaling = queue.autoscaling
+        if scaling.min_replicas > scaling.max_replicas:
+            yield ("queues", name, "autoscaling", "min_replicas"), (
+                f"{scaling.min_replicas} is above max_replicas ({scaling.max_replicas})"
+            )
+
+
+def requests_within_limits(config: FleetConfig) -> Iterator[Found]:
+    for name, queue in _queues(config):
+        resources = queue.kubernetes.resources
+        req, lim = resources.requests.memory, resources.limits.memory
+        if req is not None and lim is not None and req > lim:
+            yield ("queues", name, "kubernetes", "resources", "requests", "memory"), (
+                f"{format_size(req)} is above limits.memory ({format_size(lim)})"
+            )
+        req_cpu, lim_cpu = _cpu(resources.requests.cpu), _cpu(resources.limits.cpu)
+        if req_cpu is not None and lim_cpu is not None and req_cpu > lim_cpu:
+            yield ("queues", name, "kubernetes", "resources", "requests", "cpu"), (
+                f"{resources.requests.cpu} is above limits.cpu ({resources.limits.cpu})"
+            )
+
+
+def _cpu(value: str | None) -> float | None:
+    if value is None:
+        return None
+    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+def retry_exceptions_known(config: FleetConfig) -> Iterator[Found]:
+    from fleet.retry import resolve_exception
+
+    for name, queue in _queues(config):
+        if queue.retry is None:
+            continue
+        for index, exc_name in enumerate(queue.retry.exceptions):
+            try:
+                resolve_exception(exc_name)
+            except ValueError as exc:
+                yield ("queues", name, "retry", "exceptions", index), str(exc)
+
+
+RULES: list[Callable[[FleetConfig], Iterator[Found]]] = [
+    routes_to_known_queues,
+    time_limits_ordered,
+    hard_limit_below_visibility,
+    lease_renews_in_time,
+    memory_within_pod,
+    memory_limit_needs_processes,
+    time_limits_need_prefork,
+    retry_goes_to_larger_class,
+    one_queue_per_task,
+    replicas_ordered,
+    requests_within_limits,
+    retry_exceptions_known,
+]

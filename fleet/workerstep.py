@@ -1,0 +1,85 @@
+"""The worker bootstep that makes a Celery worker a fleet worker.
+
+Added to every fleet app, so it runs under ``fleet worker`` and the plain
+``celery -A fleet.app worker -Q <queue>`` alike. For a worker that serves exactly one
+fleet queue it applies that queue's task-level settings and starts the two threads of
+the main process: lease renewal (fleet.lease) and the memory guard (fleet.guard).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import bootsteps
+
+from fleet import keys
+from fleet.guard import MemoryGuard
+from fleet.lease import LeaseRenewer, held_by_consumer
+from fleet.retry import retry_attributes
+from fleet.worker import worker_settings
+
+logger = logging.getLogger("fleet.worker")
+
+
+def served_queue(worker) -> str | None:
+    """The one fleet queue this worker consumes, or None."""
+    config = worker.app.fleet_config
+    consumed = [q for q in worker.app.amqp.queues.consume_from or {} if q in config.queues]
+    named = getattr(worker.app, "fleet_queue", None)
+    if named is not None:
+        return named
+    return consumed[0] if len(consumed) == 1 else None
+
+
+class FleetWorkerStep(bootsteps.StartStopStep):
+    label = "fleet"
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+        self.guard: MemoryGuard | None = None
+        self.lease: LeaseRenewer | None = None
+        self.queue = served_queue(worker)
+        if self.queue is None:
+            logger.warning("worker serves several queues or none of queues.yaml: "
+                           "fleet queue settings, memory guard and leases are off")
+            return
+        config = worker.app.fleet_config
+        self.settings = worker_settings(config, self.queue)
+        self._configure_tasks(worker.app, config.queues[self.queue])
+
+    def _configure_tasks(self, app, queue) -> None:
+        """Task attributes are fixed when tasks bind; make them the queue's."""
+        from celery.app.autoretry import add_autoretry_behaviour
+
+        for name, task in app.tasks.items():
+            if name.startswith("celery."):
+                continue
+            task.acks_late = queue.acks_late
+            task.reject_on_worker_lost = queue.reject_on_worker_lost
+            if queue.retry is not None and not hasattr(task, "_orig_run"):
+                attrs = retry_attributes(queue.retry)
+                for attr, value in attrs.items():
+                    setattr(task, attr, value)
+                add_autoretry_behaviour(task, **attrs)
+
+    def start(self, worker) -> None:
+        if self.queue is None:
+            return
+        config = worker.app.fleet_config
+        if self.settings.memory_limit is not None and self.settings.pool == "prefork":
+            self.guard = MemoryGuard(self.queue, self.settings.memory_limit)
+            self.guard.start()
+        if config.broker.lease.enabled:
+            self.lease = LeaseRenewer(
+                keys.broker_client(config),
+                keys.kombu_key(config, "unacked_index"),
+                config.broker.lease.interval,
+                held_by_consumer(worker),
+            )
+            self.lease.start()
+        logger.info("fleet worker for queue %r: memory guard %s, lease renewal %s",
+                    self.queue, "on" if self.guard else "off", "on" if self.lease else "off")
+
+    # No stop(): both threads are daemons and must outlive the pool's warm shutdown,
+    # while running tasks finish. A lease that stopped first would let a long task of
+    # this still-living worker be delivered again elsewhere.
