@@ -1,0 +1,130 @@
+"""Real workers start with their queue's settings, and tasks land where rules send them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fleet.processes import WorkerProcess
+from fleet.routing import SIZE_HEADER
+
+from .conftest import ROOT, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def stats_and_conf(app, node):
+    inspect = app.control.inspect(destination=[node], timeout=5)
+    stats = inspect.stats()[node]
+    conf = inspect.conf()[node]
+    return stats, conf
+
+
+def test_fleet_worker_runs_with_exactly_its_queue_settings(fleet):
+    worker = fleet.start_worker("heavy")
+    stats, conf = stats_and_conf(fleet.app(), worker.hostname)
+    assert stats["pool"]["max-concurrency"] == 1
+    assert stats["pool"]["implementation"].endswith("prefork:TaskPool")
+    assert stats["prefetch_count"] == 1
+    assert stats["pool"]["max-tasks-per-child"] == 20
+    assert stats["pool"]["timeouts"] == [600.0, 660.0]
+    assert conf["task_acks_late"] is True
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["worker_disable_prefetch"] is True
+    assert conf["worker_max_memory_per_child"] == 1024 * 1024  # KiB
+    assert conf["worker_soft_shutdown_timeout"] == 60.0
+    assert conf["task_serializer"] == "json" and conf["accept_content"] == ["json"]
+    active = fleet.app().control.inspect(destination=[worker.hostname]).active_queues()
+    assert [q["name"] for q in active[worker.hostname]] == ["heavy"]
+
+
+def test_io_worker_uses_threads_and_high_concurrency(fleet):
+    worker = fleet.start_worker("io")
+    stats, conf = stats_and_conf(fleet.app(), worker.hostname)
+    assert stats["pool"]["implementation"].endswith("thread:TaskPool")
+    assert stats["pool"]["max-concurrency"] == 32
+    assert stats["prefetch_count"] == 64  # 32 x prefetch_multiplier 2
+
+
+def test_print_config_shows_the_settings_and_the_celery_command(fleet):
+    result = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "worker", "--queue", "heavy", "--print-config",
+         "--config", str(fleet.config_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = dict(line.split(None, 1) for line in result.stdout.splitlines()
+                if line and not line.startswith("#"))
+    assert rows["prefetch_multiplier"] == "1"
+    assert rows["memory_limit"] == "1.0Gi"
+    assert rows["time_limit"] == "11m"
+    assert "celery -A fleet.app worker --queues heavy" in result.stdout
+    assert "--disable-prefetch" in result.stdout
+
+
+def test_unknown_queue_is_a_clear_error(fleet):
+    result = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "worker", "--queue", "huge",
+         "--config", str(fleet.config_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "queues.huge: no such queue (known: default, heavy, io, xl)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_plain_celery_cli_worker_takes_the_queue_settings(fleet):
+    node = f"plain@{fleet.prefix.rstrip(':')}"
+    env = {**fleet.env, "FLEET_CONFIG": str(fleet.config_path)}
+    log = fleet.tmp_path / "plain.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "fleet.app", "worker", "-Q", "heavy",
+             "-n", node, "--loglevel", "INFO"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = WorkerProcess.__new__(WorkerProcess)
+    worker.proc, worker.hostname, worker.log, worker.queue = proc, node, log, "heavy"
+    fleet.workers.append(worker)
+    fleet.wait_ready(worker)
+    stats, conf = stats_and_conf(fleet.app(), node)
+    assert stats["prefetch_count"] == 1
+    assert stats["pool"]["max-concurrency"] == 1
+    assert stats["pool"]["timeouts"] == [600.0, 660.0]
+    assert conf["task_acks_late"] is True
+    assert "memory guard on, lease renewal on" in log.read_text()
+    # celery inspect from the command line, against the same broker and prefix.
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "fleet.app", "inspect", "ping", "-d", node],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pong" in result.stdout
+
+
+def test_tasks_land_on_the_queue_their_rule_names(fleet, redis_client):
+    """No worker runs: the messages stay in Redis where the router put them."""
+    app = fleet.app()
+    app.send_task("tasks.heavy.crunch", kwargs={"mb": 1})
+    app.send_task("tasks.io.fetch")
+    app.send_task("tasks.aggregate.sum_by", args=[[]])
+    app.send_task("tasks.heavy.crunch", headers={SIZE_HEADER: 300 * 2**20})
+    app.send_task("tasks.io.fetch", priority=9)
+    p = fleet.prefix
+
+    def depth(queue):
+        keys = [queue] + [f"{queue}\x06\x16{n}" for n in (3, 6, 9)]
+        return sum(redis_client.llen(p + k) for k in keys)
+
+    assert wait_for(lambda: depth("io") == 2, 5)
+    assert depth("heavy") == 1
+    assert depth("default") == 1
+    assert depth("xl") == 1
+    assert redis_client.llen(p + "io\x06\x169") == 1  # priority 9 in its sub-list
+
+
+def test_a_task_runs_on_a_real_worker_and_its_result_comes_back(fleet):
+    fleet.start_worker("default")
+    app = fleet.app()
+    result = app.send_task("tasks.aggregate.sum_by", args=[[{"key": "a", "value": 2},
+                                                            {"key": "a", "value": 3}]])
+    assert result.get(timeout=30) == {"a": {"count": 2, "value": 5.0}}
+    assert os.environ.get("FLEET_KEY_PREFIX") is None  # the test process is not polluted
