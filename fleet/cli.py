@@ -134,11 +134,15 @@ def jobs_list(limit: int, config_path: str | None) -> None:
     from fleet.jobs.state import JobStore
 
     statuses = _redis_call(lambda: JobStore(_load(config_path)).recent(limit))
-    table = Table("job", "task", "state", "done", "failed", "total", "created")
+    tty = sys.stdout.isatty()
+    # Piped into a script: no box, no wrapping, one job per line.
+    table = Table(box=None if not tty else Table().box, pad_edge=False)
+    for column in ("job", "task", "state", "done", "failed", "total", "created"):
+        table.add_column(column, no_wrap=True)
     for s in statuses:
         table.add_row(s.id, s.task, s.state, str(s.done), str(s.failed), str(s.total),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created)))
-    Console().print(table)
+    Console(width=None if tty else 200).print(table)
 
 
 @jobs.command("status")

@@ -1,0 +1,42 @@
+"""Probe tasks for the batch-job tests: they count their runs and fail on demand."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from fleet.keys import broker_client, key
+
+MiB = 1024 * 1024
+
+
+def _redis_and_key(task, *parts):
+    config = task.app.fleet_config
+    return broker_client(config), key(config, "probe", *parts)
+
+
+@shared_task(name="tests.probe.flaky", bind=True)
+def flaky(self, records: list[dict]) -> int:
+    """Sum of ``n``; fails on records marked ``fail`` while the ``failing`` flag is set."""
+    client, runs = _redis_and_key(self, "runs")
+    client.hincrby(runs, self.request.id, 1)
+    _, flag = _redis_and_key(self, "failing")
+    if any(r.get("fail") for r in records) and client.exists(flag):
+        raise ValueError(f"refusing records {[r['n'] for r in records if r.get('fail')]}")
+    return sum(r["n"] for r in records)
+
+
+@shared_task(name="tests.probe.total")
+def total(results: list[int]) -> int:
+    return sum(results)
+
+
+@shared_task(name="tests.probe.hog", bind=True)
+def hog(self, records: list[dict]) -> int:
+    """Hold ``mb`` MiB per record, touched page by page (the memory guard's prey)."""
+    held = []
+    for record in records:
+        block = bytearray(record.get("mb", 1) * MiB)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        held.append(block)
+    return len(held)

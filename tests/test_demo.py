@@ -1,0 +1,80 @@
+"""The README's run command: the demo on an embedded Redis, and a clean Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from .conftest import ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def demo_cmd(fleet, *extra):
+    return [sys.executable, "-m", "fleet.cli", "demo", "--records", "3000",
+            "--workdir", str(fleet.tmp_path / "work"), "--config", str(fleet.config_path),
+            *extra]
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def assert_all_gone(procs: list[psutil.Process]) -> None:
+    alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+
+
+def test_demo_runs_on_an_embedded_redis_and_exits_cleanly(fleet):
+    nothing_here = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**fleet.env, "FLEET_BROKER_URL": nothing_here}
+    proc = subprocess.Popen(demo_cmd(fleet, "--exit-when-done"), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[psutil.Process] = []
+
+    def workers_up():
+        seen[:] = descendants(proc.pid)
+        return len([p for p in seen if "worker" in " ".join(p.cmdline())]) >= 4
+
+    wait_for(workers_up, 60, what="four workers to start")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out + err
+    assert f"no Redis at {nothing_here}: starting an embedded one" in out
+    assert out.count(" succeeded: result at file://") == 2
+    assert "sales by region:" in out and "north" in out
+    assert out.strip().endswith("stopped.")
+    assert_all_gone(seen)
+
+
+def test_ctrl_c_stops_everything_and_leaves_no_orphans(fleet):
+    env = {**fleet.env, "FLEET_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    log = fleet.tmp_path / "demo.out"
+    with log.open("w") as out:
+        proc = subprocess.Popen(demo_cmd(fleet), cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: "the fleet is running" in log.read_text(), 240,
+                 what="the demo jobs to finish")
+        tree = descendants(proc.pid)
+        assert any("redis-server" in " ".join(p.cmdline()) for p in tree)
+        assert len([p for p in tree if "worker" in " ".join(p.cmdline())]) >= 4
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert time.monotonic() - started < 45
+        assert log.read_text().strip().endswith("stopped.")
+        assert "Traceback" not in log.read_text()
+        wait_for(lambda: not [p for p in tree if p.is_running()
+                              and p.status() != psutil.STATUS_ZOMBIE], 10,
+                 what="every child process to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
