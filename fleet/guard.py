@@ -66,17 +66,45 @@ def over_limit(samples: Iterable[tuple[Busy, int]], limit: int) -> list[tuple[Bu
     return [(busy, rss) for busy, rss in samples if rss > limit]
 
 
-def rss_of(pid: int) -> int | None:
-    """RSS of a process plus its descendants (a task may shell out); None if gone."""
-    try:
-        proc = psutil.Process(pid)
-        total = proc.memory_info().rss
-        for child in proc.children(recursive=True):
+class RssReader:
+    """RSS of a pool process plus its descendants (a task may shell out).
+
+    Finding descendants means scanning every process on the host (/proc), too costly
+    to do four times a second: it is done every ``rescan`` reads of a pid, and in
+    between only the known descendants' RSS is read (one cheap read each).
+    """
+
+    def __init__(self, rescan: int = 8):
+        self.rescan = rescan
+        self._known: dict[int, tuple[int, list[psutil.Process]]] = {}
+        self._procs: dict[int, psutil.Process] = {}
+
+    def __call__(self, pid: int) -> int | None:
+        try:
+            proc = self._procs.get(pid)
+            if proc is None:
+                proc = self._procs[pid] = psutil.Process(pid)
+            reads, children = self._known.get(pid, (0, []))
+            if reads % self.rescan == 0:
+                children = proc.children(recursive=True)
+            self._known[pid] = (reads + 1, children)
+            total = proc.memory_info().rss
+        except psutil.Error:
+            self.forget(pid)
+            return None
+        for child in children:
             with contextlib.suppress(psutil.Error):
                 total += child.memory_info().rss
         return total
-    except psutil.Error:
-        return None
+
+    def forget(self, pid: int) -> None:
+        self._known.pop(pid, None)
+        self._procs.pop(pid, None)
+
+    def keep_only(self, pids: set[int]) -> None:
+        for pid in list(self._procs):
+            if pid not in pids:
+                self.forget(pid)
 
 
 _kills: dict[str, Kill] = {}
@@ -115,6 +143,7 @@ class MemoryGuard:
         self.limit = limit
         self.interval = interval
         self.busy = busy
+        self.rss_of = RssReader()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet-memory-guard",
                                         daemon=True)
@@ -136,8 +165,10 @@ class MemoryGuard:
 
     def tick(self) -> list[Kill]:
         samples = []
-        for busy in self.busy():
-            rss = rss_of(busy.pid)
+        busy_now = self.busy()
+        self.rss_of.keep_only({b.pid for b in busy_now})
+        for busy in busy_now:
+            rss = self.rss_of(busy.pid)
             if rss is not None:
                 samples.append((busy, rss))
         kills = []

@@ -44,7 +44,7 @@ def test_fleet_worker_runs_with_exactly_its_queue_settings(fleet):
 
 def test_io_worker_uses_threads_and_high_concurrency(fleet):
     worker = fleet.start_worker("io")
-    stats, conf = stats_and_conf(fleet.app(), worker.hostname)
+    stats, _conf = stats_and_conf(fleet.app(), worker.hostname)
     assert stats["pool"]["implementation"].endswith("thread:TaskPool")
     assert stats["pool"]["max-concurrency"] == 32
     assert stats["prefetch_count"] == 64  # 32 x prefetch_multiplier 2

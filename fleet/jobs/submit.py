@@ -1,10 +1,9 @@
 """Submitting a batch job, and re-sending its failed chunks.
 
 Every check runs before the first message is sent: the task names, the chunk size and
-every input record. Chunks are published through kombu's producer batch, which buffers
-the LPUSHes of up to ``jobs.publish_batch`` messages in one Redis pipeline instead of
-one round trip per chunk; chunk results are tracked by the job, so no Celery result
-(and no per-task result subscription) is requested.
+every input record. Chunks go out through ``ChunkPublisher`` (pipelined, see
+fleet.jobs.publish); chunk results are tracked by the job, so no Celery result (and no
+per-task result subscription) is requested.
 """
 
 from __future__ import annotations
@@ -24,9 +23,9 @@ from fleet.errors import BrokerUnavailableError, FleetError, JobInputError
 from fleet.jobs.ids import chunk_task_id, new_job_id
 from fleet.jobs.inputs import checked_input
 from fleet.jobs.lifecycle import COLLECT_TASK, result_key
+from fleet.jobs.publish import ChunkPublisher
 from fleet.jobs.state import FAILED, JobStore
 from fleet.payloads import open_store
-from fleet.routing import SIZE_HEADER
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def submit(app: Celery, spec: JobSpec, stdin: IO[bytes] | None = None) -> Submit
     config = app.fleet_config
     if spec.chunk_size < 1:
         raise JobInputError(f"chunk size must be at least 1, got {spec.chunk_size}")
-    task = registered_task(app, spec.task)
+    registered_task(app, spec.task)
     if spec.aggregate:
         registered_task(app, spec.aggregate, "aggregate task")
     store = JobStore(config)
@@ -76,17 +75,13 @@ def submit(app: Celery, spec: JobSpec, stdin: IO[bytes] | None = None) -> Submit
             records=source.records, input_desc=source.description,
             chunk_size=spec.chunk_size, kwargs=spec.kwargs,
             aggregate_kwargs=spec.aggregate_kwargs, result_url=result_url))
-        sent = 0
+        publisher = ChunkPublisher(app, spec.task, config.jobs.publish_batch)
         try:
-            with app.producer_or_acquire() as producer, \
-                    producer.batch(config.jobs.publish_batch):
-                for chunk in source.chunks(spec.chunk_size):
-                    task.apply_async(
-                        args=[chunk.records], kwargs=spec.kwargs,
-                        task_id=chunk_task_id(job_id, chunk.index), ignore_result=True,
-                        headers={SIZE_HEADER: chunk.size}, producer=producer)
-                    sent += 1
+            publisher.publish(
+                (chunk_task_id(job_id, chunk.index), [chunk.records], spec.kwargs, chunk.size)
+                for chunk in source.chunks(spec.chunk_size))
         except (OperationalError, ConnectionError, OSError) as exc:
+            sent = publisher.sent
             _mark_interrupted(store, job_id, sent, total, exc)
             raise BrokerUnavailableError(
                 f"job {job_id}: broker unavailable after {sent} of {total} chunks were "
@@ -113,6 +108,13 @@ def _mark_interrupted(store: JobStore, job_id: str, sent: int, total: int, exc) 
                         f"{total} chunks: {exc}")
 
 
+def _size_of(chunk) -> int:
+    """The input size a failed chunk was routed by (a claim knows it; else re-measure)."""
+    if is_claim(chunk.kwargs):
+        return chunk.kwargs[CLAIM_KEY]["size"]
+    return len(json.dumps(chunk.args))
+
+
 @dataclass(frozen=True)
 class Retried:
     job_id: str
@@ -125,7 +127,7 @@ def retry_failed(app: Celery, job_id: str) -> Retried:
     config = app.fleet_config
     store = JobStore(config)
     status = _guard_broker(lambda: store.status(job_id))
-    task = registered_task(app, status.task)
+    registered_task(app, status.task)
     chunks = store.take_failed(job_id)
     if not chunks:
         if status.state == FAILED and status.done >= status.total:
@@ -133,12 +135,7 @@ def retry_failed(app: Celery, job_id: str) -> Retried:
             app.send_task(COLLECT_TASK, args=[job_id], ignore_result=True)
             return Retried(job_id, 0, True)
         raise FleetError(f"job {job_id} has no failed chunks to retry (state {status.state})")
-    with app.producer_or_acquire() as producer, producer.batch(config.jobs.publish_batch):
-        for chunk in chunks:
-            claim = chunk.kwargs.get(CLAIM_KEY) if is_claim(chunk.kwargs) else None
-            size = claim["size"] if claim else len(json.dumps(chunk.args))
-            task.apply_async(args=chunk.args, kwargs=chunk.kwargs,
-                             task_id=chunk_task_id(job_id, chunk.index), ignore_result=True,
-                             headers={SIZE_HEADER: size}, producer=producer)
+    ChunkPublisher(app, status.task, config.jobs.publish_batch).publish(
+        (chunk_task_id(job_id, c.index), c.args, c.kwargs, _size_of(c)) for c in chunks)
     store.retried(job_id, chunks)
     return Retried(job_id, len(chunks), False)

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints fleet and a baseline side by side from one run."""
