@@ -23,14 +23,20 @@ RESTORE_INTERVAL_MAX = 10.0
 def broker_transport_options(config: FleetConfig) -> dict:
     """kombu Redis options: short visibility timeout made safe by lease renewal."""
     vt = config.broker.visibility_timeout
+    restore_interval = max(1.0, min(RESTORE_INTERVAL_MAX, vt / 4))
     options = {
         "visibility_timeout": vt,
         "priority_steps": PRIORITY_STEPS,
         "queue_order_strategy": "priority",
         # kombu sweeps expired unacked messages every interval * throttle seconds
         # (100 s by default): far too slow for a 60 s lease.
-        "unacked_restore_interval": max(1.0, min(RESTORE_INTERVAL_MAX, vt / 4)),
+        "unacked_restore_interval": restore_interval,
         "unacked_restore_throttle": 1,
+        # Each sweep holds a lock that expires after 300 s by default: a worker killed
+        # mid-sweep would stop every restore for 5 visibility timeouts. A sweep takes
+        # milliseconds, and two overlapping ones are safe (kombu restores each message
+        # in a WATCH transaction), so let a dead sweeper's lock go quickly.
+        # MUTANT
         # A worker whose Redis vanished without closing the socket must notice.
         "socket_timeout": 30,
         "socket_connect_timeout": 5,
@@ -48,7 +54,7 @@ def celery_settings(config: FleetConfig) -> dict:
     if config.broker.key_prefix:
         result_options["global_keyprefix"] = config.broker.key_prefix
     default = config.queues[config.default_queue]
-    return {
+    settings = {
         "broker_url": config.broker.url,
         # Results go through the claim-check backend: large results travel by reference.
         "result_backend": f"fleet.claimcheck:ClaimCheckRedisBackend+{config.result_url}",
@@ -76,6 +82,10 @@ def celery_settings(config: FleetConfig) -> dict:
         "imports": list(config.imports),
         "broker_channel_error_retry": True,
     }
+    if config.broker.url.split("://", 1)[0] in ("redis", "rediss"):
+        # kombu's Redis transport, made to survive a Redis restart (see fleet.transport).
+        settings["broker_transport"] = "fleet.transport:Transport"
+    return settings
 
 
 def create_app(config: FleetConfig, queue: str | None = None, main: str = "fleet") -> Celery:
