@@ -32,7 +32,8 @@ def retry_attributes(retry: Retry) -> dict[str, Any]:
     return {
         "autoretry_for": tuple(resolve_exception(n) for n in retry.exceptions),
         "max_retries": retry.max_retries,
-        "retry_backoff": retry.backoff,
+        # Celery draws the jitter with random.randrange: the factor must be whole seconds.
+        "retry_backoff": max(1, round(retry.backoff)),
         "retry_backoff_max": int(retry.backoff_max),
         "retry_jitter": retry.jitter,
     }

@@ -32,6 +32,8 @@ class RoutingTable:
     #: Largest threshold first, so the biggest class that applies wins.
     by_size: tuple[SizeRoute, ...]
     default: str
+    #: Default message priority per queue (absent: Celery's default).
+    priorities: dict[str, int]
 
     @classmethod
     def from_config(cls, config: FleetConfig) -> RoutingTable:
@@ -48,7 +50,9 @@ class RoutingTable:
             (SizeRoute(r.over, r.queue, tuple(r.tasks)) for r in config.size_rules),
             key=lambda r: -r.over,
         )
-        return cls(exact, tuple(globs), tuple(by_size), config.default_queue)
+        priorities = {name: q.priority for name, q in config.queues.items()
+                      if q.priority is not None}
+        return cls(exact, tuple(globs), tuple(by_size), config.default_queue, priorities)
 
 
 def _specificity(pattern: str) -> int:
@@ -75,14 +79,21 @@ def route(table: RoutingTable, task_name: str, input_size: int | None = None) ->
 
 
 class FleetRouter:
-    """Celery router (an entry of ``task_routes``) backed by a RoutingTable."""
+    """Celery router (an entry of ``task_routes``) backed by a RoutingTable.
+
+    Celery merges the answer under the caller's options, so an explicit ``queue=`` or
+    ``priority=`` in apply_async still wins.
+    """
 
     def __init__(self, table: RoutingTable):
         self.table = table
 
     def __call__(
         self, name: str, args: Any, kwargs: Any, options: dict, task: Any = None, **kw: Any
-    ) -> dict[str, str]:
+    ) -> dict[str, Any]:
         headers = options.get("headers") or {}
         size = headers.get(SIZE_HEADER)
-        return {"queue": route(self.table, name, int(size) if size is not None else None)}
+        queue = route(self.table, name, int(size) if size is not None else None)
+        if queue in self.table.priorities:
+            return {"queue": queue, "priority": self.table.priorities[queue]}
+        return {"queue": queue}

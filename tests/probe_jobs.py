@@ -40,3 +40,13 @@ def hog(self, records: list[dict]) -> int:
             block[i] = 1
         held.append(block)
     return len(held)
+
+
+@shared_task(name="tests.probe.unsteady", bind=True)
+def unsteady(self, failures: int) -> int:
+    """Raise ConnectionError on the first ``failures`` runs, then succeed."""
+    client, runs = _redis_and_key(self, "unsteady", self.request.id)
+    run = client.incr(runs)
+    if run <= failures:
+        raise ConnectionError(f"simulated outage, run {run}")
+    return run

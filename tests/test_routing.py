@@ -49,8 +49,9 @@ def test_largest_matching_size_rule_wins():
     assert route(t, "tasks.aggregate.sum_by", 1000) == "default"
 
 
-def test_celery_router_reads_the_size_header():
+def test_celery_router_reads_the_size_header_and_gives_the_queue_priority():
     router = FleetRouter(table())
-    assert router("tasks.heavy.crunch", (), {}, {}) == {"queue": "heavy"}
+    # heavy declares priority 5 in the shipped queues.yaml; xl declares none.
+    assert router("tasks.heavy.crunch", (), {}, {}) == {"queue": "heavy", "priority": 5}
     big = {"headers": {SIZE_HEADER: 512 * 2**20}}
     assert router("tasks.heavy.crunch", (), {}, big) == {"queue": "xl"}

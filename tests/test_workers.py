@@ -128,3 +128,34 @@ def test_a_task_runs_on_a_real_worker_and_its_result_comes_back(fleet):
                                                             {"key": "a", "value": 3}]])
     assert result.get(timeout=30) == {"a": {"count": 2, "value": 5.0}}
     assert os.environ.get("FLEET_KEY_PREFIX") is None  # the test process is not polluted
+
+
+RETRYING = {
+    "imports": ["tasks.aggregate", "tasks.io", "tasks.heavy", "tests.probe_jobs"],
+    "queues": {"default": {
+        "tasks": ["tasks.aggregate.*", "fleet.*", "tests.probe.*"],
+        "retry": {"max_retries": 2, "exceptions": ["ConnectionError"], "backoff": "1s",
+                  "backoff_max": "2s", "jitter": False}}},
+}
+
+
+def test_queue_retry_policy_retries_its_exceptions_then_gives_up(fleet):
+    fleet.configure(RETRYING)
+    fleet.start_worker("default")
+    app = fleet.app()
+    recovered = app.send_task("tests.probe.unsteady", args=[2])
+    assert recovered.get(timeout=60) == 3  # failed twice, retried, third run succeeded
+    exhausted = app.send_task("tests.probe.unsteady", args=[5])
+    with pytest.raises(ConnectionError, match="simulated outage, run 3"):
+        exhausted.get(timeout=60)
+
+
+def test_priority_of_the_queue_is_applied_unless_the_caller_says(fleet, redis_client):
+    app = fleet.app()
+    # heavy's priority 5 lands in the \x06\x163 sub-list (kombu rounds down to its steps
+    # 0, 3, 6, 9); an explicit priority=0 in the plain list, read first.
+    app.send_task("tasks.heavy.crunch")
+    app.send_task("tasks.heavy.crunch", priority=0)
+    p = fleet.prefix
+    assert wait_for(lambda: redis_client.llen(p + "heavy\x06\x163") == 1, 5)
+    assert redis_client.llen(p + "heavy") == 1
