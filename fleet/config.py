@@ -248,16 +248,14 @@ def load_config(
 def with_broker(
     config: FleetConfig, *, url: str | None = None, key_prefix: str | None = None
 ) -> FleetConfig:
-    """A copy of ``config`` pointing at another Redis and/or key prefix."""
+    """A copy of ``config`` pointing at another Redis and/or key prefix (results follow
+    the broker unless ``results.url`` names their own Redis)."""
     broker = config.broker
     if url:
         broker = broker.model_copy(update={"url": url})
     if key_prefix is not None:
         broker = broker.model_copy(update={"key_prefix": key_prefix})
-    results = config.results
-    if url and results.url is None:
-        results = results.model_copy(update={"url": None})
-    return config.model_copy(update={"broker": broker, "results": results})
+    return config.model_copy(update={"broker": broker})
 
 
 def _problems_from(exc: ValidationError, source: str, lines: dict) -> list[Problem]:

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 import redis
 
 # KEYS[1] bucket hash. ARGV: rate (tokens/s), capacity, max_wait (s).
+# Numbers are stored with %.17g: Lua's tostring keeps 14 digits, which cuts a Unix time
+# to 0.1 ms, and under many takes a second the rounding adds up to extra tokens.
 # Returns the wait in seconds as a string: >= 0 granted (a token is reserved, sleep that
 # long first), < 0 refused (come back in -wait seconds; nothing was taken).
 _TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function fmt(x) return string.format('%.17g', x) end
 local rate = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
@@ -37,12 +40,12 @@ if tokens < 1 then
   wait = (1 - tokens) / rate
 end
 if wait > max_wait then
-  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+  redis.call('HSET', KEYS[1], 'tokens', fmt(tokens), 'ts', fmt(now))
   redis.call('PEXPIRE', KEYS[1], math.ceil((capacity / rate + wait) * 1000) + 1000)
   return tostring(-wait)
 end
 tokens = tokens - 1
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('HSET', KEYS[1], 'tokens', fmt(tokens), 'ts', fmt(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil((capacity / rate + wait) * 1000) + 1000)
 return tostring(wait)
 """
