@@ -11,13 +11,13 @@ returns the real value.
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
 from celery import states
 from celery.app.amqp import AMQP
 from celery.backends.redis import RedisBackend
+from kombu.utils import json as kombu_json
 
 from fleet.config import Payloads
 from fleet.payloads import open_store
@@ -27,7 +27,13 @@ CLAIM_KEY = "fleet:claim"
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+    # kombu's JSON, as in the message itself: datetime, UUID, Decimal and bytes travel
+    # (tagged) inline, so they must survive the store too and come back as themselves.
+    return kombu_json.dumps(value, separators=(",", ":")).encode()
+
+
+def _loads(data: bytes) -> Any:
+    return kombu_json.loads(data)
 
 
 def is_claim(value: Any) -> bool:
@@ -52,7 +58,7 @@ def resolve_arguments(settings: Payloads, args: tuple, kwargs: dict
     if args or not is_claim(kwargs):
         return args, kwargs, None
     url = kwargs[CLAIM_KEY]["url"]
-    real_args, real_kwargs = json.loads(open_store(settings).get(url))
+    real_args, real_kwargs = _loads(open_store(settings).get(url))
     return tuple(real_args), real_kwargs, url
 
 
@@ -68,7 +74,7 @@ def offload_value(settings: Payloads, key: str, value: Any) -> Any:
 def resolve_value(settings: Payloads, value: Any) -> Any:
     if not is_claim(value):
         return value
-    return json.loads(open_store(settings).get(value[CLAIM_KEY]["url"]))
+    return _loads(open_store(settings).get(value[CLAIM_KEY]["url"]))
 
 
 class ClaimCheckAMQP(AMQP):

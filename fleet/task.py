@@ -38,6 +38,24 @@ class FleetTask(Task):
             lifecycle.on_task_success(self.app, config, ref, result)
         return result
 
+    def apply_async(self, args=None, kwargs=None, task_id=None, producer=None, link=None,
+                    link_error=None, shadow=None, **options):
+        if args or not claimcheck.is_claim(kwargs) or self.app.conf.task_always_eager:
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error,
+                                       shadow, **options)
+        # A reference re-sent from a request (autoretry, rate-limit requeue, memory
+        # re-route: signature_from_request). Task.apply_async checks arguments against the
+        # function's signature (task typing), which rejects the reference kwarg with a
+        # TypeError that Celery's retry turns into a Reject. The real arguments were
+        # checked when the task was first sent; the rest is Task.apply_async's own path.
+        options = dict(self._get_exec_options(), **options)
+        options.setdefault("ignore_result", self.ignore_result)
+        return self.app.send_task(
+            self.name, args, kwargs, task_id=task_id, producer=producer, link=link,
+            link_error=link_error, result_cls=self.AsyncResult,
+            shadow=shadow or self.shadow_name(args, kwargs, options), task_type=self,
+            **options)
+
     def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:
         config = getattr(self.app, "fleet_config", None)
         if (config is not None and status == states.SUCCESS and config.payloads.cleanup

@@ -150,3 +150,47 @@ def fleet(tmp_path: Path, prefix: str) -> Iterator[Fleet]:
     f = Fleet(tmp_path, prefix)
     yield f
     f.close()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server (a real subprocess on a free port); yields its endpoint URL.
+
+    Dummy AWS credentials go into this process's environment for the session, so boto3
+    here and every worker a test starts (``Fleet.env`` copies os.environ) can sign.
+    """
+    from .s3server import AWS_ENV, MotoServer
+
+    log_dir = tmp_path_factory.mktemp("moto")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in AWS_ENV.items():
+            mp.setenv(name, value)
+        server = None
+        for _attempt in range(3):  # another process may take the free port first
+            server = MotoServer(free_port(), log_dir / "moto.log")
+            try:
+                server.wait_ready()
+                break
+            except RuntimeError:
+                server.stop()
+                server = None
+        if server is None:
+            pytest.fail(f"moto server did not start; see {log_dir / 'moto.log'}")
+        try:
+            yield server.endpoint_url
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_s3: str) -> Iterator[str]:
+    """A fresh bucket on the moto server, emptied and removed after the test."""
+    import boto3
+
+    from .s3server import empty_bucket
+
+    client = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+    name = f"fleet-test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    yield name
+    empty_bucket(client, name)
