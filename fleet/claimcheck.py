@@ -17,23 +17,21 @@ from typing import Any
 from celery import states
 from celery.app.amqp import AMQP
 from celery.backends.redis import RedisBackend
-from kombu.utils import json as kombu_json
 
+from fleet import codec
 from fleet.config import Payloads
+from fleet.errors import PayloadError
 from fleet.payloads import open_store
 
 #: A kwarg name no Python function can declare, so it cannot clash with a real one.
 CLAIM_KEY = "fleet:claim"
 
 
-def _dumps(value: Any) -> bytes:
-    # kombu's JSON, as in the message itself: datetime, UUID, Decimal and bytes travel
-    # (tagged) inline, so they must survive the store too and come back as themselves.
-    return kombu_json.dumps(value, separators=(",", ":")).encode()
-
-
-def _loads(data: bytes) -> Any:
-    return kombu_json.loads(data)
+def _loads(data: bytes, url: str) -> Any:
+    try:
+        return codec.loads(data)
+    except ValueError as exc:
+        raise PayloadError(f"payload {url} is not valid JSON: {exc}") from None
 
 
 def is_claim(value: Any) -> bool:
@@ -45,7 +43,7 @@ def offload_arguments(settings: Payloads, task_id: str, args: Any, kwargs: Any
     """(args, kwargs) replaced by a reference when their JSON exceeds the threshold."""
     if not args and not kwargs:
         return None
-    data = _dumps([list(args or ()), dict(kwargs or {})])
+    data = codec.dumpb([list(args or ()), dict(kwargs or {})])
     if len(data) <= settings.threshold:
         return None
     url = open_store(settings).put(f"args/{task_id}.json", data)
@@ -58,13 +56,13 @@ def resolve_arguments(settings: Payloads, args: tuple, kwargs: dict
     if args or not is_claim(kwargs):
         return args, kwargs, None
     url = kwargs[CLAIM_KEY]["url"]
-    real_args, real_kwargs = _loads(open_store(settings).get(url))
+    real_args, real_kwargs = _loads(open_store(settings).get(url), url)
     return tuple(real_args), real_kwargs, url
 
 
 def offload_value(settings: Payloads, key: str, value: Any) -> Any:
     """``value`` itself when small, else a claim reference to it in the store."""
-    data = _dumps(value)
+    data = codec.dumpb(value)
     if len(data) <= settings.threshold:
         return value
     url = open_store(settings).put(key, data)
@@ -74,7 +72,8 @@ def offload_value(settings: Payloads, key: str, value: Any) -> Any:
 def resolve_value(settings: Payloads, value: Any) -> Any:
     if not is_claim(value):
         return value
-    return _loads(open_store(settings).get(value[CLAIM_KEY]["url"]))
+    url = value[CLAIM_KEY]["url"]
+    return _loads(open_store(settings).get(url), url)
 
 
 class ClaimCheckAMQP(AMQP):

@@ -434,7 +434,7 @@ def test_submit_with_a_missing_s3_key_is_a_job_input_error(fleet, s3_input: str,
     with pytest.raises(JobInputError) as caught:
         submit(fleet.app(), JobSpec(task="tasks.aggregate.sum_by", input=missing,
                                     chunk_size=10))
-    assert str(caught.value).startswith(f"{missing}: cannot read input")
+    assert str(caught.value) == f"{missing}: no such object in S3"
     assert queued(redis_client, fleet.prefix) == {}
 
 
@@ -489,6 +489,18 @@ def test_cli_submit_from_s3_and_a_missing_key(fleet, s3_input: str, redis_client
     missing = s3_input.replace("records.jsonl", "missing.jsonl")
     bad = run_cli(fleet, "submit", "tasks.aggregate.sum_by", "--input", missing)
     assert bad.returncode == 2, bad.stdout + bad.stderr
-    assert bad.stderr.startswith(f"fleet: error: {missing}: cannot read input")
+    assert bad.stderr.startswith(f"fleet: error: {missing}: no such object in S3")
     assert "Traceback" not in bad.stderr
     assert len(queued(redis_client, fleet.prefix)) == 3  # nothing more was sent
+
+
+def test_corrupt_payload_is_a_payload_error(tmp_path):
+    from fleet.claimcheck import CLAIM_KEY, resolve_value
+    from fleet.config import Payloads
+    from fleet.errors import PayloadError
+    from fleet.payloads import LocalStore
+
+    settings = Payloads(path=str(tmp_path))
+    url = LocalStore(tmp_path).put("results/bad.json", b"{not json")
+    with pytest.raises(PayloadError, match=r"results/bad.json is not valid JSON"):
+        resolve_value(settings, {CLAIM_KEY: {"url": url, "size": 9}})

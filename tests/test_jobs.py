@@ -284,3 +284,18 @@ def test_broker_down_is_a_clear_error(fleet, tmp_path):
 def test_retry_of_unknown_job(fleet):
     with pytest.raises(UnknownJobError):
         retry_failed(fleet.app(), "job-bbbbbbbbbbbb")
+
+
+def test_chunk_results_keep_their_types(fleet):
+    """datetime, Decimal and UUID come back as themselves, as they do through Celery."""
+    import datetime
+    import decimal
+    import uuid
+
+    store = JobStore(fleet.config)
+    store.create("job-cccccccccccc", task="t", aggregate=None, total=2, records=2,
+                 input_desc="x", chunk_size=1, kwargs={}, aggregate_kwargs={}, result_url="u")
+    value = {"at": datetime.datetime(2026, 11, 27, 6, 0, tzinfo=datetime.UTC),
+             "amount": decimal.Decimal("12.50"), "id": uuid.UUID(int=7)}
+    store.record_success("job-cccccccccccc", 0, value)
+    assert dict(store.results("job-cccccccccccc")) == {0: value}

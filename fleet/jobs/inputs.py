@@ -146,6 +146,9 @@ def _spooled_s3(url: str, payloads: Payloads) -> Iterator[Path]:
         try:
             store.client.download_fileobj(bucket, key, tmp)
         except store._errors as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            if code in ("404", "NoSuchKey", "NoSuchBucket"):
+                raise JobInputError(f"{url}: no such object in S3") from None
             raise JobInputError(f"{url}: cannot read input: {exc}") from None
         tmp.flush()
         yield Path(tmp.name)

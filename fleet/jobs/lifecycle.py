@@ -8,13 +8,12 @@ task, by name and input size) or writes the list of results as the job's output.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from celery import shared_task
 
-from fleet import claimcheck
+from fleet import claimcheck, codec
 from fleet.config import FleetConfig
 from fleet.jobs.ids import ChunkRef, aggregate_task_id
 from fleet.jobs.state import JobStore
@@ -33,7 +32,7 @@ def result_key(job_id: str) -> str:
 def on_task_success(app, config: FleetConfig, ref: ChunkRef, result: Any) -> None:
     store = JobStore(config)
     if ref.is_aggregate:
-        url = open_store(config.payloads).put(result_key(ref.job_id), _dumps(result))
+        url = open_store(config.payloads).put(result_key(ref.job_id), codec.dumpb(result))
         store.finish(ref.job_id, result_url=url)
         logger.info("job %s succeeded; result at %s", ref.job_id, url)
         return
@@ -54,10 +53,6 @@ def on_task_failure(config: FleetConfig, ref: ChunkRef, exception: BaseException
     store.record_failure(ref.job_id, ref.index, error, args, kwargs)
 
 
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
-
-
 @shared_task(name=COLLECT_TASK, bind=True, acks_late=True)
 def collect(self, job_id: str) -> None:
     """Gather chunk results in order; aggregate them or write them out."""
@@ -68,12 +63,12 @@ def collect(self, job_id: str) -> None:
     for index, value in store.results(job_id):
         values[index] = claimcheck.resolve_value(config.payloads, value)
     if status.aggregate:
-        kwargs = json.loads(status.extra.get("aggregate_kwargs") or "{}")
-        size = len(_dumps(values))
+        kwargs = codec.loads(status.extra.get("aggregate_kwargs") or "{}")
+        size = len(codec.dumpb(values))
         self.app.send_task(status.aggregate, args=[values], kwargs=kwargs,
                            task_id=aggregate_task_id(job_id),
                            headers={SIZE_HEADER: size})
         return
-    url = open_store(config.payloads).put(result_key(job_id), _dumps(values))
+    url = open_store(config.payloads).put(result_key(job_id), codec.dumpb(values))
     store.finish(job_id, result_url=url)
     logger.info("job %s succeeded; %d chunk results at %s", job_id, status.total, url)

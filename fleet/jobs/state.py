@@ -9,7 +9,6 @@ chunks at the same moment cannot both (or neither) start the aggregate.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 import redis
 
+from fleet import codec
 from fleet.config import FleetConfig
 from fleet.errors import UnknownJobError
 from fleet.keys import broker_client, key
@@ -158,8 +158,8 @@ class JobStore:
         fields = {
             "id": job_id, "task": task, "aggregate": aggregate or "", "state": RUNNING,
             "total": total, "records": records, "created": now, "input": input_desc,
-            "chunk_size": chunk_size, "kwargs": json.dumps(kwargs),
-            "aggregate_kwargs": json.dumps(aggregate_kwargs), "result_url": result_url,
+            "chunk_size": chunk_size, "kwargs": codec.dumps(kwargs),
+            "aggregate_kwargs": codec.dumps(aggregate_kwargs), "result_url": result_url,
         }
         pipe = self.client.pipeline()
         pipe.hset(job, mapping=fields)
@@ -170,12 +170,12 @@ class JobStore:
     def record_success(self, job_id: str, index: int, value: Any) -> str:
         job, done, failed = self._keys(job_id)
         return _text(self._success(keys=[job, done, failed],
-                                   args=[index, json.dumps(value), time.time()]))
+                                   args=[index, codec.dumps(value), time.time()]))
 
     def record_failure(self, job_id: str, index: int, error: str, args: Any,
                        kwargs: Any) -> str:
         job, done, failed = self._keys(job_id)
-        record = json.dumps({"error": error, "args": list(args or ()),
+        record = codec.dumps({"error": error, "args": list(args or ()),
                              "kwargs": dict(kwargs or {}), "at": time.time()})
         return _text(self._failure(keys=[job, done, failed], args=[index, record, time.time()]))
 
@@ -234,7 +234,7 @@ class JobStore:
         """(index, value) of every finished chunk, by HSCAN: bounded memory per batch."""
         _, done, _ = self._keys(job_id)
         for index, value in self.client.hscan_iter(done, count=1000):
-            yield int(index), json.loads(value)
+            yield int(index), codec.loads(value)
 
     def failed_chunks(self, job_id: str) -> list[FailedChunk]:
         _, _, failed = self._keys(job_id)
@@ -267,7 +267,7 @@ class JobStore:
 def _failed_chunks(entries) -> list[FailedChunk]:
     out = []
     for index, raw in entries:
-        record = json.loads(raw)
+        record = codec.loads(raw)
         out.append(FailedChunk(int(index), record["error"], record["args"], record["kwargs"],
                                _text(raw)))
     return sorted(out, key=lambda c: c.index)

@@ -9,7 +9,6 @@ per-task result subscription) is requested.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -18,6 +17,7 @@ from typing import IO, Any
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from fleet import codec
 from fleet.claimcheck import CLAIM_KEY, is_claim
 from fleet.errors import BrokerUnavailableError, FleetError, JobInputError
 from fleet.jobs.ids import chunk_task_id, new_job_id
@@ -112,7 +112,7 @@ def _size_of(chunk) -> int:
     """The input size a failed chunk was routed by (a claim knows it; else re-measure)."""
     if is_claim(chunk.kwargs):
         return chunk.kwargs[CLAIM_KEY]["size"]
-    return len(json.dumps(chunk.args))
+    return len(codec.dumps(chunk.args))
 
 
 @dataclass(frozen=True)
