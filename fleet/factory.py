@@ -36,7 +36,7 @@ def broker_transport_options(config: FleetConfig) -> dict:
         # mid-sweep would stop every restore for 5 visibility timeouts. A sweep takes
         # milliseconds, and two overlapping ones are safe (kombu restores each message
         # in a WATCH transaction), so let a dead sweeper's lock go quickly.
-        # MUTANT
+        "unacked_mutex_expire": 2 * restore_interval,
         # A worker whose Redis vanished without closing the socket must notice.
         "socket_timeout": 30,
         "socket_connect_timeout": 5,

@@ -41,7 +41,7 @@ class FleetWorkerStep(bootsteps.StartStopStep):
         self.queue = served_queue(worker)
         if self.queue is None:
             logger.warning("worker serves several queues or none of queues.yaml: "
-                           "fleet queue settings, memory guard and leases are off")
+                           "fleet queue settings and memory guard are off")
             return
         config = worker.app.fleet_config
         self.settings = worker_settings(config, self.queue)
@@ -63,10 +63,11 @@ class FleetWorkerStep(bootsteps.StartStopStep):
                 add_autoretry_behaviour(task, **attrs)
 
     def start(self, worker) -> None:
-        if self.queue is None:
-            return
         config = worker.app.fleet_config
-        if self.settings.memory_limit is not None and self.settings.pool == "prefork":
+        # The lease does not depend on the queue: every fleet app has the short
+        # visibility_timeout, so a worker on several queues (or all) needs it as much.
+        if (self.queue is not None and self.settings.memory_limit is not None
+                and self.settings.pool == "prefork"):
             self.guard = MemoryGuard(self.queue, self.settings.memory_limit)
             self.guard.start()
         if config.broker.lease.enabled:
