@@ -3,8 +3,11 @@
 1. No-op tasks end to end: a fleet worker (queue ``default``: its guard, lease renewal,
    FleetTask hooks) vs a bare Celery worker with the same pool, concurrency and prefetch.
    Each side: start the worker, publish N no-ops, time until the last one has run.
-   Sides alternate (A B A B ...) and the median counts, so drift hits both alike.
-   Goal: fleet / bare >= 1.0 (the guards cost nothing measurable).
+   Twice: with task events off (bare Celery's defaults vs the fleet with
+   ``events: false``), and with the Celery features the shipped fleet turns on (task
+   events, acks_late) on both sides. Sides interleave (A B C D A B C D ...) and the
+   median counts, so drift hits all alike. Goal: fleet / bare >= 1.0 (the guards,
+   leases and hooks cost nothing measurable).
 2. ``fleet submit`` of a 100k-chunk job (publishing only, no workers) vs a naive
    ``apply_async`` loop over the same chunks. Goal: >= 3x.
 
@@ -38,6 +41,16 @@ CONCURRENCY = 2
 PREFETCH = 4
 
 
+def _client(url: str):
+    """The publisher for both sides: one plain Celery client, so only workers differ."""
+    from celery import Celery
+
+    app = Celery("client", broker=url, backend=url)
+    app.conf.update(task_serializer="json", accept_content=["json"],
+                    task_default_queue="default")
+    return app
+
+
 def _drain(app, url: str, probe_key: str, n: int, timeout: float) -> float:
     """Publish ``n`` no-ops; seconds from the first publish until all have run."""
     r = client(url)
@@ -57,8 +70,6 @@ def _drain(app, url: str, probe_key: str, n: int, timeout: float) -> float:
 def noop_bare(url: str, workdir: Path, n: int, same_features: bool = False) -> float:
     """A bare Celery worker; with ``same_features``, with the Celery features a fleet
     queue turns on too (task events, acks_late), so only fleet's own additions differ."""
-    from celery import Celery
-
     env = {**os.environ, "BENCH_BROKER": url, "BENCH_PROBE_URL": url,
            "BENCH_PROBE_KEY": "bench:noop:bare", "BENCH_QUEUE": "default",
            "BENCH_PREFETCH": str(PREFETCH)}
@@ -70,9 +81,7 @@ def noop_bare(url: str, workdir: Path, n: int, same_features: bool = False) -> f
                  "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
                  *(["--task-events"] if same_features else [])],
                 env, workdir / "bare.log")
-    app = Celery("client", broker=url, backend=url)
-    app.conf.update(task_serializer="json", accept_content=["json"],
-                    task_default_queue="default")
+    app = _client(url)
     try:
         wait_ready(app, ["bare@bench"])
         return _drain(app, url, "bench:noop:bare", n, 300)
@@ -81,11 +90,9 @@ def noop_bare(url: str, workdir: Path, n: int, same_features: bool = False) -> f
         app.close()
 
 
-def noop_fleet(url: str, workdir: Path, n: int) -> float:
-    from fleet.config import load_config
-    from fleet.factory import create_app
-
+def noop_fleet(url: str, workdir: Path, n: int, events: bool = True) -> float:
     cfg = fleet_config_file(url, {
+        "events": events,
         "imports": ["tasks.aggregate", "tasks.io", "tasks.heavy", "bench.probe"],
         "queues": {"default": {"tasks": ["tasks.aggregate.*", "fleet.*", "bench.*"],
                                "concurrency": CONCURRENCY, "prefetch_multiplier": PREFETCH,
@@ -98,7 +105,7 @@ def noop_fleet(url: str, workdir: Path, n: int) -> float:
     procs.start([sys.executable, "-m", "fleet.cli", "worker", "--queue", "default",
                  "--config", str(cfg), "-n", "fleet@bench", "--loglevel", "WARNING"],
                 env, workdir / "fleet.log")
-    app = create_app(load_config(cfg))
+    app = _client(url)
     try:
         wait_ready(app, ["fleet@bench"])
         return _drain(app, url, "bench:noop:fleet", n, 300)
@@ -152,20 +159,23 @@ def submit_naive(url: str, workdir: Path, data: Path, chunks: int, ignore_result
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--noop", type=int, default=5000, help="no-op tasks per run")
-    parser.add_argument("--runs", type=int, default=3, help="alternating runs per side")
+    parser.add_argument("--runs", type=int, default=5, help="interleaved runs per side")
     parser.add_argument("--chunks", type=int, default=100_000, help="chunks in the submit test")
     args = parser.parse_args()
     workdir = tmpdir("fleet-bench-throughput-")
     server = private_redis()
     try:
-        bare, same, ours = [], [], []
+        sides = {
+            "bare": lambda: noop_bare(server.url, workdir, args.noop),
+            "fleet-quiet": lambda: noop_fleet(server.url, workdir, args.noop, events=False),
+            "bare-same": lambda: noop_bare(server.url, workdir, args.noop, same_features=True),
+            "fleet": lambda: noop_fleet(server.url, workdir, args.noop),
+        }
+        times: dict[str, list[float]] = {name: [] for name in sides}
         for _ in range(args.runs):
-            bare.append(noop_bare(server.url, workdir, args.noop))
-            client(server.url).flushdb()
-            same.append(noop_bare(server.url, workdir, args.noop, same_features=True))
-            client(server.url).flushdb()
-            ours.append(noop_fleet(server.url, workdir, args.noop))
-            client(server.url).flushdb()
+            for name, run in sides.items():
+                times[name].append(run())
+                client(server.url).flushdb()
         data = workdir / "chunks.jsonl"
         with data.open("w") as fh:
             for i in range(args.chunks):
@@ -176,18 +186,25 @@ def main() -> None:
                                       ignore_result=True)
     finally:
         server.stop()
-    b, s_, f = median(bare), median(same), median(ours)
+    med = {name: median(values) for name, values in times.items()}
+
+    def rate(name: str) -> str:
+        return f"{args.noop / med[name]:.0f}"
+
+    def runs(name: str) -> str:
+        return " ".join(f"{args.noop / t:.0f}" for t in times[name])
+
     print(f"throughput on {machine()}")
     print(table(
         f"\nno-op tasks end to end: {args.noop} per run, concurrency {CONCURRENCY} prefork, "
-        f"prefetch {PREFETCH}, median of {args.runs} alternating runs",
-        [("bare Celery, defaults: tasks/s", f"{args.noop / b:.0f}", f"{args.noop / f:.0f}",
-          f"{b / f:.2f}x"),
-         ("bare Celery, -E + acks_late: tasks/s", f"{args.noop / s_:.0f}",
-          f"{args.noop / f:.0f}", f"{s_ / f:.2f}x"),
-         ("runs (s): defaults | same features", " ".join(f"{x:.2f}" for x in bare) + " | "
-          + " ".join(f"{x:.2f}" for x in same), " ".join(f"{x:.2f}" for x in ours), "")],
-        header=("baseline", "baseline", "fleet worker", "fleet/baseline")))
+        f"prefetch {PREFETCH}; tasks/s, median of {args.runs} interleaved runs",
+        [("task events off", rate("bare"), rate("fleet-quiet"),
+          f"{med['bare'] / med['fleet-quiet']:.2f}x"),
+         ("task events on, acks_late", rate("bare-same"), rate("fleet"),
+          f"{med['bare-same'] / med['fleet']:.2f}x"),
+         ("  each run, events off", runs("bare"), runs("fleet-quiet"), ""),
+         ("  each run, events on", runs("bare-same"), runs("fleet"), "")],
+        header=("Celery features", "bare Celery worker", "fleet worker", "fleet/bare")))
     print(table(
         f"\npublishing a {args.chunks:,}-chunk job (no workers)",
         [("seconds", f"{naive_s:.1f}", f"{fleet_s:.1f}", f"{naive_s / fleet_s:.1f}x"),

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -15,6 +17,18 @@ from fleet.worker import queue_conf, worker_settings
 
 #: kombu's priority sub-lists: Q, Q\x06\x163, ... (see design.md: LLEN of Q undercounts).
 PRIORITY_STEPS = [0, 3, 6, 9]
+
+#: Dead-peer detection in about 30 s, idle or not (Linux; other systems get keepalive).
+TCP_KEEPALIVE = {
+    option: value
+    for option, value in (
+        (getattr(socket, "TCP_KEEPIDLE", None), 10),
+        (getattr(socket, "TCP_KEEPINTVL", None), 5),
+        (getattr(socket, "TCP_KEEPCNT", None), 3),
+        (getattr(socket, "TCP_USER_TIMEOUT", None), 30_000),
+    )
+    if option is not None
+}
 
 #: Lowest restore sweep period: every poll may move messages whose lease lapsed back.
 RESTORE_INTERVAL_MAX = 10.0
@@ -37,9 +51,13 @@ def broker_transport_options(config: FleetConfig) -> dict:
         # milliseconds, and two overlapping ones are safe (kombu restores each message
         # in a WATCH transaction), so let a dead sweeper's lock go quickly.
         "unacked_mutex_expire": 2 * restore_interval,
-        # A worker whose Redis vanished without closing the socket must notice.
-        "socket_timeout": 30,
+        # A Redis that vanished without closing the socket (node loss, NAT timeout)
+        # must be noticed. TCP keepalive and a TCP user timeout do it in the kernel;
+        # a socket_timeout would too, but costs a poll() per socket call: about 5% of
+        # a no-op task's throughput with task events on (bench/throughput.py).
         "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "socket_keepalive_options": TCP_KEEPALIVE,
     }
     if config.broker.key_prefix:
         options["global_keyprefix"] = config.broker.key_prefix
@@ -76,7 +94,7 @@ def celery_settings(config: FleetConfig) -> dict:
         "task_routes": [FleetRouter(RoutingTable.from_config(config))],
         "task_default_priority": default.priority,
         "task_track_started": True,
-        "worker_send_task_events": True,
+        "worker_send_task_events": config.events,
         "task_send_sent_event": False,
         "worker_hijack_root_logger": True,
         "imports": list(config.imports),

@@ -70,24 +70,30 @@ class RssReader:
     """RSS of a pool process plus its descendants (a task may shell out).
 
     Finding descendants means scanning every process on the host (/proc), too costly
-    to do four times a second: it is done every ``rescan`` reads of a pid, and in
-    between only the known descendants' RSS is read (one cheap read each).
+    to do four times a second for every task: a task's descendants are first looked
+    for once it has run ``rescan`` samples (short tasks never pay), then every
+    ``rescan`` samples; in between, only the known ones' RSS is read (one cheap read
+    each). The pool process's own RSS is read at every sample.
     """
 
     def __init__(self, rescan: int = 8):
         self.rescan = rescan
-        self._known: dict[int, tuple[int, list[psutil.Process]]] = {}
+        #: pid -> (task id, samples of that task so far, its known descendants)
+        self._known: dict[int, tuple[str, int, list[psutil.Process]]] = {}
         self._procs: dict[int, psutil.Process] = {}
 
-    def __call__(self, pid: int) -> int | None:
+    def __call__(self, pid: int, task_id: str = "") -> int | None:
         try:
             proc = self._procs.get(pid)
             if proc is None:
                 proc = self._procs[pid] = psutil.Process(pid)
-            reads, children = self._known.get(pid, (0, []))
+            known_task, reads, children = self._known.get(pid, (task_id, 0, []))
+            if known_task != task_id:
+                reads, children = 0, []
+            reads += 1
             if reads % self.rescan == 0:
                 children = proc.children(recursive=True)
-            self._known[pid] = (reads + 1, children)
+            self._known[pid] = (task_id, reads, children)
             total = proc.memory_info().rss
         except psutil.Error:
             self.forget(pid)
@@ -96,6 +102,13 @@ class RssReader:
             with contextlib.suppress(psutil.Error):
                 total += child.memory_info().rss
         return total
+
+    def descendants(self, pid: int) -> list[psutil.Process]:
+        """The processes a task started, as last seen (freshly scanned if possible)."""
+        try:
+            return self._procs[pid].children(recursive=True)
+        except (KeyError, psutil.Error):
+            return self._known.get(pid, ("", 0, []))[2]
 
     def forget(self, pid: int) -> None:
         self._known.pop(pid, None)
@@ -168,7 +181,7 @@ class MemoryGuard:
         busy_now = self.busy()
         self.rss_of.keep_only({b.pid for b in busy_now})
         for busy in busy_now:
-            rss = self.rss_of(busy.pid)
+            rss = self.rss_of(busy.pid, busy.task_id)
             if rss is not None:
                 samples.append((busy, rss))
         kills = []
@@ -176,6 +189,10 @@ class MemoryGuard:
             kill = Kill(busy.task_id, busy.task_name, busy.pid, rss, self.limit, self.queue)
             record_kill(kill)
             logger.error("%s; killing the process", kill.message())
+            # What the task started goes too: orphans would keep the memory.
+            for child in self.rss_of.descendants(busy.pid):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
             try:
                 os.kill(busy.pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -33,6 +33,7 @@ class WorkerSettings:
     visibility_timeout: float
     lease_interval: float | None
     rate_limit: str | None
+    events: bool
 
 
 def worker_settings(config: FleetConfig, queue: str) -> WorkerSettings:
@@ -55,6 +56,7 @@ def worker_settings(config: FleetConfig, queue: str) -> WorkerSettings:
         visibility_timeout=config.broker.visibility_timeout,
         lease_interval=lease.interval if lease.enabled else None,
         rate_limit=str(q.rate_limit) if q.rate_limit else None,
+        events=config.events,
     )
 
 
@@ -90,11 +92,12 @@ def celery_argv(settings: WorkerSettings, *, loglevel: str = "INFO",
         "--concurrency", str(settings.concurrency),
         "--prefetch-multiplier", str(settings.prefetch_multiplier),
         "--loglevel", loglevel,
-        "--task-events",
         # One queue per worker: gossip and mingle only add start-up latency and chatter.
         "--without-gossip",
         "--without-mingle",
     ]
+    if settings.events:
+        argv.append("--task-events")
     if settings.disable_prefetch:
         argv.append("--disable-prefetch")
     if settings.time_limit is not None:

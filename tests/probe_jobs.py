@@ -50,3 +50,18 @@ def unsteady(self, failures: int) -> int:
     if run <= failures:
         raise ConnectionError(f"simulated outage, run {run}")
     return run
+
+
+@shared_task(name="tests.probe.shell_hog", bind=True)
+def shell_hog(self, mb: int, seconds: float = 30.0) -> int:
+    """Start a subprocess that holds ``mb`` MiB: memory the pool process does not own."""
+    import subprocess
+    import sys
+
+    code = (f"import time; b = bytearray({mb} * 1024 * 1024); "
+            "[b.__setitem__(i, 1) for i in range(0, len(b), 4096)]; "
+            f"time.sleep({seconds})")
+    client, key_ = _redis_and_key(self, "shell_hog", self.request.id)
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    client.set(key_, proc.pid)
+    return proc.wait()

@@ -94,3 +94,29 @@ def test_attempts_are_bounded(fleet):
     assert type(caught.value).__name__ == "MemoryLimitExceeded"
     assert "'xl' queue's memory_limit of 250.0Mi" in str(caught.value)
     wait_for(lambda: "task failed" in fleet.log_of(xl), 10, what="the xl worker's log")
+
+
+def test_memory_of_processes_a_task_started_counts_and_they_are_stopped_too(fleet):
+    import psutil
+
+    from fleet.keys import broker_client, key
+
+    fleet.configure({
+        "imports": ["tasks.aggregate", "tasks.io", "tasks.heavy", "tests.probe_jobs"],
+        "queues": {"heavy": {"tasks": ["tasks.heavy.*", "tests.probe.*"],
+                             "memory_limit": "200Mi",
+                             "on_memory_exceeded": {"retry_on": None}}}})
+    fleet.start_worker("heavy")
+    app = fleet.app()
+    started = time.monotonic()
+    result = app.send_task("tests.probe.shell_hog", args=[400])
+    with pytest.raises(Exception) as caught:
+        result.get(timeout=60)
+    assert type(caught.value).__name__ == "MemoryLimitExceeded"
+    # Found by the descendant scan, which starts two seconds into a task.
+    assert time.monotonic() - started < 30
+    pid = int(broker_client(fleet.config).get(key(fleet.config, "probe", "shell_hog",
+                                                     result.id)))
+    wait_for(lambda: not psutil.pid_exists(pid)
+             or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10,
+             what=f"the task's subprocess {pid} to be stopped")

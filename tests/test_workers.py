@@ -159,3 +159,13 @@ def test_priority_of_the_queue_is_applied_unless_the_caller_says(fleet, redis_cl
     p = fleet.prefix
     assert wait_for(lambda: redis_client.llen(p + "heavy\x06\x163") == 1, 5)
     assert redis_client.llen(p + "heavy") == 1
+
+
+def test_task_events_follow_the_config(fleet):
+    from fleet.factory import celery_settings
+    from fleet.worker import celery_argv, worker_settings
+
+    assert "--task-events" in celery_argv(worker_settings(fleet.config, "default"))
+    quiet = fleet.configure({"events": False})
+    assert "--task-events" not in celery_argv(worker_settings(quiet, "default"))
+    assert celery_settings(quiet)["worker_send_task_events"] is False
