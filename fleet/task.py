@@ -28,12 +28,19 @@ class FleetTask(Task):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         config = getattr(self.app, "fleet_config", None)
-        if config is None:
+        request = self.request
+        if config is None or request.called_directly:
+            # A plain call (or eager): Celery's own path, which pushes a request.
             return super().__call__(*args, **kwargs)
-        args, kwargs, _ = claimcheck.resolve_arguments(config.payloads, args, kwargs)
-        self._take_rate_limits(config)
-        result = super().__call__(*args, **kwargs)
-        ref = parse_task_id(self.request.id)
+        # Run by a worker: the tracer already pushed this task's request, so run() is
+        # called directly; Task.__call__ would build a second request context, which
+        # costs as much as the rest of a no-op task's trace.
+        args, kwargs, claimed = claimcheck.resolve_arguments(config.payloads, args, kwargs)
+        if claimed:
+            request.args, request.kwargs = args, kwargs
+        self._take_rate_limits(config, request)
+        result = self.run(*args, **kwargs)
+        ref = parse_task_id(request.id)
         if ref is not None:
             lifecycle.on_task_success(self.app, config, ref, result)
         return result
@@ -67,8 +74,8 @@ class FleetTask(Task):
             except Exception as exc:  # cleanup is best effort; the task already succeeded
                 logger.warning("could not delete payload of task %s: %s", task_id, exc)
 
-    def _take_rate_limits(self, config) -> None:
-        delivery = self.request.delivery_info or {}
+    def _take_rate_limits(self, config, request) -> None:
+        delivery = request.delivery_info or {}
         queue = config.queues.get(delivery.get("routing_key") or "")
         if queue is None:
             return  # called directly, not from a worker: nothing to share
@@ -83,7 +90,7 @@ class FleetTask(Task):
             grant = bucket.take()
             if not grant.granted:
                 delay = requeue_delay(grant.wait)
-                self.signature_from_request(self.request, countdown=delay).apply_async()
+                self.signature_from_request(request, countdown=delay).apply_async()
                 raise Retry(f"fleet-wide rate limit {rate} on {kind} {name}: "
                             f"re-queued for {delay:.1f}s", when=delay)
             if grant.wait > 0:
