@@ -221,16 +221,147 @@ def _redis_call(call):
         raise BrokerUnavailableError(f"Redis is not answering: {exc}") from None
 
 
+@cli.group()
+def render() -> None:
+    """Generate Kubernetes manifests from queues.yaml."""
+
+
+@render.command("k8s")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+              help="File to write (default: stdout).")
+@pass_config_path
+def render_k8s(out: str | None, config_path: str | None) -> None:
+    """One worker Deployment per queue (what k8s/base/workers.yaml holds)."""
+    from fleet.render.k8s import render_workers
+    from fleet.render.yamlout import dump_all
+
+    _emit(dump_all(render_workers(_load(config_path))), out)
+
+
+@render.command("keda")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+              help="File to write (default: stdout).")
+@pass_config_path
+def render_keda(out: str | None, config_path: str | None) -> None:
+    """KEDA ScaledObjects for teams that already run KEDA (every Redis list of a queue)."""
+    from fleet.render.keda import render_scaled_objects
+    from fleet.render.yamlout import dump_all
+
+    _emit(dump_all(render_scaled_objects(_load(config_path))), out)
+
+
+def _emit(text: str, out: str | None) -> None:
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    Path(out).write_text(text)
+    click.echo(f"wrote {out}", err=True)
+
+
 @cli.command()
+@click.option("--demo", is_flag=True, help="Submit a demo aggregation job and a heavy job.")
 @click.option("--records", default=50_000, show_default=True, help="Size of the demo input.")
-@click.option("--exit-when-done", is_flag=True, help="Stop the fleet once the demo job ends.")
+@click.option("--exit-when-done", is_flag=True, help="Stop the fleet once the demo jobs end.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=".fleet", show_default=True)
 @pass_config_path
-def demo(records: int, exit_when_done: bool, workdir: str, config_path: str | None) -> None:
-    """The main job: a local fleet, a demo batch job with progress, its result."""
-    from fleet.demo import run_demo
+def up(demo: bool, records: int, exit_when_done: bool, workdir: str,
+       config_path: str | None) -> None:
+    """The whole fleet here: Redis (embedded if none), autoscaled workers, Ctrl-C stops."""
+    from fleet.up import run_up
 
-    run_demo(_load(config_path), Path(workdir), records=records, exit_when_done=exit_when_done)
+    run_up(_load(config_path), Path(workdir), demo=demo, records=records,
+           exit_when_done=exit_when_done)
+
+
+@cli.command(hidden=True)
+@click.option("--records", default=50_000, show_default=True)
+@click.option("--exit-when-done", is_flag=True)
+@click.option("--workdir", type=click.Path(file_okay=False), default=".fleet")
+@pass_config_path
+def demo(records: int, exit_when_done: bool, workdir: str, config_path: str | None) -> None:
+    """Same as `fleet up --demo`."""
+    from fleet.up import run_up
+
+    run_up(_load(config_path), Path(workdir), demo=True, records=records,
+           exit_when_done=exit_when_done)
+
+
+@cli.command()
+@click.option("--backend", type=click.Choice(["local", "kubernetes"]), default=None,
+              help="Where replicas live (default: autoscaler.backend in queues.yaml).")
+@click.option("--interval", type=float, default=None, help="Seconds between polls.")
+@click.option("--once", is_flag=True, help="Poll and decide once, print, exit.")
+@click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=".fleet",
+              show_default=True, help="Worker logs of the local backend.")
+@pass_config_path
+def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: bool,
+              workdir: str, config_path: str | None) -> None:
+    """The autoscaler loop: queue metrics -> policy -> backend."""
+    import threading
+
+    from autoscale.loop import Autoscaler
+    from autoscale.metrics import RedisMetrics
+    from fleet.keys import broker_client
+
+    config = _load(config_path)
+    chosen = backend or config.autoscaler.backend
+    if chosen == "kubernetes":
+        from autoscale.backends.kubernetes import KubernetesBackend
+
+        target = KubernetesBackend(config)
+    else:
+        import os
+
+        from autoscale.backends.local import LocalBackend
+
+        target = LocalBackend(config, config.source, dict(os.environ), Path(workdir) / "logs")
+    metrics = _redis_call(lambda: RedisMetrics(config, broker_client(config)))
+    # Once, locally, would start workers only to stop them on exit: decide, don't act.
+    scaler = Autoscaler(config, metrics, target,
+                        dry_run=dry_run or (once and chosen == "local"), report=click.echo)
+    try:
+        if once:
+            for d in _redis_call(scaler.run_once):
+                click.echo(f"{d.queue}: {d.current} -> {d.desired} ({d.reason})")
+            return
+        stop = threading.Event()
+        try:
+            scaler.run(stop, interval)
+        except KeyboardInterrupt:
+            stop.set()
+    finally:
+        target.close()
+
+
+@cli.command()
+@click.option("--queue", "-q", required=True, help="The queue this pod's worker serves.")
+@click.option("--hostname", default=None, help="Worker node name (default: QUEUE@host).")
+@click.option("--max-age", type=float, default=30.0, show_default=True,
+              help="Seconds after which the worker's report (or event loop) is stale.")
+@pass_config_path
+def probe(queue: str, hostname: str | None, max_age: float, config_path: str | None) -> None:
+    """Liveness/readiness: exit 0 if this host's worker reported recently and its event
+    loop runs; exit 1 (saying why) otherwise."""
+    import socket
+
+    from fleet.heartbeat import workers_key
+    from fleet.keys import broker_client
+
+    config = _load(config_path)
+    name = hostname or f"{queue}@{socket.gethostname()}"
+    raw = _redis_call(lambda: broker_client(config).hget(workers_key(config), name))
+    if raw is None:
+        raise FleetError(f"worker {name} has not reported (not started, or not a fleet worker)")
+    report = json.loads(raw)
+    now = time.time()
+    if now - report["at"] > max_age:
+        raise FleetError(f"worker {name} last reported {now - report['at']:.0f}s ago")
+    loop_at = report.get("loop_at")
+    if loop_at is not None and now - loop_at > max_age:
+        raise FleetError(f"worker {name}'s event loop last ran {now - loop_at:.0f}s ago")
+    click.echo(f"worker {name} ok: {report['active']} running, reported "
+               f"{now - report['at']:.1f}s ago")
 
 
 def main() -> None:

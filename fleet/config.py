@@ -141,6 +141,31 @@ class Autoscaling(Model):
     cooldown: Duration = 30.0
 
 
+class Capacity(Model):
+    """What all worker replicas together may request (the autoscaler's budget)."""
+
+    cpu: str | None = Field(None, pattern=r"^\d+(\.\d+)?m?$")
+    memory: Size | None = None
+
+
+class KubernetesTarget(Model):
+    namespace: str = "fleet"
+    #: Deployment of each queue's workers; {queue} is replaced by the queue name.
+    deployment: str = "fleet-worker-{queue}"
+    #: The container image the rendered manifests use.
+    image: str = "fleet:latest"
+
+
+class Autoscaler(Model):
+    interval: Duration = 2.0
+    backend: Literal["local", "kubernetes"] = "local"
+    #: Total for all queues; on Kubernetes, the nodes' allocatable when left out.
+    capacity: Capacity = Capacity()
+    kubernetes: KubernetesTarget = KubernetesTarget()
+    #: How often each worker publishes its CPU and memory (psutil).
+    worker_metrics_interval: Duration = 2.0
+
+
 class QueueClass(Model):
     """One queue and the resource class of the workers that consume it."""
 
@@ -180,6 +205,7 @@ class FleetConfig(Model):
     imports: list[str] = ["tasks.aggregate", "tasks.io", "tasks.heavy"]
     default_queue: str = "default"
     size_rules: list[SizeRule] = []
+    autoscaler: Autoscaler = Autoscaler()
     queues: dict[str, QueueClass] = Field(min_length=1)
     #: Where the file was read from, for messages; not a YAML key.
     source: str = Field("queues.yaml", exclude=True)

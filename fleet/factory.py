@@ -111,7 +111,7 @@ def create_app(config: FleetConfig, queue: str | None = None, main: str = "fleet
     app = Celery(
         main,
         task_cls="fleet.task:FleetTask",
-        amqp="fleet.claimcheck:ClaimCheckAMQP",
+        amqp="fleet.amqp:FleetAMQP",
         set_as_current=True,
     )
     app.conf.update(celery_settings(config))

@@ -8,6 +8,7 @@ past the pod's limit lets the kernel OOM-kill the whole pod before the guard can
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 from fleet.config import FleetConfig, QueueClass
@@ -219,6 +220,20 @@ def retry_exceptions_known(config: FleetConfig) -> Iterator[Found]:
                 yield ("queues", name, "retry", "exceptions", index), str(exc)
 
 
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def queue_names_fit_kubernetes(config: FleetConfig) -> Iterator[Found]:
+    """A queue names its worker Deployment: it must make a valid DNS label (RFC 1123)."""
+    pattern = config.autoscaler.kubernetes.deployment
+    for name in config.queues:
+        deployment = pattern.replace("{queue}", name)
+        if not _DNS_LABEL.match(name) or len(deployment) > 63:
+            yield ("queues", name), (
+                f"queue name must be lowercase letters, digits and '-', and make a "
+                f"Deployment name ({deployment!r}) of at most 63 characters")
+
+
 RULES: list[Callable[[FleetConfig], Iterator[Found]]] = [
     routes_to_known_queues,
     time_limits_ordered,
@@ -232,4 +247,5 @@ RULES: list[Callable[[FleetConfig], Iterator[Found]]] = [
     replicas_ordered,
     requests_within_limits,
     retry_exceptions_known,
+    queue_names_fit_kubernetes,
 ]

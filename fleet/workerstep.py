@@ -2,18 +2,20 @@
 
 Added to every fleet app, so it runs under ``fleet worker`` and the plain
 ``celery -A fleet.app worker -Q <queue>`` alike. For a worker that serves exactly one
-fleet queue it applies that queue's task-level settings and starts the two threads of
-the main process: lease renewal (fleet.lease) and the memory guard (fleet.guard).
+fleet queue it applies that queue's task-level settings and starts the memory guard
+(fleet.guard); every fleet worker renews its leases (fleet.lease) and publishes its
+figures (fleet.heartbeat). All three are threads of the worker's main process.
 """
 
 from __future__ import annotations
 
 import logging
 
-from celery import bootsteps
+from celery import bootsteps, signals
 
 from fleet import keys
 from fleet.guard import MemoryGuard
+from fleet.heartbeat import Heartbeat
 from fleet.lease import LeaseRenewer, held_by_consumer
 from fleet.retry import retry_attributes
 from fleet.worker import worker_settings
@@ -70,6 +72,9 @@ class FleetWorkerStep(bootsteps.StartStopStep):
                 and self.settings.pool == "prefork"):
             self.guard = MemoryGuard(self.queue, self.settings.memory_limit)
             self.guard.start()
+        self.heartbeat = Heartbeat(worker, config, self.queue, keys.broker_client(config))
+        self.heartbeat.start()
+        signals.worker_shutdown.connect(self._withdraw, weak=False)
         if config.broker.lease.enabled:
             self.lease = LeaseRenewer(
                 keys.broker_client(config),
@@ -81,6 +86,9 @@ class FleetWorkerStep(bootsteps.StartStopStep):
         logger.info("fleet worker for queue %r: memory guard %s, lease renewal %s",
                     self.queue, "on" if self.guard else "off", "on" if self.lease else "off")
 
-    # No stop(): both threads are daemons and must outlive the pool's warm shutdown,
+    def _withdraw(self, **_kwargs) -> None:
+        self.heartbeat.withdraw()
+
+    # No stop(): the threads are daemons and must outlive the pool's warm shutdown,
     # while running tasks finish. A lease that stopped first would let a long task of
     # this still-living worker be delivered again elsewhere.

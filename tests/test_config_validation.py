@@ -255,3 +255,13 @@ def test_cli_validate_missing_file_exits_2(tmp_path):
     assert result.returncode == 2
     assert "missing.yaml: (top level): file not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_queue_names_must_make_kubernetes_names(tmp_path):
+    data = shipped_config()
+    data["queues"]["Big_Jobs"] = data["queues"].pop("xl")
+    data["queues"]["heavy"]["on_memory_exceeded"]["retry_on"] = "Big_Jobs"
+    data["size_rules"][0]["queue"] = "Big_Jobs"
+    found = only(problems(tmp_path, yaml.safe_dump(data)))
+    assert found.startswith("queues.Big_Jobs: queue name must be lowercase letters, digits "
+                            "and '-', and make a Deployment name ('fleet-worker-Big_Jobs')")

@@ -1,0 +1,1 @@
+"""Where replicas live: worker processes on this machine, or Kubernetes Deployments."""

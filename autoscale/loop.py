@@ -1,0 +1,100 @@
+"""The control loop: poll, decide, apply; log every change with its reason.
+
+It never dies of an outage: an unreachable Redis or API server is logged and retried
+with backoff (doubling up to a minute), and a backend error on one queue does not stop
+the others. Each poll's decisions are kept in Redis for the dashboard: the latest per
+queue (a hash) and the changes (a list capped at ``KEEP_CHANGES``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import redis
+
+from autoscale.backends.base import Backend, BackendError
+from autoscale.metrics import RedisMetrics
+from autoscale.model import ScaleDecision
+from autoscale.policy import History, decide
+from autoscale.rates import RateTracker
+from fleet.config import FleetConfig
+from fleet.keys import key
+
+logger = logging.getLogger("autoscale")
+
+KEEP_CHANGES = 1000
+MAX_BACKOFF = 60.0
+
+
+def latest_key(config: FleetConfig) -> str:
+    return key(config, "autoscaler", "latest")
+
+
+def changes_key(config: FleetConfig) -> str:
+    return key(config, "autoscaler", "changes")
+
+
+@dataclass
+class Autoscaler:
+    config: FleetConfig
+    metrics: RedisMetrics
+    backend: Backend
+    dry_run: bool = False
+    report: Callable[[str], None] = logger.info
+    history: History = field(default_factory=History)
+
+    def __post_init__(self) -> None:
+        self.tracker = RateTracker(self.config)
+
+    def run_once(self) -> list[ScaleDecision]:
+        obs = self.metrics.poll()
+        figures = self.tracker.update(obs)
+        current = self.backend.replicas()
+        decisions, self.history = decide(obs.at, figures, current, self.config, self.history)
+        for d in decisions:
+            if not d.changes:
+                continue
+            verb = "would scale" if self.dry_run else "scaling"
+            self.report(f"{verb} {d.queue}: {d.current} -> {d.desired} ({d.reason})")
+            if self.dry_run:
+                continue
+            try:
+                self.backend.scale(d.queue, d.desired, obs.workers_of(d.queue))
+            except BackendError as exc:
+                self.report(f"could not scale {d.queue}: {exc}")
+        self._record(obs.at, decisions)
+        return decisions
+
+    def _record(self, at: float, decisions: list[ScaleDecision]) -> None:
+        pipe = self.metrics.client.pipeline(transaction=False)
+        latest = {d.queue: json.dumps({**asdict(d), "at": at, "dry_run": self.dry_run})
+                  for d in decisions}
+        if latest:
+            pipe.hset(latest_key(self.config), mapping=latest)
+        changes = [json.dumps({**asdict(d), "at": at, "dry_run": self.dry_run})
+                   for d in decisions if d.changes]
+        if changes:
+            pipe.lpush(changes_key(self.config), *changes)
+            pipe.ltrim(changes_key(self.config), 0, KEEP_CHANGES - 1)
+        pipe.execute()
+
+    def run(self, stop: threading.Event, interval: float | None = None) -> None:
+        interval = interval or self.config.autoscaler.interval
+        wait = interval
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                self.run_once()
+                wait = max(0.0, interval - (time.monotonic() - started))
+            except redis.RedisError as exc:
+                wait = min(MAX_BACKOFF, max(interval, wait * 2))
+                self.report(f"Redis unreachable ({exc}); retrying in {wait:.0f}s")
+            except BackendError as exc:
+                wait = min(MAX_BACKOFF, max(interval, wait * 2))
+                self.report(f"backend error ({exc}); retrying in {wait:.0f}s")
+            stop.wait(wait)

@@ -1,0 +1,125 @@
+"""Queue and worker figures from Redis, for every queue in one round trip.
+
+Depth done right for kombu's Redis transport: a queue is its list plus its priority
+sub-lists (``Q``, ``Q\\x06\\x163``, ``Q\\x06\\x166``, ``Q\\x06\\x169``, all under the
+global key prefix), and messages that workers hold (running, prefetched, ETA) have left
+the lists for the ``unacked`` hash, which all queues of a DB share; each entry there is
+``[message, exchange, routing_key]``. One Lua script sums the lists, reads each list's
+tail (its oldest message) for the ``fleet-sent`` header, and counts ``unacked`` entries
+by routing key; the same pipeline reads the workers' self-reports (fleet.heartbeat).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+
+import redis
+
+from autoscale.model import Observation, QueueSample, WorkerSample
+from fleet.config import FleetConfig
+from fleet.factory import PRIORITY_STEPS
+from fleet.heartbeat import stale_after, workers_key
+from fleet.keys import kombu_key
+
+SEP = "\x06\x16"
+
+# KEYS: the unacked hash, then STEPS list keys per queue (in queue order).
+# ARGV: STEPS, then the queue names.
+# Returns per queue: waiting, unacked, oldest fleet-sent as a string ('' if unknown).
+_QUEUE_STATS = """
+local steps = tonumber(ARGV[1])
+local index = {}
+local unacked = {}
+local names = {}
+for q = 2, #ARGV do
+  names[q - 1] = ARGV[q]
+  index[ARGV[q]] = q - 1
+  unacked[q - 1] = 0
+end
+local held = redis.call('HVALS', KEYS[1])
+for _, entry in ipairs(held) do
+  local rk = string.match(entry, '"([^"]*)"%s*%]%s*$')
+  local q = rk and index[rk]
+  if q then unacked[q] = unacked[q] + 1 end
+end
+local out = {}
+for q = 1, #names do
+  local waiting = 0
+  local oldest = nil
+  for s = 1, steps do
+    local key = KEYS[1 + (q - 1) * steps + s]
+    local n = redis.call('LLEN', key)
+    if n > 0 then
+      waiting = waiting + n
+      local tail = redis.call('LINDEX', key, -1)
+      local sent = tail and string.match(tail, '"fleet%-sent":%s*([%d%.]+)')
+      if sent then
+        sent = tonumber(sent)
+        if oldest == nil or sent < oldest then oldest = sent end
+      end
+    end
+  end
+  table.insert(out, waiting)
+  table.insert(out, unacked[q])
+  table.insert(out, oldest and string.format('%.3f', oldest) or '')
+end
+return out
+"""
+
+
+def list_keys(config: FleetConfig, queue: str) -> list[str]:
+    """Every Redis list a queue's messages wait in, with the global key prefix."""
+    return [kombu_key(config, queue if step == 0 else f"{queue}{SEP}{step}")
+            for step in PRIORITY_STEPS]
+
+
+def parse_worker(raw: bytes | str) -> WorkerSample | None:
+    try:
+        return WorkerSample(**json.loads(raw))
+    except (TypeError, ValueError):
+        return None
+
+
+class RedisMetrics:
+    """Polls one fleet's queues and workers; every poll is one pipelined round trip."""
+
+    def __init__(self, config: FleetConfig, client: redis.Redis,
+                 queues: Iterable[str] | None = None):
+        self.config = config
+        self.client = client
+        self.queues = list(queues if queues is not None else config.queues)
+        self._keys = [kombu_key(config, "unacked")]
+        for queue in self.queues:
+            self._keys += list_keys(config, queue)
+        self._args = [len(PRIORITY_STEPS), *self.queues]
+        self._sha = client.script_load(_QUEUE_STATS)
+
+    def poll(self) -> Observation:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.evalsha(self._sha, len(self._keys), *self._keys, *self._args)
+        pipe.hgetall(workers_key(self.config))
+        try:
+            stats, raw_workers = pipe.execute()
+        except redis.exceptions.NoScriptError:  # Redis restarted and forgot the script
+            self._sha = self.client.script_load(_QUEUE_STATS)
+            return self.poll()
+        now = time.time()
+        queues = {}
+        for i, name in enumerate(self.queues):
+            waiting, unacked, sent = stats[3 * i: 3 * i + 3]
+            sent = sent.decode() if isinstance(sent, bytes) else sent
+            oldest = max(0.0, now - float(sent)) if sent else None
+            queues[name] = QueueSample(name, int(waiting), int(unacked), oldest)
+        workers, stale = [], []
+        limit = stale_after(self.config)
+        for hostname, raw in raw_workers.items():
+            sample = parse_worker(raw)
+            if sample is None or now - sample.at > limit:
+                stale.append(hostname)
+            else:
+                workers.append(sample)
+        if stale:  # dead workers drop out of pages and metrics
+            self.client.hdel(workers_key(self.config), *stale)
+        return Observation(now, queues, sorted(workers, key=lambda w: w.hostname))

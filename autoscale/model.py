@@ -1,0 +1,101 @@
+"""The autoscaler's plain data: what was observed, and what was decided.
+
+Metrics adapters produce these, the policy (a pure function) consumes them and
+returns decisions, backends apply decisions. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WorkerSample:
+    """One worker's self-report (published by its main process every few seconds)."""
+
+    hostname: str
+    queue: str | None
+    #: The pod (Kubernetes) or host the worker runs on, for pod-deletion-cost.
+    pod: str
+    pid: int
+    concurrency: int
+    #: Tasks running now, and held (prefetched, ETA) but not running.
+    active: int
+    reserved: int
+    #: Tasks finished since the worker started.
+    processed: int
+    #: CPU of the worker and its pool, in percent of one core.
+    cpu_percent: float
+    rss_main: int
+    rss_children: int
+    #: Memory available on the host (or pod cgroup), bytes.
+    memory_available: int
+    #: When the sample was taken, and when the worker's event loop last ran a
+    #: callback (worker clock, seconds since the epoch; None without an event loop).
+    at: float
+    loop_at: float | None = None
+
+
+@dataclass(frozen=True)
+class QueueSample:
+    """One queue as Redis shows it at one instant."""
+
+    name: str
+    #: Messages in the queue's list and its priority sub-lists.
+    waiting: int
+    #: Messages delivered to workers and not yet acked (running, prefetched or ETA).
+    unacked: int
+    #: Age in seconds of the oldest waiting message (None: empty or unknown).
+    oldest_age: float | None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one poll saw: queues and live workers, at ``at`` (poller clock)."""
+
+    at: float
+    queues: dict[str, QueueSample]
+    workers: list[WorkerSample] = field(default_factory=list)
+
+    def workers_of(self, queue: str) -> list[WorkerSample]:
+        return [w for w in self.workers if w.queue == queue]
+
+
+@dataclass(frozen=True)
+class QueueMetrics:
+    """A queue's figures over the last interval: a sample plus rates from history."""
+
+    name: str
+    waiting: int
+    unacked: int
+    running: int
+    oldest_age: float | None
+    #: Messages per second arriving and completing, over the last interval(s).
+    arrival_rate: float
+    completion_rate: float
+    #: Mean seconds per task (None until a task has completed).
+    service_time: float | None
+    #: Live workers serving the queue, and their pool slots in all.
+    workers: int
+    slots: int
+    #: Mean CPU % per pool slot, and the highest memory use as a fraction of the
+    #: queue's per-replica limit (None when unknown).
+    cpu_per_slot: float
+    memory_fraction: float | None
+
+    @property
+    def backlog(self) -> int:
+        """Messages no worker is running yet (waiting, or held by a busy worker)."""
+        return self.waiting + max(0, self.unacked - self.running)
+
+
+@dataclass(frozen=True)
+class ScaleDecision:
+    queue: str
+    current: int
+    desired: int
+    reason: str
+
+    @property
+    def changes(self) -> bool:
+        return self.current != self.desired

@@ -1,0 +1,224 @@
+"""The scaling policy: a pure function from figures, config and history to replicas.
+
+For each queue it recommends enough replicas to keep up with arrivals and to drain the
+backlog within the queue's ``target_wait`` (from the measured service time), never fewer
+than its running tasks need, one more when the oldest message has waited past the
+target or the workers are saturated, and none at all when there is nothing to do. The
+recommendation then goes through HPA-like stabilization: up at once (or the lowest
+recommendation of ``scale_up_stabilization``), down only to the highest recommendation
+of ``scale_down_stabilization``, by at most ``scale_down_step`` and not within
+``cooldown`` of the last change. Last, every queue's replicas together must fit the
+capacity budget: growth is granted replica by replica to the most urgent queue first.
+Every decision carries the reason, in words.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from autoscale.model import QueueMetrics, ScaleDecision
+from fleet.config import FleetConfig, QueueClass
+from fleet.units import format_duration
+
+#: A worker this busy (CPU of its requested cores, or memory of its pod limit) is
+#: saturated: the policy holds it and, with a backlog, adds one.
+SATURATION = 0.9
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class History:
+    """What the policy remembers between polls (returned anew, never mutated)."""
+
+    #: queue -> (time, recommendation) pairs still inside a stabilization window
+    recommendations: dict[str, tuple[tuple[float, int], ...]] = field(default_factory=dict)
+    #: queue -> time its replica count last changed
+    last_change: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Capacity for all worker replicas together (requests); None: unbounded."""
+
+    cpu: float | None = None
+    memory: int | None = None
+
+
+def cpu_cores(value: str | None) -> float | None:
+    if value is None:
+        return None
+    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+def replica_cost(queue: QueueClass) -> tuple[float, int]:
+    """CPU cores and memory bytes one replica requests (limits if no requests)."""
+    res = queue.kubernetes.resources
+    cpu = cpu_cores(res.requests.cpu) or cpu_cores(res.limits.cpu) or 0.0
+    memory = res.requests.memory or res.limits.memory or 0
+    return cpu, memory
+
+
+def budget_from(config: FleetConfig) -> Budget:
+    cap = config.autoscaler.capacity
+    return Budget(cpu_cores(cap.cpu), cap.memory)
+
+
+def recommend(m: QueueMetrics, queue: QueueClass, current: int) -> tuple[int, str]:
+    """Replicas this queue needs now, before stabilization and budget, and why."""
+    a = queue.autoscaling
+    c = queue.concurrency
+    work = m.backlog + m.running
+    floor = f"; min_replicas {a.min_replicas}" if a.min_replicas else ""
+    if current == 0 and m.running == 0 and m.waiting < max(1, a.activation_threshold):
+        if m.waiting:
+            return a.min_replicas, (f"{m.waiting} waiting, below the activation threshold "
+                                    f"of {a.activation_threshold}{floor}")
+        return a.min_replicas, f"idle{floor}"
+    if work == 0:
+        return a.min_replicas, f"idle: nothing waiting or running{floor}"
+    if m.service_time is not None:
+        need = m.arrival_rate + m.backlog / a.target_wait
+        per_replica = c / m.service_time
+        n = math.ceil(need / per_replica - _EPS)
+        reason = (f"backlog {m.backlog}, arrivals {m.arrival_rate:.2f}/s, service "
+                  f"{m.service_time:.2f}s: {n} to keep up and drain within "
+                  f"{format_duration(a.target_wait)}")
+    else:
+        n = math.ceil(work / c)
+        reason = f"{work} to run, service time not known yet: a slot for each"
+    busy = math.ceil(m.running / c)
+    if busy > n:
+        n, reason = busy, f"{m.running} running need {busy}"
+    if m.waiting and m.oldest_age is not None and m.oldest_age > a.target_wait \
+            and n <= current:
+        n, reason = current + 1, (f"oldest message waited {format_duration(m.oldest_age)},"
+                                  f" over the target {format_duration(a.target_wait)}")
+    saturated = saturation(m, queue)
+    if saturated:
+        if m.backlog and n <= current:
+            n, reason = current + 1, f"workers saturated ({saturated}) with a backlog"
+        elif n < current:
+            n, reason = current, f"workers saturated ({saturated}): hold"
+    if m.slots and m.running >= m.slots and n < current:
+        n, reason = current, f"all {m.slots} slots busy: hold"
+    if n < 1 and work:
+        n = 1
+    clamped = min(max(n, a.min_replicas), a.max_replicas)
+    if clamped != n:
+        bound = "max_replicas" if clamped < n else "min_replicas"
+        reason += f"; {bound} {clamped}"
+    return clamped, reason
+
+
+def saturation(m: QueueMetrics, queue: QueueClass) -> str | None:
+    """'CPU 95%' or 'memory 93%' when the queue's workers are saturated, else None."""
+    if m.workers:
+        cores = replica_cost(queue)[0] or 1.0
+        cpu = m.cpu_per_slot * m.slots / m.workers / (100 * cores)
+        if cpu > SATURATION:
+            return f"CPU {cpu:.0%} of requested"
+    if m.memory_fraction is not None and m.memory_fraction > SATURATION:
+        return f"memory {m.memory_fraction:.0%} of limit"
+    return None
+
+
+def stabilize(queue: QueueClass, name: str, current: int, recommended: int, now: float,
+              history: History) -> tuple[int, str | None, tuple[tuple[float, int], ...]]:
+    """Apply the windows, cooldown and step; return (desired, why held, kept recs)."""
+    a = queue.autoscaling
+    horizon = now - max(a.scale_up_stabilization, a.scale_down_stabilization)
+    recs = tuple(r for r in history.recommendations.get(name, ()) if r[0] >= horizon)
+    recs = (*recs, (now, recommended))
+    if recommended > current:
+        window = [n for t, n in recs if t >= now - a.scale_up_stabilization]
+        desired = max(current, min(window))
+        note = None if desired == recommended else (
+            f"scale-up stabilization {format_duration(a.scale_up_stabilization)}")
+        return desired, note, recs
+    if recommended < current:
+        window = [n for t, n in recs if t >= now - a.scale_down_stabilization]
+        desired = max(window)
+        if desired >= current:
+            return current, (f"scale-down stabilization "
+                             f"{format_duration(a.scale_down_stabilization)} (highest "
+                             f"recommendation {desired})"), recs
+        since = now - history.last_change.get(name, -math.inf)
+        if since < a.cooldown:
+            return current, (f"cooldown: changed {format_duration(since)} ago, "
+                             f"{format_duration(a.cooldown)} needed"), recs
+        stepped = max(desired, current - a.scale_down_step)
+        note = None if stepped == desired else f"step of {a.scale_down_step}"
+        return stepped, note, recs
+    return current, None, recs
+
+
+def fit_budget(config: FleetConfig, wanted: dict[str, int], current: dict[str, int],
+               urgency: dict[str, float], budget: Budget) -> dict[str, int]:
+    """Grant growth replica by replica, most urgent queue first, within the budget.
+
+    Never takes away what runs now (nor below min_replicas): the budget limits growth.
+    """
+    if budget.cpu is None and budget.memory is None:
+        return dict(wanted)
+    granted = {q: min(wanted[q], max(current.get(q, 0), config.queues[q].autoscaling.min_replicas))
+               for q in wanted}
+    cost = {q: replica_cost(config.queues[q]) for q in wanted}
+
+    def used() -> tuple[float, int]:
+        return (sum(granted[q] * cost[q][0] for q in granted),
+                sum(granted[q] * cost[q][1] for q in granted))
+
+    order = sorted(wanted, key=lambda q: (-urgency.get(q, 0.0), q))
+    progress = True
+    while progress:
+        progress = False
+        for q in order:
+            if granted[q] >= wanted[q]:
+                continue
+            cpu, memory = used()
+            fits_cpu = budget.cpu is None or cpu + cost[q][0] <= budget.cpu + _EPS
+            fits_mem = budget.memory is None or memory + cost[q][1] <= budget.memory
+            if fits_cpu and fits_mem:
+                granted[q] += 1
+                progress = True
+    return granted
+
+
+def decide(now: float, metrics: dict[str, QueueMetrics], current: dict[str, int],
+           config: FleetConfig, history: History, budget: Budget | None = None
+           ) -> tuple[list[ScaleDecision], History]:
+    """Desired replicas per queue, with reasons, and the history to pass next time."""
+    budget = budget if budget is not None else budget_from(config)
+    wanted: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    recs: dict[str, tuple[tuple[float, int], ...]] = {}
+    urgency: dict[str, float] = {}
+    for name, m in metrics.items():
+        queue = config.queues[name]
+        now_n = current.get(name, 0)
+        recommended, reason = recommend(m, queue, now_n)
+        desired, held, recs[name] = stabilize(queue, name, now_n, recommended, now, history)
+        # min/max are hard bounds, whatever the windows say (as in HPA): a count set
+        # by hand outside them is corrected at once.
+        a = queue.autoscaling
+        if not a.min_replicas <= desired <= a.max_replicas:
+            desired = min(max(desired, a.min_replicas), a.max_replicas)
+            held = f"bounds {a.min_replicas}..{a.max_replicas}"
+        wanted[name] = desired
+        reasons[name] = reason + (f"; held by {held}" if held else "")
+        age = m.oldest_age or 0.0
+        urgency[name] = age / queue.autoscaling.target_wait + (m.backlog > 0)
+    granted = fit_budget(config, wanted, current, urgency, budget)
+    decisions = []
+    last_change = dict(history.last_change)
+    for name in metrics:
+        now_n = current.get(name, 0)
+        reason = reasons[name]
+        if granted[name] < wanted[name]:
+            reason += (f"; capped at {granted[name]} by the capacity budget "
+                       f"(cpu {budget.cpu}, memory {budget.memory})")
+        if granted[name] != now_n:
+            last_change[name] = now
+        decisions.append(ScaleDecision(name, now_n, granted[name], reason))
+    return decisions, History(recs, last_change)

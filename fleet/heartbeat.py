@@ -1,0 +1,133 @@
+"""Each worker publishes its own figures: what it runs, its CPU and memory (psutil).
+
+The autoscaler reads them (autoscale.metrics), and ``fleet probe`` reads this worker's
+own entry for Kubernetes liveness. One HSET every ``worker_metrics_interval`` into
+one hash for the whole fleet; readers ignore and remove entries older than
+``stale_after``, so a dead worker drops out by itself.
+
+``loop_at`` proves more than the thread being alive: the thread asks the worker's
+event loop to stamp it (a kombu Hub ready-callback), so a stuck event loop shows as a
+stale ``loop_at`` while ``at`` stays fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+import redis
+from celery.worker import state as worker_state
+
+from autoscale.model import WorkerSample
+from fleet.config import FleetConfig
+from fleet.keys import key
+
+logger = logging.getLogger("fleet.heartbeat")
+
+
+def workers_key(config: FleetConfig) -> str:
+    return key(config, "workers")
+
+
+def stale_after(config: FleetConfig) -> float:
+    """A sample older than this means its worker is gone."""
+    return 3 * config.autoscaler.worker_metrics_interval + 5
+
+
+def memory_available() -> int:
+    """Bytes this process's container may still use: the cgroup's limit if one is set
+    (a pod sees the node's memory in /proc/meminfo), else the host's available."""
+    host = psutil.virtual_memory().available
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        current = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return host
+    if limit == "max":
+        return host
+    return max(0, min(host, int(limit) - current))
+
+
+class Heartbeat:
+    """A daemon thread in the worker's main process that publishes a WorkerSample."""
+
+    def __init__(self, worker, config: FleetConfig, queue: str | None, client: redis.Redis):
+        self.worker = worker
+        self.config = config
+        self.queue = queue
+        self.client = client
+        self.interval = config.autoscaler.worker_metrics_interval
+        self.pod = socket.gethostname()
+        self.loop_at: float | None = None
+        self._procs: dict[int, psutil.Process] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.publish()
+            except redis.RedisError as exc:
+                logger.warning("could not publish worker metrics: %s", exc)
+            except Exception:
+                logger.exception("worker metrics failed")
+
+    def _mark_loop(self) -> None:
+        self.loop_at = time.time()
+
+    def _cpu_and_rss(self) -> tuple[float, int, int]:
+        main = self._procs.setdefault(os.getpid(), psutil.Process())
+        cpu = main.cpu_percent(None)
+        rss_main = main.memory_info().rss
+        rss_children = 0
+        seen = {os.getpid()}
+        for child in main.children(recursive=True):
+            proc = self._procs.setdefault(child.pid, child)
+            seen.add(child.pid)
+            try:
+                cpu += proc.cpu_percent(None)
+                rss_children += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        for pid in list(self._procs):
+            if pid not in seen:
+                del self._procs[pid]
+        return cpu, rss_main, rss_children
+
+    def sample(self) -> WorkerSample:
+        hub = getattr(self.worker, "hub", None)
+        if hub is not None:
+            hub.call_soon(self._mark_loop)  # runs on the event loop's next iteration
+        cpu, rss_main, rss_children = self._cpu_and_rss()
+        active = len(worker_state.active_requests)
+        return WorkerSample(
+            hostname=self.worker.hostname, queue=self.queue, pod=self.pod, pid=os.getpid(),
+            concurrency=int(self.worker.concurrency or 1), active=active,
+            reserved=max(0, len(worker_state.reserved_requests) - active),
+            processed=int(worker_state.all_total_count[0]), cpu_percent=round(cpu, 1),
+            rss_main=rss_main, rss_children=rss_children,
+            memory_available=memory_available(), at=time.time(), loop_at=self.loop_at)
+
+    def publish(self) -> WorkerSample:
+        sample = self.sample()
+        self.client.hset(workers_key(self.config), sample.hostname,
+                         json.dumps(asdict(sample)))
+        return sample
+
+    def withdraw(self) -> None:
+        """Remove this worker's entry (a clean shutdown need not wait for staleness)."""
+        self._stop.set()
+        try:
+            self.client.hdel(workers_key(self.config), self.worker.hostname)
+        except redis.RedisError:
+            pass

@@ -1,0 +1,1 @@
+"""Kubernetes manifests derived from queues.yaml (``fleet render k8s|keda``)."""

@@ -1,0 +1,117 @@
+"""Queue depth done right, against the real Redis: priorities, prefetched messages,
+the oldest message's age, worker self-reports; one round trip per poll."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from autoscale.metrics import RedisMetrics, list_keys
+from fleet.embedded import EmbeddedRedis
+from fleet.heartbeat import workers_key
+
+from .conftest import wait_for
+
+
+def metrics(fleet, redis_client) -> RedisMetrics:
+    return RedisMetrics(fleet.config, redis_client)
+
+
+def test_priority_sub_lists_are_counted_and_the_oldest_message_is_aged(fleet, redis_client):
+    app = fleet.app()
+    first = time.time()
+    app.send_task("tasks.io.fetch", priority=9)
+    time.sleep(0.3)
+    for priority, count in ((0, 3), (3, 2), (6, 1), (9, 3)):
+        for _ in range(count):
+            app.send_task("tasks.io.fetch", priority=priority)
+    app.send_task("tasks.heavy.crunch")
+    keys = list_keys(fleet.config, "io")
+    assert keys[0] == f"{fleet.prefix}io" and keys[3] == f"{fleet.prefix}io\x06\x169"
+    # LLEN of the main list alone undercounts: 3 of 10.
+    assert redis_client.llen(keys[0]) == 3
+    obs = metrics(fleet, redis_client).poll()
+    io = obs.queues["io"]
+    assert (io.waiting, io.unacked) == (10, 0)
+    assert io.oldest_age == pytest.approx(time.time() - first, abs=0.25)
+    assert obs.queues["heavy"].waiting == 1
+    assert obs.queues["default"].waiting == 0 and obs.queues["default"].oldest_age is None
+
+
+@pytest.mark.slow
+def test_messages_held_by_workers_are_counted_per_queue(fleet, redis_client):
+    """Prefetched and running messages leave the lists for the shared unacked hash."""
+    fleet.configure({"queues": {
+        "heavy": {"concurrency": 1, "prefetch_multiplier": 4, "disable_prefetch": False},
+        "default": {"concurrency": 1, "prefetch_multiplier": 2},
+    }})
+    heavy = fleet.start_worker("heavy")
+    fleet.start_worker("default")
+    app = fleet.app()
+    for i in range(7):
+        app.send_task("tasks.heavy.sleep", kwargs={"seconds": 20, "tag": str(i)})
+    for _ in range(5):
+        app.send_task("tasks.aggregate.sum_by", args=[[]], kwargs={"group_by": "k"},
+                      countdown=60)  # ETA tasks: held by the worker, not run
+    m = metrics(fleet, redis_client)
+
+    def settled():
+        obs = m.poll()
+        return obs if obs.queues["heavy"].unacked == 4 and obs.queues["default"].unacked \
+            == 5 and any(w.active for w in obs.workers_of("heavy")) else None
+
+    obs = wait_for(settled, 30, interval=0.3, what="workers to hold their messages")
+    heavy_q, default_q = obs.queues["heavy"], obs.queues["default"]
+    # heavy: prefetch count 1 x 4; one of them running, three prefetched; 3 still waiting.
+    assert (heavy_q.waiting, heavy_q.unacked) == (3, 4)
+    # default: all five ETA messages are held by the worker (Celery takes ETA tasks
+    # beyond the prefetch count), none waiting.
+    assert (default_q.waiting, default_q.unacked) == (0, 5)
+    [report] = obs.workers_of("heavy")
+    assert report.hostname == heavy.hostname
+    assert (report.active, report.reserved, report.concurrency) == (1, 3, 1)
+    assert report.rss_main > 0 and report.rss_children > 0
+    assert report.memory_available > 0
+    assert report.loop_at is not None and time.time() - report.loop_at < 10
+
+
+@pytest.mark.slow
+def test_a_dead_worker_drops_out(fleet, redis_client):
+    fleet.configure({"autoscaler": {"worker_metrics_interval": "1s"}})
+    worker = fleet.start_worker("default")
+    m = metrics(fleet, redis_client)
+    wait_for(lambda: m.poll().workers_of("default"), 15, what="the worker to report")
+    worker.kill()
+    # stale after 3 intervals + 5 s: gone from the poll, and from Redis.
+    wait_for(lambda: not m.poll().workers_of("default"), 15, what="the worker to drop out")
+    assert not redis_client.hexists(workers_key(fleet.config), worker.hostname)
+
+
+def test_a_clean_worker_shutdown_withdraws_at_once(fleet, redis_client):
+    fleet.configure({"autoscaler": {"worker_metrics_interval": "1s"}})
+    worker = fleet.start_worker("default")
+    m = metrics(fleet, redis_client)
+    wait_for(lambda: m.poll().workers_of("default"), 15, what="the worker to report")
+    worker.stop()
+    assert not redis_client.hexists(workers_key(fleet.config), worker.hostname)
+
+
+def test_one_poll_is_one_round_trip_for_a_hundred_queues(fleet):
+    """Counted on a Redis of our own: each round trip is one read event there."""
+    queues = {f"q{i}": {"tasks": [f"bench.q{i}.*"], "kubernetes": {}} for i in range(100)}
+    with EmbeddedRedis() as server:
+        config = fleet.configure({"broker": {"url": server.url}, "queues": queues})
+        client = redis.Redis.from_url(server.url)
+        for i in range(0, 100, 3):
+            client.lpush(f"{fleet.prefix}q{i}", b'{"headers": {"fleet-sent": 1.0}}')
+        m = RedisMetrics(config, client)
+        m.poll()  # the connection is open and the script loaded
+        before = client.info("stats")["total_reads_processed"]
+        obs = m.poll()
+        reads = client.info("stats")["total_reads_processed"] - before
+        # The poll, plus the INFO call that measures it.
+        assert reads == 2, reads
+        assert sum(q.waiting for q in obs.queues.values()) == 34
+        client.close()
