@@ -571,7 +571,7 @@ def test_dockerfile_user_matches_the_manifests():
     assert f"--uid {k8s.RUN_AS_USER}" in text
     assert re.search(rf"^USER {k8s.RUN_AS_USER}$", text, re.M)
     assert re.search(r'^ENTRYPOINT \["fleet"\]$', text, re.M)
-    assert 'pip install ".[s3]"' in text
+    assert 'pip install ".[s3,k8s]"' in text
     # The emptyDir for the local payload store is mounted in the image's workdir.
     workdir = re.findall(r"^WORKDIR (\S+)$", text, re.M)[-1]
     mounts = {m["mountPath"] for m in container_of(worker(shipped(), "io"))["volumeMounts"]}
