@@ -94,9 +94,11 @@ class RedisMetrics:
         for queue in self.queues:
             self._keys += list_keys(config, queue)
         self._args = [len(PRIORITY_STEPS), *self.queues]
-        self._sha = client.script_load(_QUEUE_STATS)
+        self._sha: str | None = None  # loaded on the first poll: Redis may be down now
 
     def poll(self) -> Observation:
+        if self._sha is None:
+            self._sha = self.client.script_load(_QUEUE_STATS)
         pipe = self.client.pipeline(transaction=False)
         pipe.evalsha(self._sha, len(self._keys), *self._keys, *self._args)
         pipe.hgetall(workers_key(self.config))

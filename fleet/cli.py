@@ -316,7 +316,7 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
         from autoscale.backends.local import LocalBackend
 
         target = LocalBackend(config, config.source, dict(os.environ), Path(workdir) / "logs")
-    metrics = _redis_call(lambda: RedisMetrics(config, broker_client(config)))
+    metrics = RedisMetrics(config, broker_client(config))
     # Once, locally, would start workers only to stop them on exit: decide, don't act.
     scaler = Autoscaler(config, metrics, target,
                         dry_run=dry_run or (once and chosen == "local"), report=click.echo)
@@ -325,6 +325,9 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
             for d in _redis_call(scaler.run_once):
                 click.echo(f"{d.queue}: {d.current} -> {d.desired} ({d.reason})")
             return
+        click.echo(f"autoscaler: {chosen} backend, every "
+                   f"{interval or config.autoscaler.interval:g}s"
+                   + (" (dry run)" if dry_run else ""))
         stop = threading.Event()
         try:
             scaler.run(stop, interval)
