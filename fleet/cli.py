@@ -250,6 +250,24 @@ def render_keda(out: str | None, config_path: str | None) -> None:
     _emit(dump_all(render_scaled_objects(_load(config_path))), out)
 
 
+@render.command("sync")
+@click.option("--k8s-dir", type=click.Path(file_okay=False), default="k8s", show_default=True)
+@pass_config_path
+def render_sync(k8s_dir: str, config_path: str | None) -> None:
+    """After editing queues.yaml: refresh everything k8s/ derives from it (the base's
+    copy of queues.yaml, its worker Deployments, the KEDA overlay's ScaledObjects)."""
+    from fleet.render.k8s import render_workers
+    from fleet.render.keda import render_scaled_objects
+    from fleet.render.yamlout import dump_all
+
+    config = _load(config_path)
+    root = Path(k8s_dir)
+    _emit(Path(config.source).read_text(), str(root / "base" / "queues.yaml"))
+    _emit(dump_all(render_workers(config)), str(root / "base" / "workers.yaml"))
+    _emit(dump_all(render_scaled_objects(config)),
+          str(root / "overlays" / "keda" / "scaledobjects.yaml"))
+
+
 def _emit(text: str, out: str | None) -> None:
     if out is None:
         click.echo(text, nl=False)

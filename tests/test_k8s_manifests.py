@@ -378,13 +378,13 @@ def test_workers_yaml_is_rendered_from_queues_yaml():
     expected = dump_all(k8s.render_workers(shipped()))
     assert (K8S / "base" / "workers.yaml").read_text() == expected, (
         "k8s/base/workers.yaml has drifted from queues.yaml: "
-        "run `fleet render k8s -o k8s/base/workers.yaml`")
+        "run `fleet render sync`")
 
 
 def test_base_queues_yaml_is_a_copy_of_the_repositorys():
     assert (K8S / "base" / "queues.yaml").read_bytes() == (ROOT / "queues.yaml").read_bytes(), (
         "k8s/base/queues.yaml (the ConfigMap's source) differs from queues.yaml: "
-        "run `cp queues.yaml k8s/base/queues.yaml`")
+        "run `fleet render sync`")
 
 
 def test_keda_scaled_objects_are_rendered_from_queues_yaml():
