@@ -20,7 +20,7 @@ import redis
 from autoscale.backends.base import Backend, BackendError
 from autoscale.metrics import RedisMetrics
 from autoscale.model import ScaleDecision
-from autoscale.policy import History, decide
+from autoscale.policy import Budget, History, budget_from, decide
 from autoscale.rates import RateTracker
 from fleet.config import FleetConfig
 from fleet.keys import key
@@ -55,13 +55,15 @@ class Autoscaler:
         obs = self.metrics.poll()
         figures = self.tracker.update(obs)
         current = self.backend.replicas()
-        decisions, self.history = decide(obs.at, figures, current, self.config, self.history)
+        decisions, self.history = decide(obs.at, figures, current, self.config, self.history,
+                                         self._budget())
         for d in decisions:
             if not d.changes:
                 continue
             verb = "would scale" if self.dry_run else "scaling"
             self.report(f"{verb} {d.queue}: {d.current} -> {d.desired} ({d.reason})")
             if self.dry_run:
+                self._report_plan(d, obs.workers_of(d.queue))
                 continue
             try:
                 self.backend.scale(d.queue, d.desired, obs.workers_of(d.queue))
@@ -69,6 +71,31 @@ class Autoscaler:
                 self.report(f"could not scale {d.queue}: {exc}")
         self._record(obs.at, decisions)
         return decisions
+
+    def _budget(self) -> Budget:
+        """queues.yaml's capacity; what it leaves out, from the backend if it can tell
+        (an optional ``budget()``: the Kubernetes backend sums node allocatable)."""
+        budget = budget_from(self.config)
+        available = getattr(self.backend, "budget", None)
+        if available is None or (budget.cpu is not None and budget.memory is not None):
+            return budget
+        try:
+            return budget_from(self.config, available())
+        except BackendError as exc:
+            # Scaling on without a budget beats not scaling at all; say so every time.
+            self.report(f"no capacity budget from the backend ({exc}); scaling unbounded")
+            return budget
+
+    def _report_plan(self, d: ScaleDecision, workers: list) -> None:
+        """A dry run shows the backend's steps too, if it has an optional ``plan()``."""
+        plan = getattr(self.backend, "plan", None)
+        if plan is None:
+            return
+        try:
+            for line in plan(d.queue, d.desired, workers):
+                self.report(f"  {line}")
+        except BackendError as exc:
+            self.report(f"  (no plan for {d.queue}: {exc})")
 
     def _record(self, at: float, decisions: list[ScaleDecision]) -> None:
         pipe = self.metrics.client.pipeline(transaction=False)

@@ -59,9 +59,15 @@ def replica_cost(queue: QueueClass) -> tuple[float, int]:
     return cpu, memory
 
 
-def budget_from(config: FleetConfig) -> Budget:
+def budget_from(config: FleetConfig, available: Budget | None = None) -> Budget:
+    """queues.yaml's capacity; what it leaves out comes from ``available`` (on
+    Kubernetes, the nodes' allocatable), else stays unbounded."""
     cap = config.autoscaler.capacity
-    return Budget(cpu_cores(cap.cpu), cap.memory)
+    cpu, memory = cpu_cores(cap.cpu), cap.memory
+    if available is not None:
+        cpu = cpu if cpu is not None else available.cpu
+        memory = memory if memory is not None else available.memory
+    return Budget(cpu, memory)
 
 
 def recommend(m: QueueMetrics, queue: QueueClass, current: int) -> tuple[int, str]:
