@@ -189,13 +189,16 @@ def jobs_watch(job_id: str, config_path: str | None) -> None:
 @click.argument("job_id")
 @pass_config_path
 def jobs_retry(job_id: str, config_path: str | None) -> None:
-    """Re-run only the failed chunks of JOB_ID (or its failed aggregate step)."""
+    """Re-run only the failed chunks of JOB_ID, its chunks lost in flight (a broker
+    restart can lose a message a worker was taking), or its failed aggregate step."""
     from fleet.jobs.submit import retry_failed
 
     config = _load(config_path)
     retried = _redis_call(lambda: retry_failed(_app(config), job_id))
     if retried.aggregate:
         click.echo(f"job {job_id}: re-running the aggregate step")
+    elif retried.lost:
+        click.echo(f"job {job_id}: re-sent {retried.lost} chunks lost in flight")
     else:
         click.echo(f"job {job_id}: re-sent {retried.chunks} failed chunks")
 

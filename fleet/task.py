@@ -12,8 +12,10 @@ import logging
 import time
 from typing import Any
 
+import redis
 from celery import Task, states
 from celery.exceptions import Retry
+from kombu.exceptions import OperationalError
 
 from fleet import claimcheck, keys
 from fleet.jobs import lifecycle
@@ -21,6 +23,9 @@ from fleet.jobs.ids import parse_task_id
 from fleet.ratelimit import TokenBucket, requeue_delay
 
 logger = logging.getLogger("fleet.task")
+
+#: Seconds before a chunk whose completion could not be recorded runs again.
+JOB_RECORD_RETRY = 5
 
 
 class FleetTask(Task):
@@ -42,8 +47,22 @@ class FleetTask(Task):
         result = self.run(*args, **kwargs)
         ref = parse_task_id(request.id)
         if ref is not None:
-            lifecycle.on_task_success(self.app, config, ref, result)
+            try:
+                lifecycle.on_task_success(self.app, config, ref, result)
+            except (redis.RedisError, OperationalError) as exc:
+                # The chunk's work is done but the job could not take note (or send its
+                # collect step): run it again later rather than leave the job hanging.
+                # Recording is idempotent; if even this re-send fails, the unacked
+                # message comes back after visibility_timeout.
+                self._requeue(request, JOB_RECORD_RETRY,
+                              f"job {ref.job_id} could not record chunk {ref.index}: {exc}")
         return result
+
+    def _requeue(self, request, delay: float, why: str) -> None:
+        """Send this task again in ``delay`` seconds without spending one of its retries
+        (those are for the task's own failures), and end this run as retried."""
+        self.signature_from_request(request, countdown=delay).apply_async()
+        raise Retry(f"{why}: re-queued for {delay:.1f}s", when=delay)
 
     def apply_async(self, args=None, kwargs=None, task_id=None, producer=None, link=None,
                     link_error=None, shadow=None, **options):
@@ -89,9 +108,7 @@ class FleetTask(Task):
                                  keys.key(config, "rate", kind, name), rate.per_second)
             grant = bucket.take()
             if not grant.granted:
-                delay = requeue_delay(grant.wait)
-                self.signature_from_request(request, countdown=delay).apply_async()
-                raise Retry(f"fleet-wide rate limit {rate} on {kind} {name}: "
-                            f"re-queued for {delay:.1f}s", when=delay)
+                self._requeue(request, requeue_delay(grant.wait),
+                              f"fleet-wide rate limit {rate} on {kind} {name}")
             if grant.wait > 0:
                 time.sleep(grant.wait)

@@ -56,13 +56,18 @@ def test_messages_held_by_workers_are_counted_per_queue(fleet, redis_client):
         app.send_task("tasks.aggregate.sum_by", args=[[]], kwargs={"group_by": "k"},
                       countdown=60)  # ETA tasks: held by the worker, not run
     m = metrics(fleet, redis_client)
+    last = []
 
     def settled():
         obs = m.poll()
+        last[:] = [obs]
         return obs if obs.queues["heavy"].unacked == 4 and obs.queues["default"].unacked \
             == 5 and any(w.active for w in obs.workers_of("heavy")) else None
 
-    obs = wait_for(settled, 30, interval=0.3, what="workers to hold their messages")
+    try:
+        obs = wait_for(settled, 60, interval=0.3, what="workers to hold their messages")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last poll: {last}") from None
     heavy_q, default_q = obs.queues["heavy"], obs.queues["default"]
     # heavy: prefetch count 1 x 4; one of them running, three prefetched; 3 still waiting.
     assert (heavy_q.waiting, heavy_q.unacked) == (3, 4)
@@ -89,6 +94,7 @@ def test_a_dead_worker_drops_out(fleet, redis_client):
     assert not redis_client.hexists(workers_key(fleet.config), worker.hostname)
 
 
+@pytest.mark.slow
 def test_a_clean_worker_shutdown_withdraws_at_once(fleet, redis_client):
     fleet.configure({"autoscaler": {"worker_metrics_interval": "1s"}})
     worker = fleet.start_worker("default")

@@ -166,7 +166,8 @@ def test_chunk_completion_is_idempotent(fleet):
     assert store.record_success("job-aaaaaaaaaaaa", 1, 1) == "running"
     assert store.status("job-aaaaaaaaaaaa").done == 2
     assert store.record_success("job-aaaaaaaaaaaa", 2, 1) == "collect"
-    assert store.record_success("job-aaaaaaaaaaaa", 2, 1) == "aggregating"  # only once
+    store.collect_started("job-aaaaaaaaaaaa")
+    assert store.record_success("job-aaaaaaaaaaaa", 2, 1) == "aggregating"  # once started
     # A failure reported after the chunk already succeeded does not count.
     assert store.record_failure("job-aaaaaaaaaaaa", 1, "late", [], {}) == "aggregating"
     assert store.status("job-aaaaaaaaaaaa").failed == 0
@@ -224,7 +225,7 @@ def test_failed_chunks_are_reported_and_retried_alone(fleet, tmp_path, redis_cli
     # Only the failed chunks ran again.
     assert runs == {chunk_task_id(done.job_id, i): (2 if i in (1, 4) else 1) for i in range(5)}
     nothing = cli(fleet, "jobs", "retry", done.job_id)
-    assert nothing.returncode == 1 and "no failed chunks to retry" in nothing.stderr
+    assert nothing.returncode == 1 and "no failed or lost chunks to retry" in nothing.stderr
 
 
 @pytest.mark.slow
@@ -299,3 +300,62 @@ def test_chunk_results_keep_their_types(fleet):
              "amount": decimal.Decimal("12.50"), "id": uuid.UUID(int=7)}
     store.record_success("job-cccccccccccc", 0, value)
     assert dict(store.results("job-cccccccccccc")) == {0: value}
+
+
+def test_a_complete_job_whose_collect_never_started_is_collected_again(fleet):
+    """The first completion could not send the collect step (broker down): the next
+    record of a chunk (redelivered or retried) sends it again, until it starts."""
+    store = JobStore(fleet.config)
+    store.create("job-dddddddddddd", task="t", aggregate=None, total=2, records=2,
+                 input_desc="x", chunk_size=1, kwargs={}, aggregate_kwargs={}, result_url="u")
+    store.record_success("job-dddddddddddd", 0, 1)
+    assert store.record_success("job-dddddddddddd", 1, 1) == "collect"
+    assert store.record_success("job-dddddddddddd", 1, 1) == "collect"  # not started yet
+    store.collect_started("job-dddddddddddd")
+    assert store.record_success("job-dddddddddddd", 1, 1) == "aggregating"
+
+
+@pytest.mark.slow
+def test_retry_unsticks_a_job_whose_collect_never_ran(fleet, tmp_path):
+    fleet.configure(PROBES)
+    data = write_jsonl(tmp_path / "n.jsonl", [{"n": i} for i in range(4)])
+    app = fleet.app()
+    done = submit(app, JobSpec("tests.probe.flaky", str(data), 2, aggregate="tests.probe.total"))
+    store = JobStore(fleet.config)
+    # Both chunks done, but their collect message lost: what an outage can leave.
+    for index, value in ((0, 1), (1, 5)):
+        store.record_success(done.job_id, index, value)
+    app.connection_for_write().default_channel.client.delete(f"{fleet.prefix}default")
+    assert store.status(done.job_id).state == "aggregating"
+    result = cli(fleet, "jobs", "retry", done.job_id)
+    assert result.returncode == 0 and "re-running the aggregate step" in result.stdout
+    fleet.start_worker("default")
+    status = wait_for(lambda: (s := store.status(done.job_id)).is_terminal and s, 60)
+    assert status.state == "succeeded"
+    assert json.loads(open_store(fleet.config.payloads).get(status.result_url)) == 6
+
+
+def test_chunks_lost_in_flight_are_found_and_sent_again(fleet, tmp_path, redis_client):
+    """A message popped by a worker as Redis went down is gone: retry finds the chunk
+    (not done, failed, queued nor held) and cuts it again from the input."""
+    fleet.configure(PROBES)
+    data = write_jsonl(tmp_path / "n.jsonl", [{"n": i} for i in range(10)])
+    app = fleet.app()
+    done = submit(app, JobSpec("tests.probe.flaky", str(data), 2, aggregate="tests.probe.total"))
+    queue = f"{fleet.prefix}default"
+    assert redis_client.llen(queue) == 5
+    store = JobStore(fleet.config)
+    store.record_success(done.job_id, 0, 1)  # chunk 0 ran;
+    redis_client.rpop(queue)                 # ... and its message was taken
+    redis_client.rpop(queue)                 # chunk 1's message: lost in flight
+    result = cli(fleet, "jobs", "retry", done.job_id)
+    assert result.returncode == 0, result.stderr
+    assert f"job {done.job_id}: re-sent 1 chunks lost in flight" in result.stdout
+    messages = redis_client.lrange(queue, 0, -1)
+    assert sum(f'"{done.job_id}.1"'.encode() in m for m in messages) == 1
+    assert len(messages) == 4  # 2, 3, 4 still waiting, and 1 again
+    # The input changed: the lost chunks cannot be cut again the same way.
+    redis_client.rpop(queue)
+    data.write_text(data.read_text() + '{"n": 99}\n')
+    changed = cli(fleet, "jobs", "retry", done.job_id)
+    assert changed.returncode == 1 and "changed since it was submitted" in changed.stderr

@@ -43,6 +43,10 @@ class CheckedInput:
     description: str
     records: int
     size: int
+    #: How to read the same input again (an absolute path or the s3:// URL; None for
+    #: stdin), and what it must still look like then (size and mtime, or the ETag).
+    source: str | None = None
+    fingerprint: str | None = None
 
     def chunks(self, chunk_size: int) -> Iterator[Chunk]:
         records: list = []
@@ -92,7 +96,8 @@ def _format_of(name: str) -> str:
     raise JobInputError(f"{name}: unknown input format (use .jsonl, .ndjson, .json or .csv)")
 
 
-def _check(path: Path, fmt: str, description: str) -> CheckedInput:
+def _check(path: Path, fmt: str, description: str, source: str | None = None,
+           fingerprint: str | None = None) -> CheckedInput:
     records = 0
     try:
         with path.open("rb") as fh:
@@ -104,7 +109,13 @@ def _check(path: Path, fmt: str, description: str) -> CheckedInput:
         raise JobInputError(f"{description}: malformed CSV: {exc}") from None
     if records == 0:
         raise JobInputError(f"{description}: no records in the input")
-    return CheckedInput(path, fmt, description, records, path.stat().st_size)
+    return CheckedInput(path, fmt, description, records, path.stat().st_size, source,
+                        fingerprint)
+
+
+def file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return f"file:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 @contextmanager
@@ -117,15 +128,15 @@ def checked_input(spec: str, payloads: Payloads, stdin: IO[bytes] | None = None
         return
     if spec.startswith("s3://"):
         fmt = _format_of(spec)
-        with _spooled_s3(spec, payloads) as path:
-            yield _check(path, fmt, spec)
+        with _spooled_s3(spec, payloads) as (path, etag):
+            yield _check(path, fmt, spec, spec, f"s3:{etag}")
         return
     path = Path(spec)
     if not path.exists():
         raise JobInputError(f"{spec}: input file not found")
     if not path.is_file():
         raise JobInputError(f"{spec}: not a regular file")
-    yield _check(path, _format_of(spec), spec)
+    yield _check(path, _format_of(spec), spec, str(path.resolve()), file_fingerprint(path))
 
 
 @contextmanager
@@ -137,13 +148,14 @@ def _spooled(stream: IO[bytes]) -> Iterator[Path]:
 
 
 @contextmanager
-def _spooled_s3(url: str, payloads: Payloads) -> Iterator[Path]:
+def _spooled_s3(url: str, payloads: Payloads) -> Iterator[tuple[Path, str]]:
     from fleet.payloads import S3Store, split_s3_url
 
     bucket, key = split_s3_url(url)
     store = S3Store(bucket, "", payloads.endpoint_url, payloads.region)
     with tempfile.NamedTemporaryFile(prefix="fleet-input-") as tmp:
         try:
+            etag = store.client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
             store.client.download_fileobj(bucket, key, tmp)
         except store._errors as exc:
             code = getattr(exc, "response", {}).get("Error", {}).get("Code")
@@ -151,4 +163,4 @@ def _spooled_s3(url: str, payloads: Payloads) -> Iterator[Path]:
                 raise JobInputError(f"{url}: no such object in S3") from None
             raise JobInputError(f"{url}: cannot read input: {exc}") from None
         tmp.flush()
-        yield Path(tmp.name)
+        yield Path(tmp.name), etag

@@ -58,6 +58,7 @@ def collect(self, job_id: str) -> None:
     """Gather chunk results in order; aggregate them or write them out."""
     config = self.app.fleet_config
     store = JobStore(config)
+    store.collect_started(job_id)
     status = store.status(job_id)
     values = [None] * status.total
     for index, value in store.results(job_id):

@@ -28,8 +28,10 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 TERMINAL = (SUCCEEDED, FAILED)
 
-# KEYS: job, done, failed. ARGV: index, value. Returns the job's state after the write,
-# or "" for an unknown job, and "collect" when this write completed the last chunk.
+# KEYS: job, done, failed. ARGV: index, value, now. Returns the job's state after the
+# write, or "" for an unknown job, and "collect" when this write completed the last
+# chunk, or when the job is complete but its collect step never started (the first
+# completion could not send it: a redelivered or retried chunk sends it again).
 _RECORD_SUCCESS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return '' end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
@@ -42,7 +44,11 @@ if done >= total then
     redis.call('HSET', KEYS[1], 'state', 'aggregating')
     return 'collect'
   end
-  return redis.call('HGET', KEYS[1], 'state')
+  local state = redis.call('HGET', KEYS[1], 'state')
+  if state == 'aggregating' and redis.call('HEXISTS', KEYS[1], 'collect_started') == 0 then
+    return 'collect'
+  end
+  return state
 end
 if done + failed >= total then
   redis.call('HSET', KEYS[1], 'state', 'failed', 'finished', ARGV[3])
@@ -152,7 +158,8 @@ class JobStore:
 
     def create(self, job_id: str, *, task: str, aggregate: str | None, total: int,
                records: int, input_desc: str, chunk_size: int, kwargs: dict,
-               aggregate_kwargs: dict, result_url: str) -> None:
+               aggregate_kwargs: dict, result_url: str, source: str | None = None,
+               fingerprint: str | None = None) -> None:
         now = time.time()
         job, _, _ = self._keys(job_id)
         fields = {
@@ -160,6 +167,7 @@ class JobStore:
             "total": total, "records": records, "created": now, "input": input_desc,
             "chunk_size": chunk_size, "kwargs": codec.dumps(kwargs),
             "aggregate_kwargs": codec.dumps(aggregate_kwargs), "result_url": result_url,
+            "source": source or "", "fingerprint": fingerprint or "",
         }
         pipe = self.client.pipeline()
         pipe.hset(job, mapping=fields)
@@ -236,6 +244,14 @@ class JobStore:
         for index, value in self.client.hscan_iter(done, count=1000):
             yield int(index), codec.loads(value)
 
+    def accounted(self, job_id: str) -> set[int]:
+        """Chunks that are done, failed, or being retried: all but those in flight."""
+        _, done, failed = self._keys(job_id)
+        pipe = self.client.pipeline(transaction=False)
+        for k in (done, failed, self._retrying_key(job_id)):
+            pipe.hkeys(k)
+        return {int(i) for keys in pipe.execute() for i in keys}
+
     def failed_chunks(self, job_id: str) -> list[FailedChunk]:
         _, _, failed = self._keys(job_id)
         return _failed_chunks(self.client.hgetall(failed).items())
@@ -251,11 +267,15 @@ class JobStore:
         if chunks:
             self.client.hdel(self._retrying_key(job_id), *[c.index for c in chunks])
 
+    def collect_started(self, job_id: str) -> None:
+        job, _, _ = self._keys(job_id)
+        self.client.hset(job, "collect_started", time.time())
+
     def reopen_aggregate(self, job_id: str) -> None:
-        """Let the aggregate step run again (after it failed)."""
+        """Let the collect and aggregate steps run again (after they failed or stuck)."""
         job, _, _ = self._keys(job_id)
         pipe = self.client.pipeline()
-        pipe.hdel(job, "collecting", "error", "finished")
+        pipe.hdel(job, "collecting", "collect_started", "error", "finished")
         pipe.hset(job, "state", RUNNING)
         pipe.execute()
 

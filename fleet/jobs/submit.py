@@ -24,7 +24,8 @@ from fleet.jobs.ids import chunk_task_id, new_job_id
 from fleet.jobs.inputs import checked_input
 from fleet.jobs.lifecycle import COLLECT_TASK, result_key
 from fleet.jobs.publish import ChunkPublisher
-from fleet.jobs.state import FAILED, JobStore
+from fleet.jobs.recover import lost_chunks, resend
+from fleet.jobs.state import AGGREGATING, FAILED, RUNNING, JobStore
 from fleet.payloads import open_store
 
 
@@ -74,7 +75,8 @@ def submit(app: Celery, spec: JobSpec, stdin: IO[bytes] | None = None) -> Submit
             job_id, task=spec.task, aggregate=spec.aggregate, total=total,
             records=source.records, input_desc=source.description,
             chunk_size=spec.chunk_size, kwargs=spec.kwargs,
-            aggregate_kwargs=spec.aggregate_kwargs, result_url=result_url))
+            aggregate_kwargs=spec.aggregate_kwargs, result_url=result_url,
+            source=source.source, fingerprint=source.fingerprint))
         publisher = ChunkPublisher(app, spec.task, config.jobs.publish_batch)
         try:
             publisher.publish(
@@ -120,6 +122,8 @@ class Retried:
     job_id: str
     chunks: int
     aggregate: bool
+    #: Chunks re-sent because they were lost in flight (see fleet.jobs.recover).
+    lost: int = 0
 
 
 def retry_failed(app: Celery, job_id: str) -> Retried:
@@ -130,11 +134,17 @@ def retry_failed(app: Celery, job_id: str) -> Retried:
     registered_task(app, status.task)
     chunks = store.take_failed(job_id)
     if not chunks:
-        if status.state == FAILED and status.done >= status.total:
+        stuck = status.state == AGGREGATING and "collect_started" not in status.extra
+        if status.done >= status.total and (status.state == FAILED or stuck):
             store.reopen_aggregate(job_id)
+            store.set_state(job_id, AGGREGATING, collecting=1)
             app.send_task(COLLECT_TASK, args=[job_id], ignore_result=True)
             return Retried(job_id, 0, True)
-        raise FleetError(f"job {job_id} has no failed chunks to retry (state {status.state})")
+        lost = lost_chunks(config, status) if status.state == RUNNING else []
+        if lost:
+            return Retried(job_id, 0, False, resend(app, status, lost))
+        raise FleetError(f"job {job_id} has no failed or lost chunks to retry "
+                         f"(state {status.state})")
     ChunkPublisher(app, status.task, config.jobs.publish_batch).publish(
         (chunk_task_id(job_id, c.index), c.args, c.kwargs, _size_of(c)) for c in chunks)
     store.retried(job_id, chunks)
