@@ -19,11 +19,8 @@ import redis
 
 from autoscale.model import Observation, QueueSample, WorkerSample
 from fleet.config import FleetConfig
-from fleet.factory import PRIORITY_STEPS
 from fleet.heartbeat import stale_after, workers_key
-from fleet.keys import kombu_key
-
-SEP = "\x06\x16"
+from fleet.keys import PRIORITY_STEPS, kombu_key, list_keys
 
 # KEYS: the unacked hash, then STEPS list keys per queue (in queue order).
 # ARGV: STEPS, then the queue names.
@@ -67,12 +64,6 @@ for q = 1, #names do
 end
 return out
 """
-
-
-def list_keys(config: FleetConfig, queue: str) -> list[str]:
-    """Every Redis list a queue's messages wait in, with the global key prefix."""
-    return [kombu_key(config, queue if step == 0 else f"{queue}{SEP}{step}")
-            for step in PRIORITY_STEPS]
 
 
 def parse_worker(raw: bytes | str) -> WorkerSample | None:

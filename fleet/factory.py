@@ -12,11 +12,9 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from fleet.config import FleetConfig
+from fleet.keys import PRIORITY_STEPS
 from fleet.routing import FleetRouter, RoutingTable
 from fleet.worker import queue_conf, worker_settings
-
-#: kombu's priority sub-lists: Q, Q\x06\x163, ... (see design.md: LLEN of Q undercounts).
-PRIORITY_STEPS = [0, 3, 6, 9]
 
 #: Dead-peer detection in about 30 s, idle or not (Linux; other systems get keepalive).
 TCP_KEEPALIVE = {

@@ -22,6 +22,18 @@ def kombu_key(config: FleetConfig, name: str) -> str:
     return config.broker.key_prefix + name
 
 
+#: kombu's priority steps: a queue Q with priorities is the lists Q, Q\x06\x163,
+#: Q\x06\x166 and Q\x06\x169 (LLEN of Q alone undercounts).
+PRIORITY_STEPS = [0, 3, 6, 9]
+PRIORITY_SEP = "\x06\x16"
+
+
+def list_keys(config: FleetConfig, queue: str) -> list[str]:
+    """Every Redis list a queue's messages wait in, with the global key prefix."""
+    return [kombu_key(config, queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}")
+            for step in PRIORITY_STEPS]
+
+
 _clients: dict[tuple[str, int], redis.Redis] = {}
 
 

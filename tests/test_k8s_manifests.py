@@ -599,7 +599,7 @@ def test_keda_watches_every_list_of_a_queue_under_the_key_prefix():
 
 
 def test_keda_lists_are_the_ones_fleets_autoscaler_counts():
-    from autoscale.metrics import list_keys
+    from fleet.keys import list_keys
 
     config = config_with({"broker": {"key_prefix": "p:"}})
     for queue in QUEUES:

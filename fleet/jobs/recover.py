@@ -23,15 +23,13 @@ from fleet.jobs.ids import chunk_task_id
 from fleet.jobs.inputs import checked_input
 from fleet.jobs.publish import ChunkPublisher
 from fleet.jobs.state import JobStatus, JobStore
-from fleet.keys import broker_client, kombu_key
+from fleet.keys import broker_client, kombu_key, list_keys
 
 PAGE = 1000
 
 
 def in_flight(config: FleetConfig, job_id: str) -> set[int]:
     """Indices of the job's chunks whose messages wait in a queue or are held."""
-    from autoscale.metrics import list_keys
-
     client = broker_client(config)
     found = re.compile(rb'"id":\s*"' + re.escape(job_id.encode()) + rb'\.(\d+)"')
     indices: set[int] = set()

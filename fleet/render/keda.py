@@ -28,9 +28,8 @@ from __future__ import annotations
 import math
 from urllib.parse import urlparse
 
-from autoscale.metrics import list_keys
 from fleet.config import FleetConfig
-from fleet.factory import PRIORITY_STEPS
+from fleet.keys import PRIORITY_STEPS, list_keys
 from fleet.render.k8s import BROKER_SECRET, deployment_name
 
 #: The TriggerAuthentication every ScaledObject uses: the Redis address and password
