@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import redis
 
+from autoscale import overrides
 from autoscale.backends.base import Backend, BackendError
 from autoscale.metrics import RedisMetrics
 from autoscale.model import ScaleDecision
@@ -55,7 +56,9 @@ class Autoscaler:
         obs = self.metrics.poll()
         figures = self.tracker.update(obs)
         current = self.backend.replicas()
-        decisions, self.history = decide(obs.at, figures, current, self.config, self.history,
+        config = overrides.apply(self.config,
+                                 overrides.read(self.metrics.client, self.config))
+        decisions, self.history = decide(obs.at, figures, current, config, self.history,
                                          self._budget())
         for d in decisions:
             if not d.changes:

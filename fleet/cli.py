@@ -284,14 +284,39 @@ def _emit(text: str, out: str | None) -> None:
 @click.option("--records", default=50_000, show_default=True, help="Size of the demo input.")
 @click.option("--exit-when-done", is_flag=True, help="Stop the fleet once the demo jobs end.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=".fleet", show_default=True)
+@click.option("--dashboard-port", default=5555, show_default=True, type=int,
+              help="Port of the dashboard on 127.0.0.1 (0: no dashboard).")
 @pass_config_path
-def up(demo: bool, records: int, exit_when_done: bool, workdir: str,
+def up(demo: bool, records: int, exit_when_done: bool, workdir: str, dashboard_port: int,
        config_path: str | None) -> None:
-    """The whole fleet here: Redis (embedded if none), autoscaled workers, Ctrl-C stops."""
+    """The whole fleet here: Redis (embedded if none), autoscaled workers, the dashboard;
+    Ctrl-C stops."""
     from fleet.up import run_up
 
     run_up(_load(config_path), Path(workdir), demo=demo, records=records,
-           exit_when_done=exit_when_done)
+           exit_when_done=exit_when_done, dashboard_port=dashboard_port or None)
+
+
+@cli.command()
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to listen on (anything but loopback needs authentication).")
+@click.option("--port", default=5555, show_default=True, type=int)
+@click.option("--url-prefix", default="", help="Serve under this path (behind an ingress).")
+@click.option("--database", default=None,
+              help="SQLAlchemy URL (default: dashboard.database from queues.yaml).")
+@click.option("--insecure-no-auth", is_flag=True,
+              help="Serve without authentication on a non-loopback address.")
+@pass_config_path
+def dashboard(address: str, port: int, url_prefix: str, database: str | None,
+              insecure_no_auth: bool, config_path: str | None) -> None:
+    """The dashboard: workers, queues, tasks, jobs, autoscaler; REST API and /metrics."""
+    from fleet.dashboard.server import DashboardServer
+
+    server = DashboardServer(_load(config_path), address=address, port=port,
+                             url_prefix=url_prefix, database=database,
+                             insecure=insecure_no_auth, log_level="info")
+    click.echo(f"dashboard on {server.url} (API spec at {server.url}docs)")
+    server.serve_forever()
 
 
 @cli.command(hidden=True)

@@ -166,6 +166,62 @@ class Autoscaler(Model):
     worker_metrics_interval: Duration = 2.0
 
 
+Role = Literal["viewer", "operator", "admin"]
+
+
+class DashboardUser(Model):
+    """A basic-auth user; the password comes from the environment, never from this file."""
+
+    name: str = Field(min_length=1)
+    role: Role = "viewer"
+    password_env: str = Field(min_length=1)
+
+
+class DashboardToken(Model):
+    """An API token for scripts (``Authorization: Bearer ...``), read from the environment."""
+
+    name: str = Field(min_length=1)
+    role: Role = "viewer"
+    token_env: str = Field(min_length=1)
+
+
+class Oidc(Model):
+    """Any OpenID Connect provider with discovery (``ISSUER/.well-known/openid-configuration``)."""
+
+    issuer: str
+    client_id: str
+    client_secret_env: str | None = None
+    #: The ID-token claim naming the user's groups, and which group gets which role.
+    groups_claim: str = "groups"
+    roles: dict[str, Role] = {}
+    #: The role of a signed-in user in none of ``roles`` (None: refused).
+    default_role: Role | None = None
+
+
+class Dashboard(Model):
+    #: SQLAlchemy URL: SQLite by default (embedded), PostgreSQL for a team running it.
+    database: str = "sqlite:///.fleet/dashboard.sqlite"
+    #: Stored tasks are capped by count and by age; the oldest go first.
+    max_tasks: int = Field(100_000, ge=1)
+    max_task_age: Duration = 7 * 86400.0
+    #: A worker silent this long is shown offline (Celery's heartbeat window is 2x freq).
+    offline_after: Duration = 10.0
+    #: An offline worker leaves pages and metrics after this long.
+    purge_offline_after: Duration = 600.0
+    #: Events are written in batches at least this often.
+    flush_interval: Duration = 0.5
+    #: Queue depth, rates, replicas and worker memory are sampled this often for plots.
+    sample_interval: Duration = 5.0
+    #: Samples, decisions and the audit log are kept this long.
+    history: Duration = 7 * 86400.0
+    users: list[DashboardUser] = []
+    tokens: list[DashboardToken] = []
+    oidc: Oidc | None = None
+    #: Environment variable with the key that signs session cookies (random if unset:
+    #: sessions then end when the dashboard restarts).
+    session_secret_env: str | None = None
+
+
 class QueueClass(Model):
     """One queue and the resource class of the workers that consume it."""
 
@@ -206,6 +262,7 @@ class FleetConfig(Model):
     default_queue: str = "default"
     size_rules: list[SizeRule] = []
     autoscaler: Autoscaler = Autoscaler()
+    dashboard: Dashboard = Dashboard()
     queues: dict[str, QueueClass] = Field(min_length=1)
     #: Where the file was read from, for messages; not a YAML key.
     source: str = Field("queues.yaml", exclude=True)

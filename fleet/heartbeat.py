@@ -74,7 +74,11 @@ class Heartbeat:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        # The first report goes out at once: the dashboard maps this worker's task
+        # events to its queue from it, and the first task may arrive within a second.
+        wait = 0.0
+        while not self._stop.wait(wait):
+            wait = self.interval
             try:
                 self.publish()
             except redis.RedisError as exc:

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ def _interrupt(*_args) -> None:
 
 
 def run_up(config: FleetConfig, workdir: Path, *, demo: bool = False, records: int = 50_000,
-           exit_when_done: bool = False) -> None:
+           exit_when_done: bool = False, dashboard_port: int | None = 5555) -> None:
     from autoscale.backends.local import LocalBackend
     from autoscale.loop import Autoscaler
     from autoscale.metrics import RedisMetrics
@@ -75,6 +76,7 @@ def run_up(config: FleetConfig, workdir: Path, *, demo: bool = False, records: i
 
     scaler = Autoscaler(config, RedisMetrics(config, broker_client(config)), backend,
                         report=report)
+    board = _start_dashboard(config, workdir, dashboard_port, console)
     loop = threading.Thread(target=scaler.run, args=(stop,), name="autoscaler", daemon=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -96,10 +98,40 @@ def run_up(config: FleetConfig, workdir: Path, *, demo: bool = False, records: i
         signal.signal(signal.SIGTERM, previous)
         stop.set()
         loop.join(timeout=30)
+        if board is not None:
+            board.stop()
         backend.close()
         if embedded is not None:
             embedded.stop()
         console.print("stopped.")
+
+
+def _start_dashboard(config: FleetConfig, workdir: Path, port: int | None, console: Console):
+    """The dashboard on loopback, its database in the work directory; a busy port is
+    reported and the fleet runs on without it."""
+    if port is None:
+        return None
+    from fleet.dashboard.server import DashboardServer
+
+    if not _port_free(port):
+        console.print(f"[yellow]port {port} is taken: no dashboard "
+                      "(pass --dashboard-port)[/yellow]")
+        return None
+    database = config.dashboard.database
+    if database == type(config.dashboard)().database:
+        database = f"sqlite:///{(workdir / 'dashboard.sqlite').resolve()}"
+    board = DashboardServer(config, port=port, database=database).start()
+    console.print(f"dashboard on {board.url}")
+    return board
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _demo(config: FleetConfig, app, workdir: Path, records: int, console: Console) -> None:

@@ -10,16 +10,17 @@ import time
 
 import psutil
 import pytest
+import requests
 
 from .conftest import ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-def demo_cmd(fleet, *extra):
+def demo_cmd(fleet, *extra, dashboard_port: int = 0):
     return [sys.executable, "-m", "fleet.cli", "up", "--demo", "--records", "3000",
             "--workdir", str(fleet.tmp_path / "work"), "--config", str(fleet.config_path),
-            *extra]
+            "--dashboard-port", str(dashboard_port), *extra]
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -68,12 +69,20 @@ def test_demo_runs_on_an_embedded_redis_and_exits_cleanly(fleet):
 def test_ctrl_c_stops_everything_and_leaves_no_orphans(fleet):
     env = {**fleet.env, "FLEET_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
     log = fleet.tmp_path / "demo.out"
+    port = free_port()
     with log.open("w") as out:
-        proc = subprocess.Popen(demo_cmd(fleet), cwd=ROOT, env=env, stdout=out,
+        proc = subprocess.Popen(demo_cmd(fleet, dashboard_port=port), cwd=ROOT, env=env,
+                                stdout=out,
                                 stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: "the fleet is running" in log.read_text(), 240,
                  what="the demo jobs to finish")
+        assert f"dashboard on http://127.0.0.1:{port}/" in log.read_text()
+        # The dashboard fleet up started saw both demo jobs through to the end.
+        jobs = wait_for(lambda: [j for j in requests.get(
+            f"http://127.0.0.1:{port}/api/fleet/jobs", timeout=5).json()
+            if j["state"] == "succeeded"] or None, 30, what="the dashboard to list the jobs")
+        assert len(jobs) == 2
         tree = descendants(proc.pid)
         assert any("redis-server" in " ".join(p.cmdline()) for p in tree)
         assert any("--queue default" in " ".join(p.cmdline()) for p in tree)

@@ -228,8 +228,11 @@ class JobStore:
             out.append(_status(fields, done, failed))
         return out
 
+    def recent_ids(self, limit: int = 20) -> list[str]:
+        return [_text(i) for i in self.client.zrevrange(self._index, 0, limit - 1)]
+
     def recent(self, limit: int = 20) -> list[JobStatus]:
-        ids = [_text(i) for i in self.client.zrevrange(self._index, 0, limit - 1)]
+        ids = self.recent_ids(limit)
         statuses = []
         for job_id in ids:
             try:

@@ -1,0 +1,160 @@
+"""Celery events in, batched writes out.
+
+A receiver thread folds each event into the current batch (fleet.dashboard.events); a
+writer thread swaps the batch out every ``flush_interval`` (or sooner when it is large)
+and writes it in one transaction, then does the bounded housekeeping: offline workers,
+the task cap, old history. Memory holds at most one batch being filled and one being
+written: when the database falls behind, the receiver waits (back-pressure) instead of
+buffering without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from fleet.config import FleetConfig
+from fleet.dashboard.events import Batch
+from fleet.dashboard.store import Store
+
+logger = logging.getLogger("fleet.dashboard")
+
+#: Unique tasks in one batch above which the receiver waits for the writer.
+MAX_BATCH_TASKS = 20_000
+PRUNE_EVERY = 2.0
+HISTORY_EVERY = 60.0
+
+
+class Ingester:
+    def __init__(self, config: FleetConfig, store: Store,
+                 on_batch: Callable[[Batch], None] | None = None,
+                 lookup: Callable[[list[str]], dict[str, str | None]] | None = None):
+        self.config = config
+        self.lookup = lookup
+        self._unknown_at: dict[str, float] = {}
+        self.on_batch = on_batch
+        self.settings = config.dashboard
+        self.store = store
+        self._queues = frozenset(config.queues)
+        #: hostname -> queue from the workers' self-reports (the sampler fills it in).
+        self.worker_queues: dict[str, str | None] = {}
+        self._batch = self._new_batch()
+        self._lock = threading.Condition()
+        self._written_since_prune = 0
+        self._last_prune = 0.0
+        self._last_history = 0.0
+        self.events = 0
+        self.connected = False
+
+    # -- the receiving side --------------------------------------------------------
+
+    def feed(self, event: dict) -> None:
+        with self._lock:
+            while len(self._batch.tasks) >= MAX_BATCH_TASKS:
+                self._lock.wait(1.0)
+            self._batch.add(event)
+
+    def _new_batch(self) -> Batch:
+        return Batch(self._queues, self.worker_queues)
+
+    def flush(self) -> int:
+        """Write what has been folded so far; returns the number of events written."""
+        with self._lock:
+            batch, self._batch = self._batch, self._new_batch()
+            self._lock.notify_all()
+        if batch.events:
+            self._resolve_queues(batch)
+            self.store.write(list(batch.tasks.values()), batch.workers.values())
+            self.events += batch.events
+            self._written_since_prune += len(batch.tasks)
+            if self.on_batch is not None:
+                self.on_batch(batch)
+        return batch.events
+
+    def _resolve_queues(self, batch: Batch) -> None:
+        """Tasks of workers the sampler has not seen yet: ask Redis for their self-reports
+        (one round trip, only when a new worker shows up; misses are asked again in 30 s)."""
+        rows = [r for r in batch.tasks.values() if not r["queue"] and r["worker"]]
+        if not rows or self.lookup is None:
+            return
+        now = time.monotonic()
+        ask = sorted({r["worker"] for r in rows if r["worker"] not in self.worker_queues
+                      and now - self._unknown_at.get(r["worker"], -60.0) > 30.0})
+        if ask:
+            try:
+                found = self.lookup(ask)
+            except Exception:  # Redis down: the rows go in without a queue
+                found = {}
+            for hostname in ask:
+                if found.get(hostname):
+                    self.worker_queues[hostname] = found[hostname]
+                else:
+                    self._unknown_at[hostname] = now
+        for row in rows:
+            row["queue"] = self.worker_queues.get(row["worker"])
+
+    def housekeeping(self, now: float | None = None, force: bool = False) -> None:
+        now = time.time() if now is None else now
+        s = self.settings
+        self.store.mark_offline(now, s.offline_after)
+        self.store.purge_offline(now, s.purge_offline_after)
+        due = now - self._last_prune >= PRUNE_EVERY
+        if force or (due and self._written_since_prune) or \
+                self._written_since_prune > s.max_tasks // 10:
+            self.store.prune_tasks(s.max_tasks, s.max_task_age, now)
+            self._written_since_prune = 0
+            self._last_prune = now
+        if force or now - self._last_history >= HISTORY_EVERY:
+            self.store.prune_history(now, s.history)
+            self._last_history = now
+
+    # -- threads -------------------------------------------------------------------
+
+    def run_writer(self, stop: threading.Event) -> None:
+        while not stop.wait(self.settings.flush_interval):
+            self._step()
+        self._step()
+
+    def _step(self) -> None:
+        try:
+            self.flush()
+            self.housekeeping()
+        except Exception:  # the database is down: keep the batch coming, say so
+            logger.exception("dashboard: writing events failed; retrying")
+
+    def run_receiver(self, app, stop: threading.Event) -> None:
+        """Capture every event from the broker, reconnecting with backoff when it drops.
+
+        kombu's consumer loop wakes every second to check ``should_stop``; the stop event
+        is relayed there, so shutdown takes at most a second.
+        """
+        receiver = None
+
+        def relay() -> None:
+            stop.wait()
+            if receiver is not None:
+                receiver.should_stop = True
+
+        threading.Thread(target=relay, name="dashboard-stop-relay", daemon=True).start()
+        wait = 1.0
+        while not stop.is_set():
+            try:
+                with app.connection_for_read() as conn:
+                    receiver = app.events.Receiver(conn, handlers={"*": self.feed})
+                    if stop.is_set():
+                        break
+                    self.connected = True
+                    wait = 1.0
+                    receiver.capture(limit=None, timeout=None, wakeup=False)
+            except Exception as exc:  # broker down or gone away: retry, never die
+                self.connected = False
+                if stop.is_set():
+                    break
+                logger.warning("dashboard: event stream lost (%s); reconnecting in %.0fs",
+                               exc, wait)
+                stop.wait(wait)
+                wait = min(30.0, wait * 2)
+        self.connected = False
+

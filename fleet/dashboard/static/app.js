@@ -1,0 +1,262 @@
+// fleet dashboard: a hash-routed page per view, re-rendered from the API every 2 s.
+"use strict";
+const BASE = document.querySelector('meta[name="fleet-base"]').content;
+const CSRF = document.querySelector('meta[name="fleet-csrf"]').content;
+const REFRESH_MS = 2000;
+const $page = document.getElementById("page");
+let timer = null, busy = false;
+
+const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+const num = (v, d = 0) => v == null ? "–" : Number(v).toFixed(d);
+const when = (t) => t ? new Date(t * 1000).toLocaleTimeString() : "–";
+const bytes = (b) => b == null ? "–" : b > 1 << 30 ? (b / (1 << 30)).toFixed(1) + " GiB" : (b / (1 << 20)).toFixed(0) + " MiB";
+const age = (s) => s == null ? "–" : s < 90 ? s.toFixed(1) + " s" : (s / 60).toFixed(1) + " min";
+
+async function get(path) {
+  const r = await fetch(BASE + path, {credentials: "same-origin"});
+  if (r.status === 401) { location.href = BASE + "/login"; throw new Error("signed out"); }
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error || r.statusText);
+  return body;
+}
+
+async function post(path, params) {
+  const r = await fetch(BASE + path, {method: "POST", credentials: "same-origin",
+    headers: {"Content-Type": "application/json", "X-CSRF-Token": CSRF},
+    body: JSON.stringify(params || {})});
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(body.error || r.statusText);
+  return body;
+}
+
+function toast(text) {
+  const t = document.getElementById("toast");
+  t.textContent = text; t.style.display = "block";
+  setTimeout(() => { t.style.display = "none"; }, 4000);
+}
+
+// Every control button: data-post (path), data-confirm (question), data-params (JSON),
+// data-ask (a parameter to prompt for). Nothing happens without the user's confirmation.
+document.addEventListener("click", async (e) => {
+  const b = e.target.closest("button[data-post]");
+  if (!b) return;
+  const params = JSON.parse(b.dataset.params || "{}");
+  if (b.dataset.ask) {
+    for (const name of b.dataset.ask.split(",")) {
+      const v = prompt(`${name}:`, params[name] ?? "");
+      if (v === null) return;
+      params[name] = v;
+    }
+  }
+  busy = true;
+  const ok = confirm(b.dataset.confirm || "Are you sure?");
+  busy = false;
+  if (!ok) return;
+  try { toast((await post(b.dataset.post, params)).message || "done"); render(); }
+  catch (err) { toast("failed: " + err.message); }
+});
+
+function act(label, path, question, params, ask) {
+  return `<button data-post="${esc(path)}" data-confirm="${esc(question)}"` +
+    (params ? ` data-params='${esc(JSON.stringify(params))}'` : "") +
+    (ask ? ` data-ask="${esc(ask)}"` : "") + `>${esc(label)}</button>`;
+}
+
+function table(cols, rows, id) {
+  return `<table id="${id || ""}"><thead><tr>${cols.map((c) => `<th>${esc(c[0])}</th>`).join("")}</tr></thead><tbody>` +
+    (rows.length ? rows.map((r) => `<tr>${cols.map((c) => `<td class="${c[2] || ""}">${c[1](r)}</td>`).join("")}</tr>`).join("")
+      : `<tr><td colspan="${cols.length}">none</td></tr>`) + "</tbody></table>";
+}
+
+// A small SVG line chart: series = {name: [[t, v], ...]}.
+function chart(title, series, fmt = (v) => num(v, 1)) {
+  const W = 420, H = 140, P = 28;
+  const all = Object.values(series).flat();
+  if (!all.length) return `<div class="chart"><h3>${esc(title)}</h3>no samples yet</div>`;
+  const t0 = Math.min(...all.map((p) => p[0])), t1 = Math.max(...all.map((p) => p[0])) || t0 + 1;
+  const vmax = Math.max(1e-9, ...all.map((p) => p[1]));
+  const x = (t) => P + (W - P - 4) * (t - t0) / Math.max(1, t1 - t0);
+  const y = (v) => H - 16 - (H - 24) * v / vmax;
+  const colors = ["#0b57d0", "#127a2c", "#b3261e", "#a15c00", "#6a1b9a", "#00838f"];
+  const lines = Object.entries(series).map(([name, pts], i) =>
+    `<polyline fill="none" stroke="${colors[i % colors.length]}" stroke-width="1.5" points="${pts.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ")}"><title>${esc(name)}</title></polyline>` +
+    `<text x="${P + 4 + 90 * i}" y="${H - 2}" font-size="10" fill="${colors[i % colors.length]}">${esc(name)}</text>`).join("");
+  return `<div class="chart"><h3>${esc(title)}</h3><svg width="${W}" height="${H}">` +
+    `<text x="0" y="12" font-size="10">${esc(fmt(vmax))}</text><line x1="${P}" y1="${H - 16}" x2="${W}" y2="${H - 16}" stroke="#ccc"/>${lines}</svg></div>`;
+}
+
+function group(rows, key, value) {
+  const out = {};
+  for (const r of rows) (out[r[key]] = out[r[key]] || []).push([r.at, r[value] ?? 0]);
+  return out;
+}
+
+const pages = {
+  async workers() {
+    const ws = await get("/api/fleet/workers");
+    const s = await get("/api/fleet/series?since=" + (Date.now() / 1000 - 3600));
+    return `<h2>Workers</h2>` + table([
+      ["Worker", (w) => `<a href="#/worker/${encodeURIComponent(w.hostname)}">${esc(w.hostname)}</a>`],
+      ["Status", (w) => `<span class="${esc(w.status)}">${esc(w.status)}</span>`],
+      ["Queue", (w) => esc(w.queue)], ["Concurrency", (w) => num(w.concurrency), "num"],
+      ["Active", (w) => num(w.active), "num"], ["Succeeded", (w) => num(w.succeeded), "num"],
+      ["Failed", (w) => num(w.failed), "num"], ["Retried", (w) => num(w.retried), "num"],
+      ["Memory kills", (w) => num(w.memory_kills), "num"],
+      ["CPU %", (w) => num(w.cpu_percent, 1), "num"], ["RSS", (w) => bytes(w.rss), "num"],
+      ["Load", (w) => esc((w.loadavg || []).join(" "))], ["Last seen", (w) => when(w.seen)],
+    ], ws, "workers") + `<div class="charts">${chart("worker memory (MiB)", Object.fromEntries(Object.entries(group(s.workers, "hostname", "rss")).map(([k, v]) => [k, v.map((p) => [p[0], p[1] / 1048576])])))}</div>`;
+  },
+  async worker(name) {
+    const w = await get("/api/fleet/workers/" + encodeURIComponent(name));
+    const i = w.inspect || {}, st = i.stats || {}, pool = st.pool || {};
+    const p = "/api/worker/";
+    return `<h2>Worker ${esc(name)} <span class="${esc(w.status)}">${esc(w.status)}</span></h2>` +
+      `<p>${act("Shut down", p + "shutdown/" + name, `Shut down ${name}? Its running tasks finish first.`)}` +
+      act("Restart pool", p + "pool/restart/" + name, `Restart ${name}'s pool?`) +
+      act("Grow pool", p + "pool/grow/" + name, `Grow ${name}'s pool by 1?`, {n: 1}) +
+      act("Shrink pool", p + "pool/shrink/" + name, `Shrink ${name}'s pool by 1?`, {n: 1}) +
+      act("Autoscale pool", p + "pool/autoscale/" + name, `Set ${name}'s pool autoscale bounds?`, null, "min,max") +
+      act("Add consumer", p + "queue/add-consumer/" + name, `Add a consumer on ${name}?`, null, "queue") +
+      act("Cancel consumer", p + "queue/cancel-consumer/" + name, `Cancel a consumer on ${name}?`, null, "queue") + "</p>" +
+      table([["Setting", (r) => esc(r[0])], ["Value", (r) => esc(r[1])]], [
+        ["queue", w.queue], ["pool", pool.implementation], ["max concurrency", pool["max-concurrency"]],
+        ["processes", (pool.processes || []).join(", ")], ["prefetch count", st.prefetch_count],
+        ["time limits (soft/hard)", JSON.stringify(pool.timeouts)], ["CPU %", num(w.cpu_percent, 1)],
+        ["RSS", bytes(w.rss)], ["memory available", bytes(w.memory_available)],
+        ["succeeded / failed / retried", `${w.succeeded} / ${w.failed} / ${w.retried}`],
+        ["memory-limit kills", w.memory_kills], ["software", `${w.sw_ident || ""} ${w.sw_ver || ""} ${w.sw_sys || ""}`],
+        ["queues consumed", (i.active_queues || []).map((q) => q.name).join(", ")],
+      ], "worker-info") +
+      `<h3>Registered tasks</h3><pre>${esc((i.registered || []).join("\n"))}</pre>` +
+      `<h3>Configuration</h3><pre>${esc(JSON.stringify(i.conf || {}, null, 1))}</pre>` +
+      `<h3>Stats</h3><pre>${esc(JSON.stringify(st, null, 1))}</pre>`;
+  },
+  async queues() {
+    const qs = await get("/api/fleet/queues");
+    const s = await get("/api/fleet/series?since=" + (Date.now() / 1000 - 3600));
+    const q = "/api/fleet/queues/";
+    return `<h2>Queues</h2>` + table([
+      ["Queue", (r) => esc(r.name) + (r.paused ? " (paused)" : "")],
+      ["Waiting", (r) => num(r.waiting), "num"], ["Reserved", (r) => num(r.reserved), "num"],
+      ["Running", (r) => num(r.running), "num"], ["Oldest", (r) => age(r.oldest_age), "num"],
+      ["Arrival /s", (r) => num(r.arrival_rate, 2), "num"], ["Completion /s", (r) => num(r.completion_rate, 2), "num"],
+      ["Workers", (r) => num(r.workers), "num"],
+      ["Replicas (desired/actual)", (r) => `${num(r.replicas_desired)} / ${num(r.replicas_actual)}`, "num"],
+      ["Bounds", (r) => `${r.min_replicas}..${r.max_replicas}`, "num"],
+      ["", (r) => (r.paused ? act("Resume", q + r.name + "/resume", `Resume queue ${r.name}?`)
+                           : act("Pause", q + r.name + "/pause", `Pause queue ${r.name}? Its workers stop taking tasks.`)) +
+                  act("Set bounds", q + r.name + "/bounds", `Change ${r.name}'s autoscaler bounds?`,
+                      {min_replicas: r.min_replicas, max_replicas: r.max_replicas}, "min_replicas,max_replicas")],
+    ], qs, "queues") + `<div class="charts">` + chart("queue depth (waiting)", group(s.queues, "queue", "waiting"), (v) => num(v)) +
+      chart("throughput (tasks/s)", group(s.queues, "queue", "completion_rate")) +
+      chart("replicas", group(s.queues, "queue", "actual"), (v) => num(v)) + `</div>`;
+  },
+  async tasks() {
+    const f = new URLSearchParams(location.hash.split("?")[1] || "");
+    const qs = new URLSearchParams();
+    for (const k of ["name", "worker", "queue", "search", "before"]) if (f.get(k)) qs.set(k, f.get(k));
+    for (const s of f.getAll("state")) qs.append("state", s);
+    if (f.get("minutes")) qs.set("since", Date.now() / 1000 - 60 * Number(f.get("minutes")));
+    const body = await get("/api/fleet/tasks?" + qs);
+    const states = ["RECEIVED", "STARTED", "SUCCESS", "FAILURE", "RETRY", "REVOKED"];
+    const chosen = new Set(f.getAll("state"));
+    return `<h2>Tasks</h2><form class="filters" id="task-filters">` +
+      states.map((s) => `<label><input type="checkbox" name="state" value="${s}" ${chosen.has(s) ? "checked" : ""}>${s}</label>`).join("") +
+      ["name", "worker", "queue", "search"].map((k) => `<input name="${k}" placeholder="${k}" value="${esc(f.get(k))}">`).join("") +
+      `<select name="minutes"><option value="">any time</option>${[5, 60, 1440].map((m) => `<option value="${m}" ${f.get("minutes") == m ? "selected" : ""}>last ${m} min</option>`).join("")}</select>` +
+      `<button type="submit">Filter</button></form>` + table([
+        ["Task", (t) => `<a href="#/task/${esc(t.uuid)}">${esc(t.uuid)}</a>`], ["Name", (t) => esc(t.name)],
+        ["State", (t) => `<span class="${esc(t.state)}">${esc(t.state)}</span>`], ["Queue", (t) => esc(t.queue)],
+        ["Worker", (t) => esc(t.worker)], ["Received", (t) => when(t.received)], ["Runtime", (t) => num(t.runtime, 3), "num"],
+        ["Args", (t) => esc((t.args || "").slice(0, 80))],
+      ], body.tasks, "tasks") +
+      (body.next ? `<a id="older" href="#/tasks?${(() => { const n = new URLSearchParams(f); n.set("before", body.next); return n; })()}">older →</a>` : "");
+  },
+  async task(id) {
+    const t = await get("/api/fleet/tasks/" + encodeURIComponent(id));
+    const live = !["SUCCESS", "FAILURE", "REVOKED"].includes(t.state);
+    return `<h2>Task ${esc(id)} <span class="${esc(t.state)}">${esc(t.state)}</span></h2><p>` +
+      (live ? act("Revoke", "/api/task/revoke/" + id, `Revoke ${id}?`) +
+              act("Terminate", "/api/task/revoke/" + id, `Terminate ${id}? Its process gets SIGTERM.`, {terminate: true}) : "") + "</p>" +
+      table([["Field", (r) => esc(r[0])], ["Value", (r) => r[1]]], [
+        ["name", esc(t.name)], ["queue", esc(t.queue)], ["worker", esc(t.worker)], ["retries", esc(t.retries)],
+        ["timeline", `received ${when(t.received)} → started ${when(t.started)} → finished ${when(t.succeeded || t.failed || t.revoked)}`],
+        ["runtime", num(t.runtime, 3) + " s"], ["memory limit exceeded", t.memory_kill ? '<span class="error">yes</span>' : "no"],
+        ["args", `<pre>${esc(t.args)}</pre>`], ["kwargs", `<pre>${esc(t.kwargs)}</pre>`],
+        ["result", `<pre>${esc(t.result)}</pre>`], ["exception", `<pre class="error">${esc(t.exception)}</pre>`],
+        ["traceback", `<pre>${esc(t.traceback)}</pre>`], ["parent / root", `${esc(t.parent_id)} / ${esc(t.root_id)}`],
+      ], "task-info");
+  },
+  async failures() {
+    const groups = await get("/api/fleet/failures");
+    return `<h2>Failures by exception</h2>` + table([
+      ["Exception", (g) => `<a href="#/tasks?state=FAILURE&search=">${esc(g.exception)}</a>`],
+      ["Count", (g) => num(g.count), "num"],
+      ["Tasks", (g) => esc(Object.entries(g.tasks).map(([n, c]) => `${n} (${c})`).join(", "))],
+      ["Latest", (g) => `<pre>${esc(g.example)}</pre>`],
+    ], groups, "failures");
+  },
+  async jobs() {
+    const jobs = await get("/api/fleet/jobs");
+    return `<h2>Jobs</h2>` + table([
+      ["Job", (j) => `<a href="#/job/${esc(j.id)}">${esc(j.id)}</a>`], ["Task", (j) => esc(j.task)],
+      ["State", (j) => esc(j.state)], ["Progress", (j) => `<progress max="${j.total}" value="${j.done}"></progress> ${j.done}/${j.total}`],
+      ["Failed", (j) => num(j.failed), "num"], ["Created", (j) => when(j.created)],
+      ["", (j) => (j.failed ? act("Retry failed", `/api/fleet/jobs/${j.id}/retry`, `Re-run ${j.failed} failed chunks of ${j.id}?`) : "") +
+                  (["running", "aggregating"].includes(j.state) ? act("Revoke job", `/api/fleet/jobs/${j.id}/revoke`, `Revoke every task of ${j.id}?`) : "")],
+    ], jobs, "jobs");
+  },
+  async job(id) {
+    const j = await get("/api/fleet/jobs/" + encodeURIComponent(id));
+    return `<h2>Job ${esc(id)} — ${esc(j.state)}</h2><p><progress max="${j.total}" value="${j.done}"></progress> ${j.done}/${j.total} done, ${j.failed} failed. ` +
+      act("Retry failed", `/api/fleet/jobs/${id}/retry`, `Re-run the failed chunks of ${id}?`) +
+      act("Revoke job", `/api/fleet/jobs/${id}/revoke`, `Revoke every task of ${id}?`) + `</p><p>result: ${esc(j.result_url)} ${esc(j.error)}</p>` +
+      `<h3>Failed chunks</h3>` + table([["Chunk", (c) => num(c.index)], ["Error", (c) => `<pre>${esc(c.error)}</pre>`]], j.failed_chunks) +
+      `<h3>Tasks</h3>` + table([["Task", (t) => `<a href="#/task/${esc(t.uuid)}">${esc(t.uuid)}</a>`], ["State", (t) => esc(t.state)], ["Worker", (t) => esc(t.worker)]], j.tasks);
+  },
+  async autoscaler() {
+    const a = await get("/api/fleet/autoscaler");
+    return `<h2>Autoscaler</h2>` + table([["Queue", (r) => esc(r[0])], ["Replicas", (r) => `${r[1].current} → ${r[1].desired}`], ["Why", (r) => esc(r[1].reason)], ["At", (r) => when(r[1].at)]],
+      Object.entries(a.latest), "latest") + `<h3>Changes</h3>` +
+      table([["At", (d) => when(d.at)], ["Queue", (d) => esc(d.queue)], ["Change", (d) => `${d.current} → ${d.desired}`], ["Reason", (d) => esc(d.reason)], ["Dry run", (d) => d.dry_run ? "yes" : ""]], a.decisions, "decisions");
+  },
+  async broker() {
+    const b = await get("/api/fleet/broker");
+    return `<h2>Broker</h2><p>${esc(b.transport)} at ${esc(b.url)}</p>` + table([
+      ["Queue", (q) => esc(q.name)], ["Messages", (q) => num(q.messages), "num"], ["Unacked", (q) => num(q.unacked), "num"], ["Oldest", (q) => age(q.oldest_age)],
+    ], b.queues, "broker");
+  },
+  async audit() {
+    const rows = await get("/api/fleet/audit");
+    return `<h2>Audit log</h2>` + table([["At", (r) => new Date(r.at * 1000).toLocaleString()], ["Who", (r) => `${esc(r.user)} (${esc(r.role)})`],
+      ["Action", (r) => esc(r.action)], ["Target", (r) => esc(r.target)], ["Parameters", (r) => esc(JSON.stringify(r.params))],
+      ["Outcome", (r) => `<span class="${r.ok ? "" : "error"}">${esc(r.outcome)}</span>`]], rows, "audit");
+  },
+};
+
+async function render() {
+  if (busy) return;
+  const [path] = (location.hash.slice(2) || "workers").split("?");
+  const [name, ...rest] = path.split("/");
+  const page = pages[name] || pages.workers;
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("on", a.hash === "#/" + name);
+  try {
+    const html = await page(decodeURIComponent(rest.join("/")));
+    const active = document.activeElement && document.activeElement.closest("form") ? document.activeElement : null;
+    if (!active) $page.innerHTML = html;
+    document.getElementById("status").textContent = "updated " + new Date().toLocaleTimeString();
+  } catch (err) {
+    document.getElementById("status").textContent = "error: " + err.message;
+  }
+}
+
+document.addEventListener("submit", (e) => {
+  if (e.target.id !== "task-filters") return;
+  e.preventDefault();
+  const q = new URLSearchParams();
+  for (const [k, v] of new FormData(e.target)) if (v) q.append(k, v);
+  location.hash = "#/tasks?" + q;
+});
+window.addEventListener("hashchange", render);
+render();
+timer = setInterval(render, REFRESH_MS);

@@ -1,0 +1,345 @@
+"""The dashboard's database: SQLAlchemy Core over SQLite (default) or PostgreSQL.
+
+Flower keeps its state in RAM and saves it (shelve) only at shutdown: it grows until the
+pod is OOM-killed and forgets everything on a crash. Here every batch of events is
+written as it arrives, in one transaction, as one upsert per task; the table is capped by
+count and age so disk and memory stay flat; a restart loses nothing written.
+
+SQLAlchemy Core, not the ORM: the hot path is ``executemany`` of one prepared upsert, and
+the same statements run on both databases (each dialect's ``ON CONFLICT DO UPDATE``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from fleet.dashboard.events import TASK_FIELDS, WorkerUpdate
+from fleet.errors import FleetError
+
+metadata = MetaData()
+
+_Id = BigInteger().with_variant(Integer, "sqlite")  # SQLite: the rowid itself
+
+tasks = Table(
+    "tasks", metadata,
+    Column("seq", _Id, primary_key=True, autoincrement=True),
+    Column("uuid", String(64), nullable=False, unique=True),
+    Column("name", String(255)),
+    Column("state", String(16)),
+    Column("state_rank", Float),
+    Column("queue", String(63)),
+    Column("worker", String(255)),
+    Column("args", Text), Column("kwargs", Text), Column("result", Text),
+    Column("exception", Text), Column("traceback", Text),
+    Column("retries", Integer, default=0),
+    Column("received", Float), Column("started", Float), Column("succeeded", Float),
+    Column("failed", Float), Column("retried", Float), Column("revoked", Float),
+    Column("runtime", Float),
+    Column("eta", String(64)), Column("expires", String(64)),
+    Column("parent_id", String(64)), Column("root_id", String(64)),
+    Column("memory_kill", Boolean, default=False),
+    Column("first_seen", Float), Column("updated", Float),
+)
+# Paging is newest first (seq descending) within a filter: one index per common filter.
+Index("tasks_state_seq", tasks.c.state, tasks.c.seq)
+Index("tasks_name_seq", tasks.c.name, tasks.c.seq)
+Index("tasks_worker_seq", tasks.c.worker, tasks.c.seq)
+Index("tasks_queue_seq", tasks.c.queue, tasks.c.seq)
+
+workers = Table(
+    "workers", metadata,
+    Column("hostname", String(255), primary_key=True),
+    Column("status", String(16)),
+    Column("first_seen", Float), Column("seen", Float), Column("offline_since", Float),
+    Column("freq", Float), Column("sw_ident", String(64)), Column("sw_ver", String(64)),
+    Column("sw_sys", String(64)), Column("pid", Integer), Column("loadavg", String(64)),
+    Column("active", Integer), Column("processed", Integer),
+    Column("succeeded", BigInteger, default=0), Column("failed", BigInteger, default=0),
+    Column("retried", BigInteger, default=0), Column("memory_kills", BigInteger, default=0),
+)
+
+queue_samples = Table(
+    "queue_samples", metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False), Column("queue", String(63), nullable=False),
+    Column("waiting", Integer), Column("unacked", Integer), Column("running", Integer),
+    Column("oldest_age", Float), Column("arrival_rate", Float),
+    Column("completion_rate", Float), Column("service_time", Float),
+    Column("workers", Integer), Column("desired", Integer), Column("actual", Integer),
+)
+Index("queue_samples_at", queue_samples.c.at)
+
+worker_samples = Table(
+    "worker_samples", metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False), Column("hostname", String(255), nullable=False),
+    Column("queue", String(63)), Column("cpu_percent", Float), Column("rss", BigInteger),
+    Column("active", Integer), Column("concurrency", Integer),
+)
+Index("worker_samples_at", worker_samples.c.at)
+
+decisions = Table(
+    "decisions", metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False), Column("queue", String(63), nullable=False),
+    Column("current", Integer), Column("desired", Integer), Column("reason", Text),
+    Column("dry_run", Boolean, default=False),
+)
+Index("decisions_at", decisions.c.at)
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("task", String(255)), Column("aggregate", String(255)),
+    Column("state", String(16)), Column("total", Integer), Column("done", Integer),
+    Column("failed", Integer), Column("created", Float), Column("finished", Float),
+    Column("result_url", Text), Column("error", Text),
+)
+
+audit = Table(
+    "audit", metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False), Column("user", String(255)),
+    Column("role", String(16)), Column("action", String(64)), Column("target", String(255)),
+    Column("params", JSON), Column("outcome", Text), Column("ok", Boolean),
+)
+Index("audit_at", audit.c.at)
+
+
+class StoreError(FleetError):
+    exit_code = 2
+
+
+def engine_for(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL (readers do not block the writer)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StoreError(f"dashboard database URL {url!r} is not a SQLAlchemy URL "
+                         "(e.g. sqlite:///.fleet/dashboard.sqlite or "
+                         "postgresql+psycopg://user@host/db)") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"check_same_thread": False,
+                                                      "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn, _record) -> None:
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        if parsed.drivername == "postgresql":  # psycopg 3 is the driver we ship
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return create_engine(parsed, pool_pre_ping=True)
+    raise StoreError(f"dashboard database {url!r}: only sqlite and postgresql are supported")
+
+
+def _insert(engine: Engine):
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+class Store:
+    """Writes batches, prunes to the caps, and answers the views' queries."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = engine_for(url)
+        try:
+            metadata.create_all(self.engine)
+        except OperationalError as exc:
+            raise StoreError(f"cannot open the dashboard database {_safe(url)}: "
+                             f"{exc.orig}") from None
+        insert = _insert(self.engine)
+        up = insert(tasks)
+        x = up.excluded
+        newer = or_(tasks.c.state.is_(None), tasks.c.state == "RETRY",
+                    x.state_rank >= tasks.c.state_rank)
+        keep = {name: func.coalesce(getattr(x, name), getattr(tasks.c, name))
+                for name in TASK_FIELDS if name not in (
+                    "uuid", "state", "state_rank", "retries", "memory_kill",
+                    "first_seen", "updated")}
+        self._upsert_tasks = up.on_conflict_do_update(
+            index_elements=[tasks.c.uuid],
+            set_={**keep,
+                  "state": case((newer, x.state), else_=tasks.c.state),
+                  "state_rank": case((newer, x.state_rank), else_=tasks.c.state_rank),
+                  "retries": case((x.retries > tasks.c.retries, x.retries),
+                                  else_=tasks.c.retries),
+                  "memory_kill": or_(tasks.c.memory_kill, x.memory_kill),
+                  "first_seen": case((x.first_seen < tasks.c.first_seen, x.first_seen),
+                                     else_=tasks.c.first_seen),
+                  "updated": case((x.updated > tasks.c.updated, x.updated),
+                                  else_=tasks.c.updated)})
+        wi = insert(workers)
+        wx = wi.excluded
+        counters = ("succeeded", "failed", "retried", "memory_kills")
+        newer_w = or_(workers.c.seen.is_(None), wx.seen >= workers.c.seen)
+        fields = ("status", "freq", "sw_ident", "sw_ver", "sw_sys", "pid", "loadavg",
+                  "active", "processed")
+        self._upsert_workers = wi.on_conflict_do_update(
+            index_elements=[workers.c.hostname],
+            set_={**{f: case((and_(newer_w, getattr(wx, f).is_not(None)), getattr(wx, f)),
+                             else_=getattr(workers.c, f)) for f in fields},
+                  "seen": case((newer_w, wx.seen), else_=workers.c.seen),
+                  "offline_since": case(
+                      (and_(newer_w, wx.status == "online"), None),
+                      (and_(newer_w, wx.status == "offline",
+                            workers.c.offline_since.is_(None)), wx.seen),
+                      else_=workers.c.offline_since),
+                  **{c: getattr(workers.c, c) + getattr(wx, c) for c in counters}})
+        self._upsert_jobs = insert(jobs)
+        self._job_cols = [c.name for c in jobs.c if c.name != "id"]
+
+    # -- writes ------------------------------------------------------------------
+
+    def write(self, task_rows: Sequence[dict], worker_rows: Iterable[WorkerUpdate]) -> None:
+        """One transaction for a whole batch of folded events."""
+        wrows = [{**w.__dict__, "first_seen": w.seen,
+                  "offline_since": w.seen if w.status == "offline" else None}
+                 for w in worker_rows if w.seen or w.succeeded or w.failed or w.retried]
+        for row in wrows:
+            if not row["seen"]:
+                row["seen"] = None
+                row["status"] = None
+        with self.engine.begin() as conn:
+            if task_rows:
+                conn.execute(self._upsert_tasks, list(task_rows))
+            if wrows:
+                conn.execute(self._upsert_workers, wrows)
+
+    def mark_offline(self, now: float, silent_for: float) -> list[str]:
+        """Workers whose heartbeats stopped (killed, network gone) without worker-offline."""
+        cutoff = now - silent_for
+        with self.engine.begin() as conn:
+            gone = conn.execute(select(workers.c.hostname).where(
+                workers.c.status == "online", workers.c.seen < cutoff)).scalars().all()
+            if gone:
+                conn.execute(update(workers).where(workers.c.hostname.in_(gone))
+                             .values(status="offline", offline_since=now))
+        return list(gone)
+
+    def purge_offline(self, now: float, after: float) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(delete(workers).where(
+                workers.c.status == "offline", workers.c.offline_since < now - after)).rowcount
+
+    def prune_tasks(self, max_count: int, max_age: float, now: float | None = None,
+                    chunk: int = 20_000) -> int:
+        """Keep the newest ``max_count`` tasks and none older than ``max_age``.
+
+        Bounded work per call: it reads one index entry at offset ``max_count`` and deletes
+        below it, then walks the oldest ``chunk`` rows for age (tasks enter in first-seen
+        order, so the oldest by seq are the oldest by age).
+        """
+        now = time.time() if now is None else now
+        removed = 0
+        with self.engine.begin() as conn:
+            edge = conn.execute(select(tasks.c.seq).order_by(tasks.c.seq.desc())
+                                .offset(max_count).limit(1)).scalar()
+            if edge is not None:
+                removed += conn.execute(delete(tasks).where(tasks.c.seq <= edge)).rowcount
+            oldest = conn.execute(select(tasks.c.seq, tasks.c.first_seen)
+                                  .order_by(tasks.c.seq).limit(chunk)).all()
+            old = [seq for seq, seen in oldest if seen is not None and seen < now - max_age]
+            if old:
+                removed += conn.execute(delete(tasks).where(tasks.c.seq <= max(old))).rowcount
+        return removed
+
+    def prune_history(self, now: float, keep: float) -> None:
+        cutoff = now - keep
+        with self.engine.begin() as conn:
+            for table in (queue_samples, worker_samples, decisions, audit):
+                conn.execute(delete(table).where(table.c.at < cutoff))
+
+    def add_samples(self, queue_rows: list[dict], worker_rows: list[dict]) -> None:
+        with self.engine.begin() as conn:
+            if queue_rows:
+                conn.execute(queue_samples.insert(), queue_rows)
+            if worker_rows:
+                conn.execute(worker_samples.insert(), worker_rows)
+
+    def add_decisions(self, rows: list[dict]) -> None:
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(decisions.insert(), rows)
+
+    def last_decision_at(self) -> float:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(decisions.c.at))).scalar() or 0.0
+
+    def put_jobs(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        stmt = self._upsert_jobs
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[jobs.c.id],
+            set_={c: getattr(stmt.excluded, c) for c in self._job_cols})
+        with self.engine.begin() as conn:
+            conn.execute(stmt, rows)
+
+    def record_action(self, *, user: str, role: str, action: str, target: str,
+                      params: dict[str, Any], outcome: str, ok: bool) -> dict:
+        row = {"at": time.time(), "user": user, "role": role, "action": action,
+               "target": target, "params": params, "outcome": outcome, "ok": ok}
+        with self.engine.begin() as conn:
+            row["id"] = conn.execute(audit.insert().values(**row)).inserted_primary_key[0]
+        return row
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable URL>"
+
+
+def loads(value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+

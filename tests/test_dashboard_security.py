@@ -1,0 +1,141 @@
+"""Who may do what: basic auth, tokens, form login with CSRF, three roles, a URL prefix
+as under an ingress, and no unauthenticated dashboard on a public address."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from fleet.dashboard.auth import AuthConfigError, Authenticator
+
+from .conftest import ROOT, deep_merge, free_port
+from .dashboard_util import FAST, start_dashboard
+
+USERS = {"dashboard": {
+    "users": [{"name": "vera", "role": "viewer", "password_env": "T_VERA"},
+              {"name": "otto", "role": "operator", "password_env": "T_OTTO"},
+              {"name": "ada", "role": "admin", "password_env": "T_ADA"}],
+    "tokens": [{"name": "ci-script", "role": "operator", "token_env": "T_TOKEN"}]}}
+SECRETS = {"T_VERA": "v-pass", "T_OTTO": "o-pass", "T_ADA": "a-pass", "T_TOKEN": "tok-123"}
+
+
+@pytest.fixture
+def secured(fleet, tmp_path):
+    fleet.configure(deep_merge(FAST, USERS))
+    auth = Authenticator(fleet.config.dashboard, env=SECRETS)
+    board = start_dashboard(fleet.config, f"sqlite:///{tmp_path / 'd.sqlite'}", auth=auth)
+    yield board
+    board.stop()
+
+
+def test_roles_decide_what_each_user_may_do(secured):
+    base = secured.base
+    r = requests.get(f"{base}/api/workers", timeout=10)
+    assert r.status_code == 401 and "authentication required" in r.json()["error"]
+    assert "www-authenticate" not in {k.lower() for k in r.headers}
+    assert requests.get(f"{base}/api/fleet/queues", auth=("vera", "wrong"),
+                        timeout=10).status_code == 401
+    assert requests.get(f"{base}/api/fleet/queues", auth=("vera", "v-pass"),
+                        timeout=10).status_code == 200
+    # a viewer reads but does not act
+    r = requests.post(f"{base}/api/fleet/queues/heavy/pause", auth=("vera", "v-pass"),
+                      timeout=10)
+    assert r.status_code == 403 and "vera is viewer; this needs admin" in r.json()["error"]
+    # an operator may not pause queues (admin) nor read... but may see the audit log
+    r = requests.post(f"{base}/api/fleet/queues/heavy/pause", auth=("otto", "o-pass"),
+                      timeout=10)
+    assert r.status_code == 403
+    assert requests.get(f"{base}/api/fleet/audit", auth=("vera", "v-pass"),
+                        timeout=10).status_code == 403
+    # the admin may; the audit log names who did it
+    r = requests.post(f"{base}/api/fleet/queues/heavy/pause", auth=("ada", "a-pass"),
+                      timeout=10)
+    assert r.status_code == 200, r.text
+    # a script's token (Bearer) acts with its role
+    headers = {"Authorization": "Bearer tok-123"}
+    me = requests.get(f"{base}/api/fleet/me", headers=headers, timeout=10).json()
+    assert me == {"name": "ci-script", "role": "operator", "via": "token",
+                  "may": ["viewer", "operator"]}
+    r = requests.post(f"{base}/api/fleet/queues/heavy/resume", headers=headers, timeout=10)
+    assert r.status_code == 403
+    audit = requests.get(f"{base}/api/fleet/audit", headers=headers, timeout=10).json()
+    assert [(a["user"], a["action"]) for a in audit] == [("ada", "queue.pause")]
+    assert requests.get(f"{base}/metrics", timeout=10).status_code == 401
+    assert requests.get(f"{base}/metrics", headers=headers, timeout=10).status_code == 200
+
+
+def test_browser_sessions_need_the_csrf_token_and_same_origin(secured):
+    s = requests.Session()
+    r = s.get(f"{secured.base}/", allow_redirects=False, timeout=10)
+    assert r.status_code == 303 and r.headers["location"].endswith("/login")
+    r = s.post(f"{secured.base}/login", data={"username": "ada", "password": "nope"},
+               timeout=10)
+    assert "Wrong user name or password" in r.text
+    r = s.post(f"{secured.base}/login", data={"username": "ada", "password": "a-pass"},
+               timeout=10)
+    assert r.status_code == 200 and "fleet-csrf" in r.text
+    csrf = r.text.split('name="fleet-csrf" content="')[1].split('"')[0]
+    assert len(csrf) > 10 and "a-pass" not in r.text
+    url = f"{secured.base}/api/fleet/queues/io/pause"
+    r = s.post(url, timeout=10)
+    assert r.status_code == 403 and "X-CSRF-Token" in r.json()["error"]
+    r = s.post(url, headers={"X-CSRF-Token": csrf, "Origin": "http://evil.example"},
+               timeout=10)
+    assert r.status_code == 403 and "cross-origin" in r.json()["error"]
+    r = s.post(url, headers={"X-CSRF-Token": csrf}, timeout=10)
+    assert r.status_code == 200, r.text
+    s.get(f"{secured.base}/logout", timeout=10)
+    assert s.get(f"{secured.base}/api/fleet/queues", timeout=10).status_code == 401
+
+
+def test_missing_secrets_are_named(fleet):
+    fleet.configure(USERS)
+    with pytest.raises(AuthConfigError) as err:
+        Authenticator(fleet.config.dashboard, env={"T_VERA": "x"})
+    message = str(err.value)
+    assert "dashboard.users[otto].password_env: $T_OTTO is not set" in message
+    assert "dashboard.tokens[ci-script].token_env: $T_TOKEN is not set" in message
+
+
+def test_served_under_a_url_prefix_as_behind_an_ingress(fleet, tmp_path):
+    board = start_dashboard(fleet.config, f"sqlite:///{tmp_path / 'd.sqlite'}",
+                            url_prefix="/ops/fleet/")
+    try:
+        root = board.base.removesuffix("/ops/fleet")
+        assert board.base.endswith("/ops/fleet")
+        r = requests.get(root + "/", allow_redirects=False, timeout=10)
+        assert r.status_code in (302, 307) and r.headers["location"] == "/ops/fleet/"
+        page = board.get("/").text
+        assert 'content="/ops/fleet"' in page and 'src="/ops/fleet/static/app.js"' in page
+        assert board.get("/static/app.js").status_code == 200
+        assert board.get("/api/fleet/queues").status_code == 200
+        spec = board.json("/openapi.json")
+        assert "/api/task/info/{task_id}" in spec["paths"]
+        assert requests.get(root + "/api/fleet/queues", timeout=10).status_code == 404
+    finally:
+        board.stop()
+
+
+def run_cli(fleet, *args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "fleet.cli", *args, "--config",
+                           str(fleet.config_path)], cwd=ROOT, env=fleet.env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_no_unauthenticated_dashboard_on_a_public_address(fleet):
+    done = run_cli(fleet, "dashboard", "--address", "0.0.0.0", "--port", str(free_port()),
+                   "--database", f"sqlite:///{fleet.tmp_path / 'd.sqlite'}")
+    assert done.returncode == 2
+    assert "refusing to serve the dashboard on 0.0.0.0 without authentication" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_bad_database_url_is_one_clear_line(fleet):
+    done = run_cli(fleet, "dashboard", "--port", str(free_port()), "--database",
+                   "postgresql://nobody:secret@127.0.0.1:1/none")
+    assert done.returncode == 2
+    assert "cannot open the dashboard database" in done.stderr
+    assert "secret" not in done.stderr and "Traceback" not in done.stderr

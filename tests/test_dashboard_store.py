@@ -1,0 +1,148 @@
+"""The dashboard's store on both databases: upserts that tolerate out-of-order events,
+caps by count and age, offline workers, and everything still there after a restart."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import psycopg
+import pytest
+from sqlalchemy import func, select
+
+from fleet.dashboard.events import Batch
+from fleet.dashboard.store import Store, StoreError, tasks
+
+QUEUES = frozenset({"default", "heavy"})
+
+
+@pytest.fixture
+def postgres_url():
+    """A database of its own on the machine's PostgreSQL, dropped afterwards."""
+    name = f"fleet_t{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect("postgresql://postgres@127.0.0.1/test", autocommit=True,
+                                connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is needed for this test: {exc}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql://postgres@127.0.0.1/{name}"
+    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'dash.sqlite'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def fold(*events) -> Batch:
+    batch = Batch(QUEUES)
+    for e in events:
+        batch.add(e)
+    return batch
+
+
+def write(store: Store, *events) -> None:
+    batch = fold(*events)
+    store.write(list(batch.tasks.values()), batch.workers.values())
+
+
+def count(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(tasks)).scalar()
+
+
+def test_events_across_batches_and_out_of_order_settle_on_the_right_state(store_url):
+    store = Store(store_url)
+    t = time.time()
+    write(store, {"type": "task-received", "uuid": "a", "name": "tasks.x", "args": "[1]",
+                  "hostname": "heavy@h", "timestamp": t})
+    # succeeded arrives before started (separate connections): it must stay SUCCESS.
+    write(store, {"type": "task-succeeded", "uuid": "a", "result": "3", "runtime": 0.5,
+                  "hostname": "heavy@h", "timestamp": t + 2})
+    write(store, {"type": "task-started", "uuid": "a", "hostname": "heavy@h",
+                  "timestamp": t + 1})
+    with store.engine.connect() as conn:
+        row = conn.execute(select(tasks).where(tasks.c.uuid == "a")).one()
+    assert (row.state, row.name, row.queue, row.worker) == ("SUCCESS", "tasks.x", "heavy",
+                                                            "heavy@h")
+    assert (row.args, row.result, row.runtime) == ("[1]", "3", 0.5)
+    assert row.started == t + 1 and row.succeeded == t + 2
+    # a retry gives way to the next attempt
+    write(store, {"type": "task-retried", "uuid": "b", "name": "n", "timestamp": t,
+                  "hostname": "default@h", "exception": "E()"},
+          {"type": "task-received", "uuid": "b", "retries": 1, "timestamp": t + 1,
+           "hostname": "default@h"})
+    with store.engine.connect() as conn:
+        row = conn.execute(select(tasks).where(tasks.c.uuid == "b")).one()
+    assert (row.state, row.retries) == ("RECEIVED", 1)
+    store.close()
+
+
+def test_cap_by_count_keeps_the_newest_and_by_age_drops_the_old(store_url):
+    store = Store(store_url)
+    now = time.time()
+    for start in range(0, 3000, 1000):
+        write(store, *({"type": "task-received", "uuid": f"t{i}", "name": "n",
+                        "timestamp": now - 10_000 + i, "hostname": "default@h"}
+                       for i in range(start, start + 1000)))
+    assert count(store) == 3000
+    store.prune_tasks(max_count=1200, max_age=10**9, now=now)
+    assert count(store) == 1200
+    with store.engine.connect() as conn:
+        kept = set(conn.execute(select(tasks.c.uuid)).scalars())
+    assert kept == {f"t{i}" for i in range(1800, 3000)}
+    # now by age: everything first seen more than 500 s ago goes
+    store.prune_tasks(max_count=10**6, max_age=10_000 - 2500, now=now)
+    with store.engine.connect() as conn:
+        kept = set(conn.execute(select(tasks.c.uuid)).scalars())
+    assert kept == {f"t{i}" for i in range(2500, 3000)}
+    store.close()
+
+
+def test_workers_go_offline_then_are_purged(store_url):
+    store = Store(store_url)
+    now = time.time()
+    write(store, {"type": "worker-heartbeat", "hostname": "default@a", "timestamp": now - 30,
+                  "freq": 2.0, "active": 0, "processed": 5},
+          {"type": "worker-heartbeat", "hostname": "default@b", "timestamp": now,
+           "freq": 2.0, "active": 1, "processed": 1},
+          {"type": "task-succeeded", "uuid": "x", "hostname": "default@b", "timestamp": now})
+    assert store.mark_offline(now, silent_for=10) == ["default@a"]
+    assert store.purge_offline(now + 5, after=10) == 0
+    assert store.purge_offline(now + 11, after=10) == 1
+    with store.engine.connect() as conn:
+        from fleet.dashboard.store import workers
+
+        rows = conn.execute(select(workers)).all()
+    assert [(r.hostname, r.status, r.succeeded) for r in rows] == [("default@b", "online", 1)]
+    store.close()
+
+
+def test_everything_survives_a_restart(store_url):
+    store = Store(store_url)
+    write(store, {"type": "task-received", "uuid": "keep-me", "name": "n",
+                  "timestamp": time.time(), "hostname": "default@h"})
+    store.record_action(user="ann", role="admin", action="queue.pause", target="heavy",
+                        params={}, outcome="paused", ok=True)
+    store.close()
+    again = Store(store_url)
+    from fleet.dashboard.views import Views
+
+    views = Views(again)
+    assert views.task("keep-me")["name"] == "n"
+    assert [a["action"] for a in views.audit()] == ["queue.pause"]
+    again.close()
+
+
+@pytest.mark.parametrize("url, says", [
+    ("not a url", "is not a SQLAlchemy URL"),
+    ("mysql://root@127.0.0.1/test", "only sqlite and postgresql"),
+    ("postgresql://nobody@127.0.0.1:1/none", "cannot open the dashboard database"),
+])
+def test_a_bad_database_url_is_a_clear_error(url, says):
+    with pytest.raises(StoreError, match=says):
+        Store(url)
