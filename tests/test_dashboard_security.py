@@ -139,3 +139,36 @@ def test_a_bad_database_url_is_one_clear_line(fleet):
     assert done.returncode == 2
     assert "cannot open the dashboard database" in done.stderr
     assert "secret" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def oidc(fleet, tmp_path):
+    from .oidc_provider import Provider
+
+    provider = Provider("fleet-dashboard", "s3cret").start()
+    fleet.configure(deep_merge(FAST, {"dashboard": {"oidc": {
+        "issuer": provider.issuer, "client_id": "fleet-dashboard",
+        "client_secret_env": "T_OIDC_SECRET", "groups_claim": "groups",
+        "roles": {"ops": "operator", "platform": "admin"}}}}))
+    auth = Authenticator(fleet.config.dashboard, env={"T_OIDC_SECRET": "s3cret"})
+    board = start_dashboard(fleet.config, f"sqlite:///{tmp_path / 'd.sqlite'}", auth=auth,
+                            url_prefix="/fleet")
+    yield provider, board
+    board.stop()
+    provider.stop()
+
+
+def test_single_sign_on_with_an_oidc_provider_maps_groups_to_roles(oidc):
+    provider, board = oidc
+    s = requests.Session()
+    assert "/fleet/login/oidc" in s.get(f"{board.base}/login", timeout=10).text
+    page = s.get(f"{board.base}/login/oidc", timeout=10)
+    assert page.status_code == 200 and "olga (operator)" in page.text
+    me = s.get(f"{board.base}/api/fleet/me", timeout=10).json()
+    assert (me["name"], me["role"], me["via"]) == ("olga", "operator", "session")
+    # a user in no mapped group gets no role (default_role is unset)
+    provider.user = {"sub": "u-2", "preferred_username": "mallory", "groups": ["sales"]}
+    other = requests.Session()
+    r = other.get(f"{board.base}/login/oidc", timeout=10)
+    assert r.status_code == 403 and "mallory signed in but has no dashboard role" in r.text
+    assert other.get(f"{board.base}/api/fleet/me", timeout=10).status_code == 401

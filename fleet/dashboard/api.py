@@ -24,9 +24,12 @@ from fleet.dashboard.auth import LEVEL, SESSION_COOKIE, SESSION_MAX_AGE, Princip
 from fleet.dashboard.control import ControlError
 from fleet.dashboard.service import DashboardService
 from fleet.dashboard.views import TaskFilter, flower_task
-from fleet.errors import FleetError, UnknownJobError
+from fleet.errors import FleetError, JobInputError, UnknownJobError
+from fleet.jobs.submit import registered_task
 
 STATIC = Path(__file__).parent / "static"
+#: /api/task/result?timeout= waits at most this long (a request must not hang a client).
+RESULT_WAIT_MAX = 10.0
 
 
 class Denied(Exception):
@@ -319,7 +322,7 @@ def create_api(svc: DashboardService) -> FastAPI:
         result = svc.app.AsyncResult(task_id)
         if timeout:
             try:
-                result.get(timeout=min(timeout, 60), propagate=False)
+                result.get(timeout=min(timeout, RESULT_WAIT_MAX), propagate=False)
             except Exception:
                 pass  # Flower answers with the state it has
         body: dict[str, Any] = {"task-id": task_id, "state": result.state}
@@ -334,8 +337,10 @@ def create_api(svc: DashboardService) -> FastAPI:
     async def async_apply(request: Request, name: str):
         principal = acting(request, "operator")
         body = await params(request)
-        if name not in svc.app.tasks:
-            raise Denied(404, f"Unknown task '{name}'")
+        try:
+            registered_task(svc.app, name)
+        except JobInputError as exc:
+            raise Denied(404, f"Unknown task '{name}' ({exc})") from None
         args, kwargs = body.get("args", []), body.get("kwargs", {})
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise Denied(400, "args must be a list and kwargs an object")

@@ -15,14 +15,19 @@ import threading
 import time
 from collections.abc import Callable
 
+import redis
+
 from fleet.config import FleetConfig
+from fleet.dashboard import eventstream
 from fleet.dashboard.events import Batch
 from fleet.dashboard.store import Store
 
 logger = logging.getLogger("fleet.dashboard")
 
 #: Unique tasks in one batch above which the receiver waits for the writer.
-MAX_BATCH_TASKS = 20_000
+MAX_BATCH_TASKS = 8_000
+#: Unique tasks in one batch at which the writer is woken before its interval is up.
+FLUSH_AT = 4_000
 PRUNE_EVERY = 2.0
 HISTORY_EVERY = 60.0
 
@@ -55,6 +60,8 @@ class Ingester:
             while len(self._batch.tasks) >= MAX_BATCH_TASKS:
                 self._lock.wait(1.0)
             self._batch.add(event)
+            if len(self._batch.tasks) == FLUSH_AT:
+                self._lock.notify_all()
 
     def _new_batch(self) -> Batch:
         return Batch(self._queues, self.worker_queues)
@@ -113,7 +120,10 @@ class Ingester:
     # -- threads -------------------------------------------------------------------
 
     def run_writer(self, stop: threading.Event) -> None:
-        while not stop.wait(self.settings.flush_interval):
+        while not stop.is_set():
+            with self._lock:
+                if len(self._batch.tasks) < FLUSH_AT:
+                    self._lock.wait(self.settings.flush_interval)
             self._step()
         self._step()
 
@@ -125,36 +135,57 @@ class Ingester:
             logger.exception("dashboard: writing events failed; retrying")
 
     def run_receiver(self, app, stop: threading.Event) -> None:
-        """Capture every event from the broker, reconnecting with backoff when it drops.
+        """Capture every event from the broker, reconnecting with backoff when it drops:
+        straight off Redis pub/sub (eventstream.py), else through Celery's Receiver."""
+        if self.config.broker.url.startswith(("redis://", "rediss://", "unix://")):
+            self._retrying(stop, lambda: self._from_redis(stop))
+        else:
+            self._retrying(stop, lambda: self._from_receiver(app, stop))
 
-        kombu's consumer loop wakes every second to check ``should_stop``; the stop event
-        is relayed there, so shutdown takes at most a second.
-        """
-        receiver = None
+    def _set_connected(self, value: bool) -> None:
+        self.connected = value
 
-        def relay() -> None:
-            stop.wait()
-            if receiver is not None:
-                receiver.should_stop = True
+    def _from_redis(self, stop: threading.Event) -> None:
+        client = redis.Redis.from_url(self.config.broker.url, socket_connect_timeout=5,
+                                      socket_keepalive=True, health_check_interval=30)
+        try:
+            eventstream.consume(self.config, client, self.feed, stop, self._set_connected)
+        finally:
+            client.close()
 
-        threading.Thread(target=relay, name="dashboard-stop-relay", daemon=True).start()
+    def _from_receiver(self, app, stop: threading.Event) -> None:
+        with app.connection_for_read() as conn:
+            receiver = app.events.Receiver(conn, handlers={"*": self.feed})
+            relay = threading.Thread(target=_relay, args=(stop, receiver), daemon=True)
+            relay.start()
+            self.connected = True
+            try:
+                receiver.capture(limit=None, timeout=None, wakeup=False)
+            finally:
+                self.connected = False
+
+    def _retrying(self, stop: threading.Event, run: Callable[[], None]) -> None:
         wait = 1.0
         while not stop.is_set():
+            started = time.monotonic()
             try:
-                with app.connection_for_read() as conn:
-                    receiver = app.events.Receiver(conn, handlers={"*": self.feed})
-                    if stop.is_set():
-                        break
-                    self.connected = True
-                    wait = 1.0
-                    receiver.capture(limit=None, timeout=None, wakeup=False)
+                run()
             except Exception as exc:  # broker down or gone away: retry, never die
                 self.connected = False
                 if stop.is_set():
                     break
+                if time.monotonic() - started > 60:
+                    wait = 1.0  # it ran for a while: this is a new outage
                 logger.warning("dashboard: event stream lost (%s); reconnecting in %.0fs",
                                exc, wait)
                 stop.wait(wait)
                 wait = min(30.0, wait * 2)
         self.connected = False
 
+
+def _relay(stop: threading.Event, receiver) -> None:
+    """kombu's consumer loop checks ``should_stop`` every second: relay the stop there."""
+    while not stop.wait(1.0):
+        if receiver.should_stop:
+            return
+    receiver.should_stop = True
