@@ -95,6 +95,10 @@ def fleet_ingester(workdir: Path):
     from fleet.dashboard.store import Store
 
     config = load_config(ROOT / "queues.yaml")
+    cap = int(os.environ.get("BENCH_CAP", "0"))
+    if cap:
+        config = config.model_copy(update={"dashboard": config.dashboard.model_copy(
+            update={"max_tasks": cap})})
     store = Store(f"sqlite:///{workdir / 'bench.sqlite'}")
     return Ingester(config, store)
 
@@ -301,6 +305,9 @@ def main() -> None:
     p.add_argument("--tasks", default="100000,1000000",
                    help="comma-separated task counts for the in-process run")
     p.add_argument("--e2e", type=int, default=100_000, help="tasks end to end (0: skip)")
+    p.add_argument("--fleet-cap", type=int, default=0,
+                   help="also run the dashboard alone with this many tasks kept (e.g. "
+                        "1000000: memory with every task stored)")
     p.add_argument("--child", nargs=2, metavar=("SIDE", "TASKS"), help=argparse.SUPPRESS)
     p.add_argument("--child-e2e", nargs=3, metavar=("SIDE", "TASKS", "URL"),
                    help=argparse.SUPPRESS)
@@ -323,6 +330,12 @@ def main() -> None:
               f"{d['peak_rss_mib']:>11.0f}{f['stored']:>8}/{d['stored']:<7}")
         print(f"{'  (RSS at start)':<22}{'':>9}{'':>10}{'':>13}{'':>12}{'':>7}"
               f"{f['start_rss_mib']:>12.0f}{d['start_rss_mib']:>11.0f}")
+    if args.fleet_cap:
+        tasks = max(int(t) for t in args.tasks.split(",") if t)
+        d = child(["--child", "fleet", str(tasks)], {"BENCH_CAP": str(args.fleet_cap)})
+        print(f"{'fleet, cap ' + format(args.fleet_cap, ','):<22}{tasks:>9}{d['events']:>10}"
+              f"{'':>13}{d['rate']:>12,.0f}{'':>7}{'':>12}{d['peak_rss_mib']:>11.0f}"
+              f"{'':>8}/{d['stored']:<7}")
     if args.e2e:
         f, d = e2e(args.e2e)
         print(f"{'through Redis':<22}{args.e2e:>9}{f['events']:>10}{f['rate']:>13,.0f}"

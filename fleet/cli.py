@@ -304,15 +304,26 @@ def up(demo: bool, records: int, exit_when_done: bool, workdir: str, dashboard_p
 @click.option("--url-prefix", default="", help="Serve under this path (behind an ingress).")
 @click.option("--database", default=None,
               help="SQLAlchemy URL (default: dashboard.database from queues.yaml).")
+@click.option("--admin-token-env", default=None, metavar="VAR",
+              help="Also accept the API token in $VAR with the admin role (for a "
+                   "Kubernetes Secret; the dashboard refuses to start if VAR is unset).")
 @click.option("--insecure-no-auth", is_flag=True,
               help="Serve without authentication on a non-loopback address.")
 @pass_config_path
 def dashboard(address: str, port: int, url_prefix: str, database: str | None,
-              insecure_no_auth: bool, config_path: str | None) -> None:
+              admin_token_env: str | None, insecure_no_auth: bool,
+              config_path: str | None) -> None:
     """The dashboard: workers, queues, tasks, jobs, autoscaler; REST API and /metrics."""
+    from fleet.config import DashboardToken
     from fleet.dashboard.server import DashboardServer
 
-    server = DashboardServer(_load(config_path), address=address, port=port,
+    config = _load(config_path)
+    if admin_token_env:
+        board = config.dashboard
+        token = DashboardToken(name="admin-token", role="admin", token_env=admin_token_env)
+        config = config.model_copy(update={"dashboard": board.model_copy(
+            update={"tokens": [*board.tokens, token]})})
+    server = DashboardServer(config, address=address, port=port,
                              url_prefix=url_prefix, database=database,
                              insecure=insecure_no_auth, log_level="info")
     click.echo(f"dashboard on {server.url} (API spec at {server.url}docs)")

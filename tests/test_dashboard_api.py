@@ -222,3 +222,47 @@ def test_broker_down_gives_clear_errors_not_tracebacks(fleet, tmp_path):
         assert overview["events_connected"] is False
     finally:
         board.stop()
+
+
+def test_jobs_page_retry_and_revoke(fleet, board, tmp_path):
+    import json
+
+    from fleet.jobs.submit import JobSpec, submit
+
+    data = tmp_path / "in.jsonl"
+    rows = [{"region": "n", "amount": 1}] * 25 + [{"amount": 1}] + [{"region": "s"}] * 4
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    app = fleet.app()
+    fleet.start_worker("default")
+    job = submit(app, JobSpec(task="tasks.aggregate.sum_by", input=str(data), chunk_size=10,
+                              kwargs={"group_by": "region", "fields": ["amount"]}))
+
+    def settled():
+        jobs = {j["id"]: j for j in board.json("/api/fleet/jobs")}
+        j = jobs.get(job.job_id)
+        return j and j["done"] == 2 and j["failed"] == 1 and j
+    wait_for(settled, 30, what="the job to show 2 chunks done and 1 failed")
+    chunks = {f"{job.job_id}.{i}" for i in range(3)}
+
+    def with_tasks():
+        detail = board.json(f"/api/fleet/jobs/{job.job_id}")
+        ended = {t["uuid"] for t in detail["tasks"] if t["state"] in ("SUCCESS", "FAILURE")}
+        return ended == chunks and detail
+    detail = wait_for(with_tasks, 15, what="the job's chunk tasks to be stored")
+    assert [c["index"] for c in detail["failed_chunks"]] == [2]
+    assert "has no field 'region'" in detail["failed_chunks"][0]["error"]
+
+    r = board.post(f"/api/fleet/jobs/{job.job_id}/retry")
+    assert r.status_code == 200 and r.json() == {"message": f"{job.job_id}: 1 chunks sent again"}
+
+    # a job nobody serves yet: revoking it ends it and says who did
+    idle = submit(app, JobSpec(task="tasks.io.fetch", input=str(data), chunk_size=10))
+    r = board.post(f"/api/fleet/jobs/{idle.job_id}/revoke")
+    assert r.status_code == 200 and r.json()["message"] == f"{idle.job_id}: revoked 4 tasks"
+    status = board.json(f"/api/fleet/jobs/{idle.job_id}")
+    assert (status["state"], status["error"]) == ("failed", "revoked by anonymous")
+
+    r = board.post("/api/fleet/jobs/job-000000000000/retry")
+    assert r.status_code == 404 and "job-000000000000" in r.json()["error"]
+    actions = [(a["action"], a["ok"]) for a in board.json("/api/fleet/audit")]
+    assert actions[:3] == [("job.retry", False), ("job.revoke", True), ("job.retry", True)]

@@ -127,8 +127,10 @@ def test_every_page_live_data_and_control_actions(fleet, tmp_path, browser, shot
         page.wait_for_selector("#queues >> text=heavy (paused)", timeout=10_000)
         page.screenshot(path=str(shots / "queues.png"), full_page=True)
 
+        # the autoscaler's next decision holds the paused queue at zero, with its reason
+        run_autoscaler_once(fleet)
         page.click("nav >> text=Autoscaler")
-        page.wait_for_selector("#latest")
+        page.wait_for_selector("#decisions >> text=bounds 0..0", timeout=15_000)
         page.screenshot(path=str(shots / "autoscaler.png"), full_page=True)
         page.click("nav >> text=Broker")
         page.wait_for_selector("#broker >> text=default")
@@ -142,6 +144,24 @@ def test_every_page_live_data_and_control_actions(fleet, tmp_path, browser, shot
     finally:
         page.close()
         board.stop()
+
+
+def run_autoscaler_once(fleet) -> None:
+    """One poll of the real autoscaler loop over a backend that reports 2 replicas each."""
+    from autoscale.backends.base import Backend
+    from autoscale.loop import Autoscaler
+    from autoscale.metrics import RedisMetrics
+    from fleet.keys import broker_client
+
+    class TwoEach(Backend):
+        def replicas(self):
+            return dict.fromkeys(fleet.config.queues, 2)
+
+        def scale(self, queue, replicas, workers):
+            pass
+
+    Autoscaler(fleet.config, RedisMetrics(fleet.config, broker_client(fleet.config)),
+               TwoEach()).run_once()
 
 
 def test_a_viewer_cannot_act_from_the_page(fleet, tmp_path, browser):

@@ -172,3 +172,17 @@ def test_single_sign_on_with_an_oidc_provider_maps_groups_to_roles(oidc):
     r = other.get(f"{board.base}/login/oidc", timeout=10)
     assert r.status_code == 403 and "mallory signed in but has no dashboard role" in r.text
     assert other.get(f"{board.base}/api/fleet/me", timeout=10).status_code == 401
+
+
+def test_the_kubernetes_way_an_admin_token_from_a_secret(fleet):
+    """k8s/base starts the dashboard with --admin-token-env and an empty Secret: it must
+    refuse to start until an overlay sets the token, and work once it does."""
+    env = {**fleet.env, "FLEET_DASHBOARD_TOKEN": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "dashboard", "--address", "0.0.0.0", "--port",
+         str(free_port()), "--admin-token-env", "FLEET_DASHBOARD_TOKEN", "--database",
+         f"sqlite:///{fleet.tmp_path / 'd.sqlite'}", "--config", str(fleet.config_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert "dashboard.tokens[admin-token].token_env: $FLEET_DASHBOARD_TOKEN is not set" \
+        in done.stderr

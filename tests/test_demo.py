@@ -79,10 +79,11 @@ def test_ctrl_c_stops_everything_and_leaves_no_orphans(fleet):
                  what="the demo jobs to finish")
         assert f"dashboard on http://127.0.0.1:{port}/" in log.read_text()
         # The dashboard fleet up started saw both demo jobs through to the end.
-        jobs = wait_for(lambda: [j for j in requests.get(
-            f"http://127.0.0.1:{port}/api/fleet/jobs", timeout=5).json()
-            if j["state"] == "succeeded"] or None, 30, what="the dashboard to list the jobs")
-        assert len(jobs) == 2
+        def both_succeeded():
+            jobs = requests.get(f"http://127.0.0.1:{port}/api/fleet/jobs", timeout=5).json()
+            return [j for j in jobs if j["state"] == "succeeded"] if len(jobs) == 2 else None
+        jobs = wait_for(both_succeeded, 30, what="the dashboard to list the jobs")
+        assert len(jobs) == 2, jobs
         tree = descendants(proc.pid)
         assert any("redis-server" in " ".join(p.cmdline()) for p in tree)
         assert any("--queue default" in " ".join(p.cmdline()) for p in tree)

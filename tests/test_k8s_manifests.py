@@ -82,6 +82,30 @@ def of_kind(objects: list[dict], kind: str) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
 
 
+def broker_secret(objects: list[dict]) -> dict:
+    found = [o for n, o in of_kind(objects, "Secret").items() if n.startswith("fleet-broker")]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_the_dashboard_is_deployed_with_auth_a_volume_and_probes():
+    objects = kustomize("base")
+    dep = of_kind(objects, "Deployment")["fleet-dashboard"]
+    spec = dep["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    command = container["command"]
+    assert command[:2] == ["fleet", "dashboard"] and "--insecure-no-auth" not in command
+    assert command[command.index("--admin-token-env") + 1] == "FLEET_DASHBOARD_TOKEN"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthcheck"
+    assert spec["automountServiceAccountToken"] is False
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    token = [o for n, o in of_kind(objects, "Secret").items()
+             if n.startswith("fleet-dashboard")]
+    assert len(token) == 1 and secret_value(token[0], "token") == ""
+    claim = spec["volumes"][1]["persistentVolumeClaim"]["claimName"]
+    assert claim in of_kind(objects, "PersistentVolumeClaim")
+
+
 def one(objects: list[dict], kind: str) -> dict:
     found = list(of_kind(objects, kind).values())
     assert len(found) == 1, f"expected one {kind}, got {[o['metadata']['name'] for o in found]}"
@@ -126,18 +150,18 @@ def test_kustomize_renders(path: str):
 def test_base_has_redis_autoscaler_config_and_secret():
     objects = kustomize("base")
     assert set(of_kind(objects, "StatefulSet")) == {"redis"}
-    assert set(of_kind(objects, "Service")) == {"redis"}
-    assert "fleet-autoscaler" in of_kind(objects, "Deployment")
+    assert set(of_kind(objects, "Service")) == {"redis", "fleet-dashboard"}
+    assert {"fleet-autoscaler", "fleet-dashboard"} <= set(of_kind(objects, "Deployment"))
     assert set(of_kind(objects, "ServiceAccount")) == {"fleet-autoscaler"}
     mounted_config(objects)
-    one(objects, "Secret")
+    broker_secret(objects)
 
 
 def test_external_redis_overlay_drops_redis_and_points_elsewhere():
     objects = kustomize("overlays/external-redis")
     assert not of_kind(objects, "StatefulSet")
-    assert not of_kind(objects, "Service")
-    url = urlparse(secret_value(one(objects, "Secret"), "url"))
+    assert set(of_kind(objects, "Service")) == {"fleet-dashboard"}
+    url = urlparse(secret_value(broker_secret(objects), "url"))
     assert url.hostname == "redis.example.internal" and url.path == "/2"
     config = mounted_config(objects)
     assert config.payloads.store == "s3"
@@ -351,8 +375,8 @@ def test_every_reference_resolves(path: str):
 
 def test_in_cluster_secret_points_at_the_redis_service():
     objects = kustomize("base")
-    service = one(objects, "Service")
-    secret = one(objects, "Secret")
+    service = of_kind(objects, "Service")["redis"]
+    secret = broker_secret(objects)
     host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
     port = service["spec"]["ports"][0]["port"]
     url = urlparse(secret_value(secret, "url"))

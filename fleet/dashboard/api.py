@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl
 
 import redis
@@ -28,6 +28,9 @@ from fleet.errors import FleetError, JobInputError, UnknownJobError
 from fleet.jobs.submit import registered_task
 
 STATIC = Path(__file__).parent / "static"
+#: Integers the database (SQLite: 64-bit) can take, and what a control argument may be.
+MAX_INT = 2**62
+MAX_NUMBER = 10**6
 #: /api/task/result?timeout= waits at most this long (a request must not hang a client).
 RESULT_WAIT_MAX = 10.0
 
@@ -130,9 +133,12 @@ def create_api(svc: DashboardService) -> FastAPI:
         if value is None:
             return None
         try:
-            return kind(value)
-        except (TypeError, ValueError):
+            out = kind(value)
+        except (TypeError, ValueError, OverflowError):
             raise Denied(400, f"{name} must be a number (got {value!r})") from None
+        if not -MAX_NUMBER <= out <= MAX_NUMBER or out != out:  # NaN is not equal to itself
+            raise Denied(400, f"{name} is out of range (got {value!r})")
+        return out
 
     def act(principal: Principal, action: str, target: str, args: dict, call) -> dict:
         try:
@@ -230,67 +236,48 @@ def create_api(svc: DashboardService) -> FastAPI:
             raise Denied(404, f"Unknown worker '{workername}'")
         return info
 
-    @api.post("/api/worker/shutdown/{name}", tags=["flower"])
-    async def shutdown(request: Request, name: str):
-        principal = acting(request, "admin")
-        known_worker(name)
-        return act(principal, "worker.shutdown", name, {}, lambda: svc.control.shutdown(name))
+    # Flower's worker controls: (path, role, arguments, call). One handler shape for all:
+    # role and CSRF, Flower-style arguments, a known worker, the audited call.
+    def n_arg(args: dict) -> dict:
+        return {"n": number(args, "n", 1)}
 
-    @api.post("/api/worker/pool/restart/{name}", tags=["flower"])
-    async def pool_restart(request: Request, name: str):
-        principal = acting(request, "operator")
-        known_worker(name)
-        return act(principal, "worker.pool_restart", name, {},
-                   lambda: svc.control.pool_restart(name))
+    def bounds_arg(args: dict) -> dict:
+        return {"min": number(args, "min", 0), "max": number(args, "max", 0)}
 
-    @api.post("/api/worker/pool/grow/{name}", tags=["flower"])
-    async def pool_grow(request: Request, name: str):
-        principal = acting(request, "operator")
-        args = await params(request)
-        known_worker(name)
-        n = number(args, "n", 1)
-        return act(principal, "worker.pool_grow", name, {"n": n},
-                   lambda: svc.control.pool_grow(name, n))
+    def queue_arg(args: dict) -> dict:
+        return {"queue": args.get("queue") or _missing("queue")}
 
-    @api.post("/api/worker/pool/shrink/{name}", tags=["flower"])
-    async def pool_shrink(request: Request, name: str):
-        principal = acting(request, "operator")
-        args = await params(request)
-        known_worker(name)
-        n = number(args, "n", 1)
-        return act(principal, "worker.pool_shrink", name, {"n": n},
-                   lambda: svc.control.pool_shrink(name, n))
+    c = svc.control
+    worker_actions = [
+        ("shutdown", "admin", None, lambda w, a: c.shutdown(w)),
+        ("pool/restart", "operator", None, lambda w, a: c.pool_restart(w)),
+        ("pool/grow", "operator", n_arg, lambda w, a: c.pool_grow(w, a["n"])),
+        ("pool/shrink", "operator", n_arg, lambda w, a: c.pool_shrink(w, a["n"])),
+        ("pool/autoscale", "operator", bounds_arg,
+         lambda w, a: c.pool_autoscale(w, a["min"], a["max"])),
+        ("queue/add-consumer", "operator", queue_arg, lambda w, a: c.add_consumer(w, a["queue"])),
+        ("queue/cancel-consumer", "operator", queue_arg,
+         lambda w, a: c.cancel_consumer(w, a["queue"])),
+    ]
 
-    @api.post("/api/worker/pool/autoscale/{name}", tags=["flower"])
-    async def pool_autoscale(request: Request, name: str):
-        principal = acting(request, "operator")
-        args = await params(request)
-        known_worker(name)
-        lo, hi = number(args, "min", 0), number(args, "max", 0)
-        return act(principal, "worker.pool_autoscale", name, {"min": lo, "max": hi},
-                   lambda: svc.control.pool_autoscale(name, lo, hi))
+    def worker_route(path: str, role: str, parse, call) -> None:
+        action = "worker." + path.removeprefix("queue/").replace("/", "_").replace("-", "_")
 
-    @api.post("/api/worker/queue/add-consumer/{name}", tags=["flower"])
-    async def add_consumer(request: Request, name: str):
-        principal = acting(request, "operator")
-        args = await params(request)
-        known_worker(name)
-        queue = args.get("queue") or _missing("queue")
-        return act(principal, "worker.add_consumer", name, {"queue": queue},
-                   lambda: svc.control.add_consumer(name, queue))
+        async def handler(request: Request, name: str):
+            principal = acting(request, role)
+            args = parse(await params(request)) if parse else {}
+            known_worker(name)
+            return act(principal, action, name, args, lambda: call(name, args))
 
-    @api.post("/api/worker/queue/cancel-consumer/{name}", tags=["flower"])
-    async def cancel_consumer(request: Request, name: str):
-        principal = acting(request, "operator")
-        args = await params(request)
-        known_worker(name)
-        queue = args.get("queue") or _missing("queue")
-        return act(principal, "worker.cancel_consumer", name, {"queue": queue},
-                   lambda: svc.control.cancel_consumer(name, queue))
+        api.post(f"/api/worker/{path}/{{name}}", tags=["flower"], name=action,
+                 operation_id=action.replace(".", "_"))(handler)
+
+    for path, role, parse, call in worker_actions:
+        worker_route(path, role, parse, call)
 
     @api.get("/api/tasks", tags=["flower"])
-    def flower_tasks(request: Request, limit: int | None = Query(None, ge=1),
-                     offset: int = Query(0, ge=0), sort_by: str | None = None,
+    def flower_tasks(request: Request, limit: int | None = Query(None, ge=1, le=MAX_INT),
+                     offset: int = Query(0, ge=0, le=MAX_INT), sort_by: str | None = None,
                      workername: str | None = None, taskname: str | None = None,
                      state: str | None = None, received_start: str | None = None,
                      received_end: str | None = None, search: str | None = None):
@@ -515,7 +502,8 @@ def create_api(svc: DashboardService) -> FastAPI:
                     name: str | None = None, worker: str | None = None,
                     queue: str | None = None, since: float | None = None,
                     until: float | None = None, search: str | None = None,
-                    memory_kill: bool | None = None, before: int | None = None,
+                    memory_kill: bool | None = None,
+                    before: int | None = Query(None, ge=0, le=MAX_INT),
                     limit: int = Query(50, ge=1, le=500)):
         who(request)
         states = tuple(s for part in state or () for s in part.split(",") if s)
@@ -541,8 +529,12 @@ def create_api(svc: DashboardService) -> FastAPI:
 
     @api.get("/api/fleet/jobs", tags=["fleet"])
     def fleet_jobs(request: Request, limit: int = Query(100, ge=1, le=1000)):
+        """Live from Redis, and from the store the jobs whose state Redis has let expire."""
         who(request)
-        return svc.views.jobs(limit)
+        live = {j["id"]: j for j in svc.sampler.live_jobs(limit)}
+        stored = [j for j in svc.views.jobs(limit) if j["id"] not in live]
+        rows = [*live.values(), *stored]
+        return sorted(rows, key=lambda j: -(j["created"] or 0))[:limit]
 
     @api.get("/api/fleet/jobs/{job_id}", tags=["fleet"])
     def fleet_job(request: Request, job_id: str):
@@ -585,9 +577,12 @@ def create_api(svc: DashboardService) -> FastAPI:
                             "oldest_age": m.oldest_age} for q, m in snap.queues.items()]}
 
     @api.get("/api/fleet/series", tags=["fleet"])
-    def series(request: Request, since: float | None = None, queue: str | None = None):
+    def series(request: Request, since: float | None = None, queue: str | None = None,
+               what: Literal["queues", "workers", "all"] = "all"):
         who(request)
-        return svc.views.series(since if since is not None else time.time() - 3600, queue)
+        kinds = ("queues", "workers") if what == "all" else (what,)
+        return svc.views.series(since if since is not None else time.time() - 3600, queue,
+                                kinds)
 
     @api.get("/api/fleet/audit", tags=["fleet"])
     def audit_log(request: Request, limit: int = Query(200, ge=1, le=1000)):

@@ -96,20 +96,25 @@ class Sampler:
             self.store.add_decisions(rows[::-1])
             self._last_decision = rows[0]["at"]
 
+    def live_jobs(self, limit: int = JOBS_KEPT) -> list[dict]:
+        """The newest jobs as Redis has them now (one pipelined round trip)."""
+        ids = self.jobs.recent_ids(limit)
+        try:
+            statuses = self.jobs.statuses(ids)
+        except UnknownJobError:  # one expired meanwhile: ask one by one
+            statuses = []
+            for job_id in ids:
+                try:
+                    statuses.extend(self.jobs.statuses([job_id]))
+                except UnknownJobError:
+                    continue
+        return [{"id": s.id, "task": s.task, "aggregate": s.aggregate, "state": s.state,
+                 "total": s.total, "done": s.done, "failed": s.failed, "created": s.created,
+                 "finished": s.finished, "result_url": s.result_url, "error": s.error}
+                for s in statuses]
+
     def _jobs(self) -> None:
-        ids = self.jobs.recent_ids(JOBS_KEPT)
-        rows = []
-        for job_id in ids:
-            try:
-                status = self.jobs.status(job_id)
-            except UnknownJobError:
-                continue
-            rows.append({"id": status.id, "task": status.task, "aggregate": status.aggregate,
-                         "state": status.state, "total": status.total, "done": status.done,
-                         "failed": status.failed, "created": status.created,
-                         "finished": status.finished, "result_url": status.result_url,
-                         "error": status.error})
-        self.store.put_jobs(rows)
+        self.store.put_jobs(self.live_jobs())
 
     def run(self, stop: threading.Event) -> None:
         interval = self.config.dashboard.sample_interval

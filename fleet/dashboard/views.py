@@ -194,15 +194,20 @@ class Views:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
-    def series(self, since: float, queue: str | None = None) -> dict[str, list]:
-        """Plots over time: queue depth, throughput, replicas, worker memory."""
-        qq = select(queue_samples).where(queue_samples.c.at >= since)
-        if queue:
-            qq = qq.where(queue_samples.c.queue == queue)
-        wq = select(worker_samples).where(worker_samples.c.at >= since)
+    def series(self, since: float, queue: str | None = None,
+               what: tuple[str, ...] = ("queues", "workers")) -> dict[str, list]:
+        """Plots over time: queue depth, throughput, replicas, worker memory (newest
+        20,000 samples of each at most)."""
+        out: dict[str, list] = {"queues": [], "workers": []}
         with self.engine.connect() as conn:
-            qrows = [dict(r._mapping) for r in conn.execute(qq.order_by(queue_samples.c.at)
-                                                           .limit(20_000))]
-            wrows = [dict(r._mapping) for r in conn.execute(wq.order_by(worker_samples.c.at)
-                                                           .limit(20_000))]
-        return {"queues": qrows, "workers": wrows}
+            if "queues" in what:
+                qq = select(queue_samples).where(queue_samples.c.at >= since)
+                if queue:
+                    qq = qq.where(queue_samples.c.queue == queue)
+                rows = conn.execute(qq.order_by(queue_samples.c.at.desc()).limit(20_000))
+                out["queues"] = [dict(r._mapping) for r in rows][::-1]
+            if "workers" in what:
+                wq = select(worker_samples).where(worker_samples.c.at >= since)
+                rows = conn.execute(wq.order_by(worker_samples.c.at.desc()).limit(20_000))
+                out["workers"] = [dict(r._mapping) for r in rows][::-1]
+        return out

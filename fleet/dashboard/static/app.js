@@ -94,7 +94,7 @@ function group(rows, key, value) {
 const pages = {
   async workers() {
     const ws = await get("/api/fleet/workers");
-    const s = await get("/api/fleet/series?since=" + (Date.now() / 1000 - 3600));
+    const s = await get("/api/fleet/series?what=workers&since=" + (Date.now() / 1000 - 3600));
     return `<h2>Workers</h2>` + table([
       ["Worker", (w) => `<a href="#/worker/${encodeURIComponent(w.hostname)}">${esc(w.hostname)}</a>`],
       ["Status", (w) => `<span class="${esc(w.status)}">${esc(w.status)}</span>`],
@@ -133,7 +133,7 @@ const pages = {
   },
   async queues() {
     const qs = await get("/api/fleet/queues");
-    const s = await get("/api/fleet/series?since=" + (Date.now() / 1000 - 3600));
+    const s = await get("/api/fleet/series?what=queues&since=" + (Date.now() / 1000 - 3600));
     const q = "/api/fleet/queues/";
     return `<h2>Queues</h2>` + table([
       ["Queue", (r) => esc(r.name) + (r.paused ? " (paused)" : "")],
