@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import redis
 
@@ -56,10 +56,13 @@ class Autoscaler:
         obs = self.metrics.poll()
         figures = self.tracker.update(obs)
         current = self.backend.replicas()
-        config = overrides.apply(self.config,
-                                 overrides.read(self.metrics.client, self.config))
+        held = overrides.read(self.metrics.client, self.config)
+        config = overrides.apply(self.config, held)
         decisions, self.history = decide(obs.at, figures, current, config, self.history,
                                          self._budget())
+        decisions = [replace(d, reason=d.reason + "; paused from the dashboard")
+                     if held.get(d.queue, overrides.Override()).paused else d
+                     for d in decisions]
         for d in decisions:
             if not d.changes:
                 continue

@@ -163,6 +163,7 @@ def test_the_autoscaler_honours_a_pause_from_the_dashboard(fleet, board):
     assert board.post("/api/fleet/queues/io/pause").status_code == 200
     decisions = {d.queue: d for d in scaler.run_once()}
     assert decisions["io"].desired == 0 and "bounds 0..0" in decisions["io"].reason
+    assert decisions["io"].reason.endswith("; paused from the dashboard")
     assert board.post("/api/fleet/queues/io/resume").status_code == 200
     assert {d.queue: d for d in scaler.run_once()}["io"].desired == 2
 

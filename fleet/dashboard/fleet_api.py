@@ -1,0 +1,232 @@
+"""The fleet's own API under /api/fleet/: what the pages show and the fleet's actions
+(jobs, queues, autoscaler bounds), plus /metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from fleet.dashboard.auth import LEVEL
+from fleet.dashboard.gate import MAX_INT, Denied, Gate
+from fleet.dashboard.service import DashboardService
+from fleet.dashboard.views import TaskFilter
+
+
+def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
+    router = APIRouter(tags=["fleet"])
+
+    @router.get("/metrics", response_class=PlainTextResponse)
+    def metrics(request: Request):
+        gate.who(request)
+        return Response(generate_latest(svc.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/api/fleet/me")
+    def me(request: Request):
+        p = gate.who(request)
+        return {"name": p.name, "role": p.role, "via": p.via,
+                "may": [r for r in LEVEL if p.may(r)]}
+
+    @router.get("/api/fleet/overview")
+    def overview(request: Request):
+        gate.who(request)
+        snap = svc.sampler.snapshot
+        ws = svc.views.workers()
+        return {"workers_online": sum(w["status"] == "online" for w in ws),
+                "workers_offline": sum(w["status"] != "online" for w in ws),
+                "tasks_stored": svc.views.task_count(), "events": svc.ingester.events,
+                "events_connected": svc.ingester.connected,
+                "queues": len(svc.config.queues), "sampled_at": snap.at,
+                "broker_error": snap.error}
+
+    @router.get("/api/fleet/workers")
+    def fleet_workers(request: Request, include_offline: bool = True):
+        gate.who(request)
+        samples = _samples()
+        return [{**w, **samples.get(w["hostname"], {})}
+                for w in svc.views.workers(include_offline)]
+
+    @router.get("/api/fleet/workers/{name}")
+    def fleet_worker(request: Request, name: str, refresh: bool = False):
+        gate.who(request)
+        stored = svc.views.worker(name)
+        if stored is None:
+            raise Denied(404, f"Unknown worker '{name}'")
+        info = (svc.inspector.refresh(name) if refresh else svc.inspector.cached(name))
+        if name not in info and stored["status"] == "online":
+            info = svc.inspector.refresh(name)
+        return {**stored, **_samples().get(name, {}), "inspect": info.get(name, {})}
+
+    def _samples() -> dict[str, dict]:
+        obs = svc.sampler.snapshot.observation
+        return {w.hostname: {"queue": w.queue, "concurrency": w.concurrency,
+                             "cpu_percent": w.cpu_percent,
+                             "rss": w.rss_main + w.rss_children,
+                             "memory_available": w.memory_available,
+                             "reserved": w.reserved, "pod": w.pod}
+                for w in (obs.workers if obs else [])}
+
+    @router.get("/api/fleet/queues")
+    def fleet_queues(request: Request):
+        gate.who(request)
+        snap = svc.sampler.poll()
+        paused = svc.control.paused()
+        out = []
+        for name, m in snap.queues.items():
+            q = svc.config.queues[name]
+            d = snap.replicas.get(name, {})
+            o = paused.get(name)
+            out.append({"name": name, "waiting": m.waiting, "reserved": m.unacked,
+                        "running": m.running, "oldest_age": m.oldest_age,
+                        "arrival_rate": m.arrival_rate, "completion_rate": m.completion_rate,
+                        "service_time": m.service_time, "workers": m.workers,
+                        "slots": m.slots, "replicas_desired": d.get("desired"),
+                        "replicas_actual": d.get("current"), "reason": d.get("reason"),
+                        "paused": bool(o and o.paused),
+                        "min_replicas": (o.min_replicas if o and o.min_replicas is not None
+                                         else q.autoscaling.min_replicas),
+                        "max_replicas": (o.max_replicas if o and o.max_replicas is not None
+                                         else q.autoscaling.max_replicas),
+                        "pool": q.pool, "concurrency": q.concurrency,
+                        "memory_limit": q.memory_limit})
+        return out
+
+    @router.post("/api/fleet/queues/{queue}/pause")
+    async def pause(request: Request, queue: str):
+        principal = gate.acting(request, "admin")
+        _queue(queue)
+        return gate.act(principal, "queue.pause", queue, {}, lambda: svc.control.pause(queue, True))
+
+    @router.post("/api/fleet/queues/{queue}/resume")
+    async def resume(request: Request, queue: str):
+        principal = gate.acting(request, "admin")
+        _queue(queue)
+        return gate.act(principal, "queue.resume", queue, {},
+                        lambda: svc.control.pause(queue, False))
+
+    @router.post("/api/fleet/queues/{queue}/bounds")
+    async def bounds(request: Request, queue: str):
+        principal = gate.acting(request, "admin")
+        _queue(queue)
+        args = await gate.params(request)
+        lo, hi = gate.number(args, "min_replicas"), gate.number(args, "max_replicas")
+        for name, value in (("min_replicas", lo), ("max_replicas", hi)):
+            if value is not None and value < 0:
+                raise Denied(400, f"{name} must be 0 or more (got {value})")
+        return gate.act(principal, "autoscaler.bounds", queue,
+                        {"min_replicas": lo, "max_replicas": hi},
+                        lambda: svc.control.set_bounds(queue, lo, hi))
+
+    def _queue(name: str) -> None:
+        if name not in svc.config.queues:
+            raise Denied(404, f"Unknown queue '{name}' (known: "
+                              f"{', '.join(svc.config.queues)})")
+
+    @router.get("/api/fleet/tasks")
+    def fleet_tasks(request: Request, state: Annotated[list[str] | None, Query()] = None,
+                    name: str | None = None, worker: str | None = None,
+                    queue: str | None = None, since: float | None = None,
+                    until: float | None = None, search: str | None = None,
+                    memory_kill: bool | None = None,
+                    before: int | None = Query(None, ge=0, le=MAX_INT),
+                    limit: int = Query(50, ge=1, le=500)):
+        gate.who(request)
+        states = tuple(s for part in state or () for s in part.split(",") if s)
+        f = TaskFilter(states=states, name=name, worker=worker, queue=queue,
+                       received_from=since, received_to=until, search=search,
+                       memory_kill=memory_kill)
+        rows = svc.views.tasks(f, limit=limit, before=before)
+        return {"tasks": rows,
+                "next": rows[-1]["seq"] if len(rows) == limit else None}
+
+    @router.get("/api/fleet/tasks/{task_id}")
+    def fleet_task(request: Request, task_id: str):
+        gate.who(request)
+        task = svc.views.task(task_id)
+        if task is None:
+            raise Denied(404, f"Unknown task '{task_id}'")
+        return task
+
+    @router.get("/api/fleet/failures")
+    def failures(request: Request):
+        gate.who(request)
+        return svc.views.failures()
+
+    @router.get("/api/fleet/jobs")
+    def fleet_jobs(request: Request, limit: int = Query(100, ge=1, le=1000)):
+        """Live from Redis, and from the store the jobs whose state Redis has let expire."""
+        gate.who(request)
+        live = {j["id"]: j for j in svc.sampler.live_jobs(limit)}
+        stored = [j for j in svc.views.jobs(limit) if j["id"] not in live]
+        rows = [*live.values(), *stored]
+        return sorted(rows, key=lambda j: -(j["created"] or 0))[:limit]
+
+    @router.get("/api/fleet/jobs/{job_id}")
+    def fleet_job(request: Request, job_id: str):
+        gate.who(request)
+        from fleet.jobs.state import JobStore
+
+        status = JobStore(svc.config).status(job_id)
+        failed = JobStore(svc.config).failed_chunks(job_id)
+        return {**{k: v for k, v in status.__dict__.items() if k != "extra"},
+                "pending": status.pending,
+                "failed_chunks": [{"index": c.index, "error": c.error} for c in failed[:200]],
+                "tasks": svc.views.job_tasks(job_id, 50)}
+
+    @router.post("/api/fleet/jobs/{job_id}/retry")
+    async def retry_job(request: Request, job_id: str):
+        principal = gate.acting(request, "operator")
+        return gate.act(principal, "job.retry", job_id, {}, lambda: svc.control.retry_job(job_id))
+
+    @router.post("/api/fleet/jobs/{job_id}/revoke")
+    async def revoke_job(request: Request, job_id: str):
+        principal = gate.acting(request, "operator")
+        return gate.act(principal, "job.revoke", job_id, {},
+                        lambda: svc.control.revoke_job(job_id, principal.name))
+
+    @router.get("/api/fleet/autoscaler")
+    def autoscaler(request: Request, queue: str | None = None,
+                   limit: int = Query(100, ge=1, le=1000)):
+        gate.who(request)
+        snap = svc.sampler.snapshot
+        return {"latest": snap.replicas,
+                "overrides": {q: o.__dict__ for q, o in svc.control.paused().items()},
+                "decisions": svc.views.decisions(limit, queue)}
+
+    @router.get("/api/fleet/broker")
+    def broker(request: Request):
+        gate.who(request)
+        snap = svc.sampler.poll()
+        return {"url": _redact(svc.config.broker.url), "transport": "redis",
+                "queues": [{"name": q, "messages": m.waiting, "unacked": m.unacked,
+                            "oldest_age": m.oldest_age} for q, m in snap.queues.items()]}
+
+    @router.get("/api/fleet/series")
+    def series(request: Request, since: float | None = None, queue: str | None = None,
+               what: Literal["queues", "workers", "all"] = "all"):
+        gate.who(request)
+        kinds = ("queues", "workers") if what == "all" else (what,)
+        return svc.views.series(since if since is not None else time.time() - 3600, queue,
+                                kinds)
+
+    @router.get("/api/fleet/audit")
+    def audit_log(request: Request, limit: int = Query(200, ge=1, le=1000)):
+        gate.who(request, "operator")
+        return svc.views.audit(limit)
+
+    return router
+
+
+def _redact(url: str) -> str:
+    """No secrets in pages: the broker URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
