@@ -80,6 +80,18 @@ def seed_queues(client, config) -> None:
     pipe.execute()
 
 
+def declare_rabbit(url: str, names: list[str], delete: bool) -> None:
+    import kombu
+
+    with kombu.Connection(url, connect_timeout=5) as conn:
+        channel = conn.channel()
+        for name in names:
+            if delete:
+                channel.queue_delete(queue=name)
+            else:
+                channel.queue_declare(queue=name, auto_delete=False)
+
+
 def timed(session, url: str, runs: int = 5) -> tuple[float, int, int]:
     session.get(url, timeout=120)  # warm-up
     times = []
@@ -94,6 +106,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, default=1_000_000)
     p.add_argument("--queues", type=int, default=1000)
+    p.add_argument("--rabbitmq", default=None, metavar="URL",
+                   help="also show this RabbitMQ's queues on the broker page (the script "
+                        "declares --queues of them and deletes them afterwards)")
     args = p.parse_args()
 
     from fleet.dashboard.server import DashboardServer
@@ -104,8 +119,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         config = config_with(args.queues, redis_server.url, tmp)
+        board = {"max_tasks": args.tasks * 2}
+        rabbit_names = [f"fleet-bench-{i:04d}" for i in range(args.queues)]
+        if args.rabbitmq:
+            from fleet.config import RabbitMQ
+
+            declare_rabbit(args.rabbitmq, rabbit_names, delete=False)
+            board["rabbitmq"] = RabbitMQ(url=args.rabbitmq, queues=rabbit_names)
         config = config.model_copy(update={"dashboard": config.dashboard.model_copy(
-            update={"max_tasks": args.tasks * 2})})
+            update=board)})
         url = f"sqlite:///{tmp / 'pages.sqlite'}"
         store = Store(url)
         took = fill(store, config, args.tasks)
@@ -142,7 +164,8 @@ def main() -> None:
                 ("failures by exception", "/api/fleet/failures", None),
                 ("jobs", "/api/fleet/jobs", None),
                 ("autoscaler", "/api/fleet/autoscaler", None),
-                ("broker (1,000 queues)", "/api/fleet/broker", None),
+                ("broker (1,000 queues" + (", + RabbitMQ's" if args.rabbitmq else "") + ")",
+                 "/api/fleet/broker", None),
                 ("overview (counts 1M)", "/api/fleet/overview", None),
                 ("Flower API /api/tasks?limit=100", "/api/tasks?limit=100", None),
                 ("Flower API /api/queues/length", "/api/queues/length", None),
@@ -161,6 +184,8 @@ def main() -> None:
         finally:
             server.stop()
             redis_server.stop()
+            if args.rabbitmq:
+                declare_rabbit(args.rabbitmq, rabbit_names, delete=True)
 
 
 if __name__ == "__main__":

@@ -198,6 +198,15 @@ class Oidc(Model):
     default_role: Role | None = None
 
 
+class RabbitMQ(Model):
+    """A RabbitMQ broker whose queues the broker page also shows (Celery apps beside the
+    fleet). Depths come from passive queue declares over AMQP: no management plugin."""
+
+    url: str = Field(pattern=r"^amqps?://")
+    #: Queue names to show (default: the fleet's queue names).
+    queues: list[str] = []
+
+
 class Dashboard(Model):
     #: SQLAlchemy URL: SQLite by default (embedded), PostgreSQL for a team running it.
     database: str = "sqlite:///.fleet/dashboard.sqlite"
@@ -217,6 +226,7 @@ class Dashboard(Model):
     users: list[DashboardUser] = []
     tokens: list[DashboardToken] = []
     oidc: Oidc | None = None
+    rabbitmq: RabbitMQ | None = None
     #: Environment variable with the key that signs session cookies (random if unset:
     #: sessions then end when the dashboard restarts).
     session_secret_env: str | None = None

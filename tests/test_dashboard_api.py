@@ -267,3 +267,44 @@ def test_jobs_page_retry_and_revoke(fleet, board, tmp_path):
     assert r.status_code == 404 and "job-000000000000" in r.json()["error"]
     actions = [(a["action"], a["ok"]) for a in board.json("/api/fleet/audit")]
     assert actions[:3] == [("job.retry", False), ("job.revoke", True), ("job.retry", True)]
+
+
+def test_the_broker_page_shows_rabbitmq_queues_too(fleet, tmp_path):
+    """The machine's RabbitMQ (guest/guest): queues this test declares and fills, one
+    that does not exist, and an unreachable RabbitMQ, all answered, none a 5xx."""
+    import kombu
+
+    url = "amqp://guest:guest@127.0.0.1:5672//"
+    names = [f"{fleet.prefix.rstrip(':')}-rq{i}" for i in range(3)]
+    with kombu.Connection(url, connect_timeout=5) as conn:
+        channel = conn.channel()
+        for i, name in enumerate(names[:2]):
+            channel.queue_declare(queue=name, auto_delete=False)
+            for _ in range(i + 2):
+                channel.basic_publish(channel.prepare_message(b"x"), routing_key=name)
+    try:
+        fleet.configure(deep_merge(FAST, {"dashboard": {"rabbitmq": {
+            "url": url, "queues": names}}}))
+        board = start_dashboard(fleet.config, f"sqlite:///{tmp_path / 'd.sqlite'}")
+        try:
+            rabbit = wait_for(lambda: (lambda r: r["queues"][1]["messages"] == 3 and r)(
+                board.json("/api/fleet/broker")["rabbitmq"]), 10, interval=0.3,
+                what="RabbitMQ's counts")
+            assert rabbit["url"] == "amqp://guest:***@127.0.0.1:5672//"
+            assert [(q["name"], q["messages"], q["exists"]) for q in rabbit["queues"]] == [
+                (names[0], 2, True), (names[1], 3, True), (names[2], None, False)]
+        finally:
+            board.stop()
+        fleet.configure(deep_merge(FAST, {"dashboard": {"rabbitmq": {
+            "url": "amqp://guest:guest@127.0.0.1:1//"}}}))
+        board = start_dashboard(fleet.config, f"sqlite:///{tmp_path / 'd2.sqlite'}")
+        try:
+            rabbit = board.json("/api/fleet/broker")["rabbitmq"]
+            assert rabbit["queues"] == [] and "RabbitMQ unreachable" in rabbit["error"]
+        finally:
+            board.stop()
+    finally:
+        with kombu.Connection(url, connect_timeout=5) as conn:
+            channel = conn.channel()
+            for name in names[:2]:
+                channel.queue_delete(queue=name)

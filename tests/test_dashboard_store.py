@@ -146,3 +146,43 @@ def test_everything_survives_a_restart(store_url):
 def test_a_bad_database_url_is_a_clear_error(url, says):
     with pytest.raises(StoreError, match=says):
         Store(url)
+
+
+def test_a_database_outage_loses_no_events(postgres_url):
+    """Writes fail while PostgreSQL refuses connections; the held batch is written once it
+    is back, and the events that came meanwhile too."""
+    from fleet.config import load_config
+    from fleet.dashboard.ingest import Ingester
+
+    from .conftest import ROOT
+
+    name = postgres_url.rsplit("/", 1)[1]
+    store = Store(postgres_url)
+    ingester = Ingester(load_config(ROOT / "queues.yaml"), store)
+    admin = psycopg.connect("postgresql://postgres@127.0.0.1/test", autocommit=True)
+    now = time.time()
+    try:
+        ingester.feed({"type": "task-received", "uuid": "before", "timestamp": now,
+                       "hostname": "default@h", "name": "n"})
+        assert ingester.flush() == 1
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = %s", (name,))
+        ingester.feed({"type": "task-received", "uuid": "during", "timestamp": now + 1,
+                       "hostname": "default@h", "name": "n"})
+        with pytest.raises(Exception):  # noqa: B017 - whatever the driver raises
+            ingester.flush()
+        ingester.feed({"type": "task-succeeded", "uuid": "during", "timestamp": now + 2,
+                       "hostname": "default@h", "result": "1"})
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        assert ingester.flush() == 2
+        from fleet.dashboard.views import Views
+
+        views = Views(store)
+        assert views.task("before")["state"] == "RECEIVED"
+        assert views.task("during")["state"] == "SUCCESS"
+        assert ingester.events == 3
+    finally:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        admin.close()
+        store.close()

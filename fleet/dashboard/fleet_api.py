@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
+from amqp.exceptions import AMQPError
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,6 +14,7 @@ from starlette.responses import Response
 
 from fleet.dashboard.auth import LEVEL
 from fleet.dashboard.gate import MAX_INT, Denied, Gate
+from fleet.dashboard.rabbitmq import queue_depths
 from fleet.dashboard.service import DashboardService
 from fleet.dashboard.views import TaskFilter
 
@@ -201,9 +203,17 @@ def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
     def broker(request: Request):
         gate.who(request)
         snap = svc.sampler.poll()
-        return {"url": _redact(svc.config.broker.url), "transport": "redis",
-                "queues": [{"name": q, "messages": m.waiting, "unacked": m.unacked,
-                            "oldest_age": m.oldest_age} for q, m in snap.queues.items()]}
+        out = {"url": _redact(svc.config.broker.url), "transport": "redis",
+               "queues": [{"name": q, "messages": m.waiting, "unacked": m.unacked,
+                           "oldest_age": m.oldest_age} for q, m in snap.queues.items()]}
+        rabbit = svc.config.dashboard.rabbitmq
+        if rabbit is not None:
+            try:
+                queues, error = queue_depths(rabbit, list(svc.config.queues)), None
+            except (OSError, ConnectionError, AMQPError) as exc:
+                queues, error = [], f"RabbitMQ unreachable: {exc}"
+            out["rabbitmq"] = {"url": _redact(rabbit.url), "queues": queues, "error": error}
+        return out
 
     @router.get("/api/fleet/series")
     def series(request: Request, since: float | None = None, queue: str | None = None,

@@ -46,6 +46,8 @@ class Ingester:
         #: hostname -> queue from the workers' self-reports (the sampler fills it in).
         self.worker_queues: dict[str, str | None] = {}
         self._batch = self._new_batch()
+        #: A batch whose write failed, written again before the next one.
+        self._pending: Batch | None = None
         self._lock = threading.Condition()
         self._written_since_prune = 0
         self._last_prune = 0.0
@@ -67,18 +69,35 @@ class Ingester:
         return Batch(self._queues, self.worker_queues)
 
     def flush(self) -> int:
-        """Write what has been folded so far; returns the number of events written."""
+        """Write what has been folded so far; returns the number of events written.
+
+        A batch the database refused is kept and written first next time (the database
+        is down or busy): nothing is dropped, and while it is held the receiver fills at
+        most one more batch before it waits.
+        """
+        written = 0
+        if self._pending is not None:
+            self._write(self._pending)
+            written, self._pending = self._pending.events, None
         with self._lock:
             batch, self._batch = self._batch, self._new_batch()
             self._lock.notify_all()
         if batch.events:
-            self._resolve_queues(batch)
-            self.store.write(list(batch.tasks.values()), batch.workers.values())
-            self.events += batch.events
-            self._written_since_prune += len(batch.tasks)
-            if self.on_batch is not None:
-                self.on_batch(batch)
-        return batch.events
+            try:
+                self._write(batch)
+            except Exception:
+                self._pending = batch
+                raise
+            written += batch.events
+        return written
+
+    def _write(self, batch: Batch) -> None:
+        self._resolve_queues(batch)
+        self.store.write(list(batch.tasks.values()), batch.workers.values())
+        self.events += batch.events
+        self._written_since_prune += len(batch.tasks)
+        if self.on_batch is not None:
+            self.on_batch(batch)
 
     def _resolve_queues(self, batch: Batch) -> None:
         """Tasks of workers the sampler has not seen yet: ask Redis for their self-reports

@@ -222,9 +222,12 @@ const pages = {
   },
   async broker() {
     const b = await get("/api/fleet/broker");
+    const r = b.rabbitmq;
     return `<h2>Broker</h2><p>${esc(b.transport)} at ${esc(b.url)}</p>` + table([
       ["Queue", (q) => esc(q.name)], ["Messages", (q) => num(q.messages), "num"], ["Unacked", (q) => num(q.unacked), "num"], ["Oldest", (q) => age(q.oldest_age)],
-    ], b.queues, "broker");
+    ], b.queues, "broker") + (r ? `<h3>RabbitMQ at ${esc(r.url)}</h3>` + (r.error ? `<p class="error">${esc(r.error)}</p>` : "") + table([
+      ["Queue", (q) => esc(q.name) + (q.exists ? "" : " (no such queue)")], ["Messages", (q) => num(q.messages), "num"], ["Consumers", (q) => num(q.consumers), "num"],
+    ], r.queues, "rabbitmq") : "");
   },
   async audit() {
     const rows = await get("/api/fleet/audit");
