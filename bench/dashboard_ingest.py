@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,36 +225,40 @@ def run_e2e(side: str, tasks: int, url: str) -> dict:
             "peak_rss_mib": peak_rss_mib(), "start_rss_mib": start_rss}
 
 
-def wire_messages(tasks: int) -> list[tuple[str, bytes]]:
-    """The stream as kombu's Redis fanout puts it on the wire (channel, message), built
-    up front so that publishing runs at Redis's speed, not a Python dispatcher's."""
+def wire_messages(tasks: int) -> Iterator[tuple[str, bytes]]:
+    """The stream as kombu's Redis fanout puts it on the wire (channel, message): built
+    here and pipelined, publishing runs at 60-100k events/s, far above either consumer
+    (Celery's own dispatcher would be the bottleneck at about 3.5k/s)."""
     import base64
 
-    out = []
     for e in stream(tasks):
         e.pop("local_received", None)
         routing_key = e["type"].replace("-", ".")
         body = base64.b64encode(json.dumps(e).encode()).decode()
-        out.append((f"/0.celeryev/{routing_key}", json.dumps({
+        yield (f"/0.celeryev/{routing_key}", json.dumps({
             "body": body, "content-encoding": "utf-8", "content-type": "application/json",
             "headers": {"hostname": e["hostname"]},
             "properties": {"delivery_mode": 1, "delivery_info": {
                 "exchange": "celeryev", "routing_key": routing_key}, "priority": 0,
-                "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())}}).encode()))
-    return out
+                "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())}}).encode())
 
 
-def publish(messages: list[tuple[str, bytes]], url: str) -> float:
+def publish(tasks: int, url: str) -> float:
+    import itertools
+
     import redis
 
     client = redis.Redis.from_url(url)
+    messages = wire_messages(tasks)
+    sent = 0
     started = time.perf_counter()
-    for start in range(0, len(messages), 2000):
+    while chunk := list(itertools.islice(messages, 2000)):
         pipe = client.pipeline(transaction=False)
-        for channel, payload in messages[start:start + 2000]:
+        for channel, payload in chunk:
             pipe.publish(channel, payload)
         pipe.execute()
-    return len(messages) / (time.perf_counter() - started)
+        sent += len(chunk)
+    return sent / (time.perf_counter() - started)
 
 
 # -- the driver ------------------------------------------------------------------------
@@ -273,7 +278,6 @@ def e2e(tasks: int) -> list[dict]:
     from bench.common import private_redis
 
     results = []
-    messages = wire_messages(tasks)
     redis_server = private_redis()
     # A slow subscriber is disconnected by Redis at 32 MiB of backlog (pubsub's
     # client-output-buffer-limit): lifted here so the figure is the consumer's speed.
@@ -291,7 +295,7 @@ def e2e(tasks: int) -> list[dict]:
                 while not ready.exists() and time.time() < deadline:
                     time.sleep(0.1)
                 time.sleep(0.5)
-                sent_rate = publish(messages, redis_server.url)
+                sent_rate = publish(tasks, redis_server.url)
                 out, _ = proc.communicate(timeout=1800)
                 results.append({**json.loads(out.strip().splitlines()[-1]),
                                 "sent_rate": sent_rate})
