@@ -65,6 +65,8 @@ def test_every_page_live_data_and_control_actions(fleet, tmp_path, browser, shot
     page.on("dialog", on_dialog)
     try:
         page.goto(board.base + "/")
+        page.wait_for_selector("#signin")
+        page.screenshot(path=str(shots / "login.png"))
         page.fill("#username", "ada")
         page.fill("#password", "pw")
         page.click("#signin")
@@ -111,6 +113,9 @@ def test_every_page_live_data_and_control_actions(fleet, tmp_path, browser, shot
         page.wait_for_selector(f"#jobs tr:has-text('{job.job_id}') >> text=succeeded",
                                timeout=30_000)
         page.screenshot(path=str(shots / "jobs.png"), full_page=True)
+        page.click(f"#jobs >> text={job.job_id}")
+        page.wait_for_selector(f"h2:has-text('Job {job.job_id}')")
+        page.screenshot(path=str(shots / "job.png"), full_page=True)
 
         # control: grow the worker's pool from its page, confirmed in a dialog
         page.click("nav >> text=Workers")
