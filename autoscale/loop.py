@@ -56,7 +56,7 @@ class Autoscaler:
         obs = self.metrics.poll()
         figures = self.tracker.update(obs)
         current = self.backend.replicas()
-        held = overrides.read(self.metrics.client, self.config)
+        held = obs.overrides
         config = overrides.apply(self.config, held)
         decisions, self.history = decide(obs.at, figures, current, config, self.history,
                                          self._budget())

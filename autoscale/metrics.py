@@ -6,7 +6,8 @@ global key prefix), and messages that workers hold (running, prefetched, ETA) ha
 the lists for the ``unacked`` hash, which all queues of a DB share; each entry there is
 ``[message, exchange, routing_key]``. One Lua script sums the lists, reads each list's
 tail (its oldest message) for the ``fleet-sent`` header, and counts ``unacked`` entries
-by routing key; the same pipeline reads the workers' self-reports (fleet.heartbeat).
+by routing key; the same pipeline reads the workers' self-reports (fleet.heartbeat)
+and the operators' bound overrides (autoscale.overrides).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterable
 
 import redis
 
+from autoscale import overrides
 from autoscale.model import Observation, QueueSample, WorkerSample
 from fleet.config import FleetConfig
 from fleet.heartbeat import stale_after, workers_key
@@ -93,8 +95,9 @@ class RedisMetrics:
         pipe = self.client.pipeline(transaction=False)
         pipe.evalsha(self._sha, len(self._keys), *self._keys, *self._args)
         pipe.hgetall(workers_key(self.config))
+        pipe.hgetall(overrides.overrides_key(self.config))
         try:
-            stats, raw_workers = pipe.execute()
+            stats, raw_workers, raw_overrides = pipe.execute()
         except redis.exceptions.NoScriptError:  # Redis restarted and forgot the script
             self._sha = self.client.script_load(_QUEUE_STATS)
             return self.poll()
@@ -115,4 +118,5 @@ class RedisMetrics:
                 workers.append(sample)
         if stale:  # dead workers drop out of pages and metrics
             self.client.hdel(workers_key(self.config), *stale)
-        return Observation(now, queues, sorted(workers, key=lambda w: w.hostname))
+        return Observation(now, queues, sorted(workers, key=lambda w: w.hostname),
+                           overrides.parse(raw_overrides))

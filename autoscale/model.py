@@ -56,6 +56,8 @@ class Observation:
     at: float
     queues: dict[str, QueueSample]
     workers: list[WorkerSample] = field(default_factory=list)
+    #: Operator overrides of the autoscaling bounds (autoscale.overrides.Override).
+    overrides: dict = field(default_factory=dict)
 
     def workers_of(self, queue: str) -> list[WorkerSample]:
         return [w for w in self.workers if w.queue == queue]

@@ -29,8 +29,13 @@ def overrides_key(config: FleetConfig) -> str:
 
 
 def read(client: redis.Redis, config: FleetConfig) -> dict[str, Override]:
+    return parse(client.hgetall(overrides_key(config)))
+
+
+def parse(entries: dict) -> dict[str, Override]:
+    """The hash as Redis returns it (the metrics poll reads it in its own round trip)."""
     out = {}
-    for name, raw in client.hgetall(overrides_key(config)).items():
+    for name, raw in entries.items():
         name = name.decode() if isinstance(name, bytes) else name
         try:
             out[name] = Override(**json.loads(raw))

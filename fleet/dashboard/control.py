@@ -138,6 +138,3 @@ class Control:
         command = "cancel_consumer" if paused else "add_consumer"
         self.app.control.broadcast(command, arguments={"queue": queue})
         return f"{queue}: {'paused' if paused else 'resumed'}"
-
-    def paused(self) -> dict[str, overrides.Override]:
-        return overrides.read(broker_client(self.config), self.config)

@@ -76,7 +76,7 @@ def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
     def fleet_queues(request: Request):
         gate.who(request)
         snap = svc.sampler.poll()
-        paused = svc.control.paused()
+        paused = snap.observation.overrides if snap.observation else {}
         out = []
         for name, m in snap.queues.items():
             q = svc.config.queues[name]
@@ -194,9 +194,10 @@ def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
     def autoscaler(request: Request, queue: str | None = None,
                    limit: int = Query(100, ge=1, le=1000)):
         gate.who(request)
-        snap = svc.sampler.snapshot
+        snap = svc.sampler.poll()
         return {"latest": snap.replicas,
-                "overrides": {q: o.__dict__ for q, o in svc.control.paused().items()},
+                "overrides": {q: o.__dict__ for q, o in (
+                    snap.observation.overrides if snap.observation else {}).items()},
                 "decisions": svc.views.decisions(limit, queue)}
 
     @router.get("/api/fleet/broker")
