@@ -51,6 +51,9 @@ class Autoscaler:
 
     def __post_init__(self) -> None:
         self.tracker = RateTracker(self.config)
+        self.passes = 0
+        self.failures = 0
+        self.last_pass = time.monotonic()
 
     def run_once(self) -> list[ScaleDecision]:
         obs = self.metrics.poll()
@@ -75,6 +78,9 @@ class Autoscaler:
                 self.backend.scale(d.queue, d.desired, obs.workers_of(d.queue))
             except BackendError as exc:
                 self.report(f"could not scale {d.queue}: {exc}")
+            except Exception as exc:  # a bug in one backend call: the other queues go on
+                logger.exception("scaling %s failed", d.queue)
+                self.report(f"could not scale {d.queue}: {type(exc).__name__}: {exc}")
         self._record(obs.at, decisions)
         return decisions
 
@@ -117,6 +123,13 @@ class Autoscaler:
         pipe.execute()
 
     def run(self, stop: threading.Event, interval: float | None = None) -> None:
+        """Poll until ``stop``; nothing raised by a poll ends the loop.
+
+        A thread that dies takes scaling down with it, silently (seen: a zero service
+        time, then a malformed worker report): so every error is reported and the next
+        poll comes after a backoff. ``passes`` and ``last_pass`` let a supervisor see
+        that the loop still turns.
+        """
         interval = interval or self.config.autoscaler.interval
         wait = interval
         while not stop.is_set():
@@ -124,10 +137,22 @@ class Autoscaler:
             try:
                 self.run_once()
                 wait = max(0.0, interval - (time.monotonic() - started))
+                self.failures = 0
             except redis.RedisError as exc:
-                wait = min(MAX_BACKOFF, max(interval, wait * 2))
+                wait = self._backoff(wait, interval)
                 self.report(f"Redis unreachable ({exc}); retrying in {wait:.0f}s")
             except BackendError as exc:
-                wait = min(MAX_BACKOFF, max(interval, wait * 2))
+                wait = self._backoff(wait, interval)
                 self.report(f"backend error ({exc}); retrying in {wait:.0f}s")
+            except Exception as exc:
+                logger.exception("autoscaler poll failed")
+                wait = self._backoff(wait, interval)
+                self.report(f"poll failed ({type(exc).__name__}: {exc}); "
+                            f"retrying in {wait:.0f}s")
+            self.passes += 1
+            self.last_pass = time.monotonic()
             stop.wait(wait)
+
+    def _backoff(self, wait: float, interval: float) -> float:
+        self.failures += 1
+        return min(MAX_BACKOFF, max(interval, wait * 2))

@@ -12,14 +12,14 @@ and the operators' bound overrides (autoscale.overrides).
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from collections.abc import Iterable
 
 import redis
 
 from autoscale import overrides
-from autoscale.model import Observation, QueueSample, WorkerSample
+from autoscale.model import Observation, QueueSample, WorkerSample, parse_report
 from fleet.config import FleetConfig
 from fleet.heartbeat import stale_after, workers_key
 from fleet.keys import PRIORITY_STEPS, kombu_key, list_keys
@@ -68,10 +68,24 @@ return out
 """
 
 
-def parse_worker(raw: bytes | str) -> WorkerSample | None:
+logger = logging.getLogger("autoscale.metrics")
+
+#: The same problem with one worker's report is logged at most this often.
+REJECT_LOG_EVERY = 60.0
+_rejected_at: dict[str, float] = {}
+
+
+def parse_worker(raw: bytes | str, hostname: str = "?") -> WorkerSample | None:
+    """The report, or None (logged) when it is malformed: it is then never trusted."""
     try:
-        return WorkerSample(**json.loads(raw))
-    except (TypeError, ValueError):
+        return parse_report(raw)
+    except ValueError as exc:
+        now, seen = time.monotonic(), f"{hostname}: {exc}"
+        if now - _rejected_at.get(seen, -REJECT_LOG_EVERY) >= REJECT_LOG_EVERY:
+            if len(_rejected_at) > 10_000:  # bounded, whatever writes to the hash
+                _rejected_at.clear()
+            _rejected_at[seen] = now
+            logger.warning("ignoring the malformed report of worker %s: %s", hostname, exc)
         return None
 
 
@@ -111,7 +125,9 @@ class RedisMetrics:
         workers, stale = [], []
         limit = stale_after(self.config)
         for hostname, raw in raw_workers.items():
-            sample = parse_worker(raw)
+            hostname = hostname.decode(errors="replace") if isinstance(hostname, bytes) \
+                else hostname
+            sample = parse_worker(raw, hostname)
             if sample is None or now - sample.at > limit:
                 stale.append(hostname)
             else:

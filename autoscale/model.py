@@ -6,7 +6,9 @@ returns decisions, backends apply decisions. Nothing here does I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import math
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,45 @@ class WorkerSample:
     #: callback (worker clock, seconds since the epoch; None without an event loop).
     at: float
     loop_at: float | None = None
+
+
+#: The JSON type each report field must have (bool is not a number here).
+_REPORT_TYPES = {
+    "hostname": (str,), "queue": (str, type(None)), "pod": (str,), "pid": (int,),
+    "concurrency": (int,), "active": (int,), "reserved": (int,), "processed": (int,),
+    "cpu_percent": (int, float), "rss_main": (int,), "rss_children": (int,),
+    "memory_available": (int,), "at": (int, float), "loop_at": (int, float, type(None)),
+}
+_REQUIRED = {f.name for f in fields(WorkerSample)} - {"loop_at"}
+
+
+def parse_report(raw: bytes | str) -> WorkerSample:
+    """A worker's JSON self-report, checked field by field; ValueError says what is wrong.
+
+    Reports come from any process that can write to Redis (an older or newer worker, a
+    script, a hand edit): one with ``at`` as a string once killed the autoscaler loop
+    with a TypeError. Nothing is trusted until it has the right type and range.
+    """
+    try:
+        data = json.loads(raw)
+    except (TypeError, ValueError, UnicodeDecodeError):
+        raise ValueError("not JSON") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_REPORT_TYPES))
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}")
+    missing = sorted(_REQUIRED - set(data))
+    if missing:
+        raise ValueError(f"missing field {missing[0]!r}")
+    for name, value in data.items():
+        allowed = _REPORT_TYPES[name]
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"field {name!r} must be {want}, got {value!r}")
+        if isinstance(value, int | float) and (not math.isfinite(value) or value < 0):
+            raise ValueError(f"field {name!r} must be a finite number >= 0, got {value!r}")
+    return WorkerSample(**data)
 
 
 @dataclass(frozen=True)

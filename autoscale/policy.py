@@ -14,12 +14,15 @@ Every decision carries the reason, in words.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 from autoscale.model import QueueMetrics, ScaleDecision
 from fleet.config import FleetConfig, QueueClass
 from fleet.units import format_duration
+
+logger = logging.getLogger("autoscale.policy")
 
 #: A worker this busy (CPU of its requested cores, or memory of its pod limit) is
 #: saturated: the policy holds it and, with a backlog, adds one.
@@ -83,8 +86,8 @@ def recommend(m: QueueMetrics, queue: QueueClass, current: int) -> tuple[int, st
         return a.min_replicas, f"idle{floor}"
     if work == 0:
         return a.min_replicas, f"idle: nothing waiting or running{floor}"
-    if m.service_time is not None:
-        need = m.arrival_rate + m.backlog / a.target_wait
+    if m.service_time is not None and m.service_time > _EPS:
+        need = m.arrival_rate + m.backlog / max(a.target_wait, _EPS)
         per_replica = c / m.service_time
         n = math.ceil(need / per_replica - _EPS)
         reason = (f"backlog {m.backlog}, arrivals {m.arrival_rate:.2f}/s, service "
@@ -191,6 +194,22 @@ def fit_budget(config: FleetConfig, wanted: dict[str, int], current: dict[str, i
     return granted
 
 
+def _decide_queue(name: str, m: QueueMetrics, queue: QueueClass, now_n: int, now: float,
+                  history: History) -> tuple[int, str, tuple[tuple[float, int], ...], float]:
+    """One queue's (wanted replicas, reason, kept recommendations, urgency)."""
+    recommended, reason = recommend(m, queue, now_n)
+    desired, held, recs = stabilize(queue, name, now_n, recommended, now, history)
+    # min/max are hard bounds, whatever the windows say (as in HPA): a count set
+    # by hand outside them is corrected at once.
+    a = queue.autoscaling
+    if not a.min_replicas <= desired <= a.max_replicas:
+        desired = min(max(desired, a.min_replicas), a.max_replicas)
+        held = f"bounds {a.min_replicas}..{a.max_replicas}"
+    age = m.oldest_age or 0.0
+    urgency = age / max(a.target_wait, _EPS) + (m.backlog > 0)
+    return desired, reason + (f"; held by {held}" if held else ""), recs, urgency
+
+
 def decide(now: float, metrics: dict[str, QueueMetrics], current: dict[str, int],
            config: FleetConfig, history: History, budget: Budget | None = None
            ) -> tuple[list[ScaleDecision], History]:
@@ -201,20 +220,17 @@ def decide(now: float, metrics: dict[str, QueueMetrics], current: dict[str, int]
     recs: dict[str, tuple[tuple[float, int], ...]] = {}
     urgency: dict[str, float] = {}
     for name, m in metrics.items():
-        queue = config.queues[name]
         now_n = current.get(name, 0)
-        recommended, reason = recommend(m, queue, now_n)
-        desired, held, recs[name] = stabilize(queue, name, now_n, recommended, now, history)
-        # min/max are hard bounds, whatever the windows say (as in HPA): a count set
-        # by hand outside them is corrected at once.
-        a = queue.autoscaling
-        if not a.min_replicas <= desired <= a.max_replicas:
-            desired = min(max(desired, a.min_replicas), a.max_replicas)
-            held = f"bounds {a.min_replicas}..{a.max_replicas}"
-        wanted[name] = desired
-        reasons[name] = reason + (f"; held by {held}" if held else "")
-        age = m.oldest_age or 0.0
-        urgency[name] = age / queue.autoscaling.target_wait + (m.backlog > 0)
+        try:
+            wanted[name], reasons[name], recs[name], urgency[name] = _decide_queue(
+                name, m, config.queues[name], now_n, now, history)
+        except Exception as exc:
+            # A figure no rule foresaw must not stop the other queues (nor the loop):
+            # this queue keeps what it runs until its figures make sense again.
+            logger.exception("policy failed for queue %s", name)
+            wanted[name], urgency[name] = now_n, 0.0
+            recs[name] = history.recommendations.get(name, ())
+            reasons[name] = f"policy error ({type(exc).__name__}: {exc}): held at {now_n}"
     granted = fit_budget(config, wanted, current, urgency, budget)
     decisions = []
     last_change = dict(history.last_change)

@@ -10,12 +10,16 @@ smoothed (EWMA) over polls, so one noisy interval does not swing the policy.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-from autoscale.model import Observation, QueueMetrics
+from autoscale.model import Observation, QueueMetrics, QueueSample
 from fleet.config import FleetConfig
 
+logger = logging.getLogger("autoscale.rates")
+
 ALPHA = 0.5  # weight of the newest interval in the moving averages
+_EPS = 1e-9
 
 
 @dataclass
@@ -23,6 +27,9 @@ class _Smoothed:
     arrival: float = 0.0
     completion: float = 0.0
     running: float = 0.0
+    #: The last positive Little's-law estimate: a poll that catches no task running
+    #: (short tasks finish between samples) says nothing about how long one takes.
+    service_time: float | None = None
     primed: bool = False
 
 
@@ -38,35 +45,45 @@ class RateTracker:
         prev = self.previous
         out = {}
         for name, sample in obs.queues.items():
-            workers = obs.workers_of(name)
-            running = sum(w.active for w in workers)
-            slots = sum(w.concurrency for w in workers)
-            s = self.smoothed.setdefault(name, _Smoothed())
-            if prev is not None and name in prev.queues and obs.at > prev.at:
-                dt = obs.at - prev.at
-                done = completed_between(prev, obs, name)
-                before = prev.queues[name]
-                grown = (sample.waiting + sample.unacked) - (before.waiting + before.unacked)
-                completion = done / dt
-                arrival = max(0.0, (done + grown) / dt)
-                if s.primed:
-                    s.completion += ALPHA * (completion - s.completion)
-                    s.arrival += ALPHA * (arrival - s.arrival)
-                    s.running += ALPHA * (running - s.running)
-                else:
-                    s.completion, s.arrival, s.running, s.primed = (
-                        completion, arrival, float(running), True)
-            out[name] = QueueMetrics(
-                name=name, waiting=sample.waiting, unacked=sample.unacked, running=running,
-                oldest_age=sample.oldest_age, arrival_rate=s.arrival,
-                completion_rate=s.completion,
-                service_time=(s.running / s.completion) if s.completion > 1e-9 else None,
-                workers=len(workers), slots=slots,
-                cpu_per_slot=(sum(w.cpu_percent for w in workers) / slots) if slots else 0.0,
-                memory_fraction=memory_fraction(self.config, name, workers),
-            )
+            try:
+                out[name] = self._update_queue(prev, obs, name, sample)
+            except Exception:
+                # One queue's odd figures must not stop the others: it sits this poll out.
+                logger.exception("rates failed for queue %s", name)
         self.previous = obs
         return out
+
+    def _update_queue(self, prev: Observation | None, obs: Observation, name: str,
+                      sample: QueueSample) -> QueueMetrics:
+        workers = obs.workers_of(name)
+        running = sum(w.active for w in workers)
+        slots = sum(w.concurrency for w in workers)
+        s = self.smoothed.setdefault(name, _Smoothed())
+        if prev is not None and name in prev.queues and obs.at > prev.at:
+            dt = obs.at - prev.at
+            done = completed_between(prev, obs, name)
+            before = prev.queues[name]
+            grown = (sample.waiting + sample.unacked) - (before.waiting + before.unacked)
+            completion = done / dt
+            arrival = max(0.0, (done + grown) / dt)
+            if s.primed:
+                s.completion += ALPHA * (completion - s.completion)
+                s.arrival += ALPHA * (arrival - s.arrival)
+                s.running += ALPHA * (running - s.running)
+            else:
+                s.completion, s.arrival, s.running, s.primed = (
+                    completion, arrival, float(running), True)
+            if s.completion > _EPS and s.running > _EPS:
+                s.service_time = s.running / s.completion
+        return QueueMetrics(
+            name=name, waiting=sample.waiting, unacked=sample.unacked, running=running,
+            oldest_age=sample.oldest_age, arrival_rate=s.arrival,
+            completion_rate=s.completion,
+            service_time=s.service_time,
+            workers=len(workers), slots=slots,
+            cpu_per_slot=(sum(w.cpu_percent for w in workers) / slots) if slots else 0.0,
+            memory_fraction=memory_fraction(self.config, name, workers),
+        )
 
 
 def completed_between(prev: Observation, obs: Observation, queue: str) -> int:

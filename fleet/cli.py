@@ -413,15 +413,19 @@ def probe(queue: str, hostname: str | None, max_age: float, config_path: str | N
     raw = _redis_call(lambda: broker_client(config).hget(workers_key(config), name))
     if raw is None:
         raise FleetError(f"worker {name} has not reported (not started, or not a fleet worker)")
-    report = json.loads(raw)
+    from autoscale.model import parse_report
+
+    try:
+        report = parse_report(raw)
+    except ValueError as exc:
+        raise FleetError(f"worker {name}'s report is malformed: {exc}") from None
     now = time.time()
-    if now - report["at"] > max_age:
-        raise FleetError(f"worker {name} last reported {now - report['at']:.0f}s ago")
-    loop_at = report.get("loop_at")
-    if loop_at is not None and now - loop_at > max_age:
-        raise FleetError(f"worker {name}'s event loop last ran {now - loop_at:.0f}s ago")
-    click.echo(f"worker {name} ok: {report['active']} running, reported "
-               f"{now - report['at']:.1f}s ago")
+    if now - report.at > max_age:
+        raise FleetError(f"worker {name} last reported {now - report.at:.0f}s ago")
+    if report.loop_at is not None and now - report.loop_at > max_age:
+        raise FleetError(f"worker {name}'s event loop last ran {now - report.loop_at:.0f}s ago")
+    click.echo(f"worker {name} ok: {report.active} running, reported "
+               f"{now - report.at:.1f}s ago")
 
 
 def main() -> None:

@@ -218,7 +218,7 @@ class GuardedRequest(Request):
         else:
             self._fail(error, exc_info, send_failed_event)
         self.send_event("task-memory-exceeded", rss=kill.rss, limit=kill.limit,
-                        pid=kill.pid, queue=kill.queue, retry_on=target)
+                        child_pid=kill.pid, queue=kill.queue, retry_on=target)
         return None
 
     def _memory_retry_target(self) -> str | None:

@@ -128,3 +128,42 @@ def test_one_poll_is_one_round_trip_for_a_hundred_queues(fleet, redis_client):
         assert sum(q.waiting for q in obs.queues.values()) == 34
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("report", [
+    b"not json", b"[1, 2]", b'{"hostname": "x"}',
+    None,  # filled in below: a real report with "at" as a string
+])
+def test_a_malformed_worker_report_is_dropped_alone_and_never_trusted(fleet, redis_client,
+                                                                      report, caplog):
+    import json
+    from dataclasses import asdict
+
+    from autoscale.model import WorkerSample
+
+    good = WorkerSample("good@h", "default", "pod", 10, 2, 1, 0, 5, 10.0, 1, 2, 3, time.time())
+    if report is None:
+        report = json.dumps({**asdict(good), "hostname": "bad@h", "at": str(time.time())})
+    redis_client.hset(workers_key(fleet.config), mapping={
+        "good@h": json.dumps(asdict(good)), "bad@h": report})
+    obs = metrics(fleet, redis_client).poll()
+    assert [w.hostname for w in obs.workers] == ["good@h"]
+    assert not redis_client.hexists(workers_key(fleet.config), "bad@h")
+    assert "ignoring the malformed report of worker bad@h" in caplog.text
+
+
+def test_report_fields_are_checked_by_type_and_range():
+    import json
+    from dataclasses import asdict
+
+    from autoscale.model import WorkerSample, parse_report
+
+    good = asdict(WorkerSample("w@h", None, "pod", 10, 2, 1, 0, 5, 10.0, 1, 2, 3, 1.0))
+    assert parse_report(json.dumps(good)).hostname == "w@h"
+    for field, value, reason in [("pid", "10", "must be int"), ("active", True, "must be int"),
+                                 ("at", float("nan"), "finite"), ("rss_main", -1, ">= 0"),
+                                 ("queue", 3, "must be str or null")]:
+        with pytest.raises(ValueError, match=reason):
+            parse_report(json.dumps({**good, field: value}))
+    with pytest.raises(ValueError, match="unknown field 'extra'"):
+        parse_report(json.dumps({**good, "extra": 1}))

@@ -199,3 +199,20 @@ def test_no_oscillation_under_steady_load(arrival, service, start):
     # And the settled count keeps up with the load (within the bounds).
     needed = math.ceil(arrival * service / c - 1e-9)
     assert tail[0] >= min(needed, DEFAULT.autoscaling.max_replicas)
+
+
+def test_a_zero_service_time_never_divides_by_zero():
+    """Seen in 1 demo run in 3: Little's law gave 0.0 s when no task was seen running."""
+    n, reason = recommend(qm(waiting=5, running=0, service=0.0), DEFAULT, 1)
+    assert n == 3 and "service time not known yet" in reason
+
+
+def test_a_queue_whose_figures_break_the_policy_is_held_and_the_others_still_scale():
+    broken = qm(waiting=4, service=1.0, arrival=float("nan"))  # ceil(nan) raises
+    fine = qm("heavy", waiting=3, service=10.0, slots=0, workers=0)
+    decisions, _ = decide(1000.0, {"default": broken, "heavy": fine},
+                          {"default": 2, "heavy": 0}, CONFIG, History(), UNBOUNDED)
+    by_queue = {d.queue: d for d in decisions}
+    assert by_queue["default"].desired == 2
+    assert by_queue["default"].reason.startswith("policy error (")
+    assert by_queue["heavy"].desired >= 1

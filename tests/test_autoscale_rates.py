@@ -56,3 +56,15 @@ def test_no_service_time_until_something_completes():
     tracker.update(obs(0.0, 5, 0, []))
     m = tracker.update(obs(1.0, 5, 0, []))["default"]
     assert m.service_time is None and m.completion_rate == 0.0 and m.arrival_rate == 0.0
+
+
+def test_no_running_task_seen_keeps_the_last_service_time_instead_of_zero():
+    """Short tasks finish between samples: running is 0 while completions are not."""
+    tracker = RateTracker(CONFIG)
+    tracker.update(obs(0.0, 0, 0, [worker("a", 0, active=0)]))
+    m = tracker.update(obs(1.0, 0, 0, [worker("a", 10, active=0)]))["default"]
+    assert m.completion_rate == pytest.approx(10.0) and m.service_time is None
+    m = tracker.update(obs(2.0, 0, 0, [worker("a", 20, active=2)]))["default"]
+    assert m.service_time == pytest.approx(1.0 / 10.0)  # smoothed: 1 running / 10 per s
+    m = tracker.update(obs(3.0, 0, 0, [worker("a", 30, active=0)]))["default"]
+    assert m.service_time == pytest.approx(0.5 / 10.0)  # running decays, still positive
