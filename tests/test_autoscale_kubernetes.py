@@ -475,11 +475,9 @@ def test_the_loop_rides_out_api_errors_and_an_outage(fleet, redis_client, k8s_ap
 
 
 def test_the_loop_rides_out_a_redis_outage(fleet, k8s_api, tmp_path):
-    from .test_broker_outage import PersistentRedis
+    from .redis_server import PersistentRedis
 
-    server = PersistentRedis(tmp_path / "redis")
-    server.dir.mkdir()
-    server.start()
+    server = PersistentRedis(tmp_path / "redis").start()
     stop = threading.Event()
     thread = None
     try:

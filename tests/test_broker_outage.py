@@ -7,62 +7,26 @@ port), never the shared one on 6379.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import redis
 
-from fleet.embedded import redis_server_binary
 from fleet.jobs.state import JobStore
 from fleet.jobs.submit import JobSpec, submit
 from fleet.keys import key
 
-from .conftest import free_port, wait_for
+from .conftest import wait_for
+from .redis_server import PersistentRedis
 from .test_jobs import PROBES, write_jsonl
 
 pytestmark = pytest.mark.slow
 
 
-class PersistentRedis:
-    def __init__(self, workdir: Path):
-        self.port = free_port()
-        self.dir = workdir
-        self.binary = shutil.which("redis-server") or redis_server_binary()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-             str(self.dir), "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        wait_for(lambda: _pings(client), 10, what="redis-server to answer")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: redis-server flushes the AOF and exits
-            self.proc.wait(timeout=10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
 def test_job_survives_a_broker_restart(fleet, tmp_path):
-    server = PersistentRedis(tmp_path / "redis")
-    server.dir.mkdir()
-    server.start()
+    server = PersistentRedis(tmp_path / "redis").start()
     try:
         fleet.configure({**PROBES, "broker": {"url": server.url, "visibility_timeout": "10s",
                                               "lease": {"interval": "2s"}}})
