@@ -36,6 +36,9 @@ class WorkerSample:
     #: callback (worker clock, seconds since the epoch; None without an event loop).
     at: float
     loop_at: float | None = None
+    #: Ids of the job tasks (fleet.jobs.ids) this worker runs or holds: what the
+    #: reconciler must not send again, even when Redis lost its record of them.
+    held: tuple[str, ...] = ()
 
 
 #: The JSON type each report field must have (bool is not a number here).
@@ -44,8 +47,11 @@ _REPORT_TYPES = {
     "concurrency": (int,), "active": (int,), "reserved": (int,), "processed": (int,),
     "cpu_percent": (int, float), "rss_main": (int,), "rss_children": (int,),
     "memory_available": (int,), "at": (int, float), "loop_at": (int, float, type(None)),
+    "held": (list,),
 }
-_REQUIRED = {f.name for f in fields(WorkerSample)} - {"loop_at"}
+_REQUIRED = {f.name for f in fields(WorkerSample)} - {"loop_at", "held"}
+#: More held ids than any worker holds (concurrency x prefetch) means a broken report.
+MAX_HELD = 10_000
 
 
 def parse_report(raw: bytes | str) -> WorkerSample:
@@ -74,7 +80,10 @@ def parse_report(raw: bytes | str) -> WorkerSample:
             raise ValueError(f"field {name!r} must be {want}, got {value!r}")
         if isinstance(value, int | float) and (not math.isfinite(value) or value < 0):
             raise ValueError(f"field {name!r} must be a finite number >= 0, got {value!r}")
-    return WorkerSample(**data)
+    held = data.pop("held", [])
+    if len(held) > MAX_HELD or not all(isinstance(i, str) for i in held):
+        raise ValueError(f"field 'held' must be a list of at most {MAX_HELD} task ids")
+    return WorkerSample(**data, held=tuple(held))
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ def jobs_list(limit: int, config_path: str | None) -> None:
 
     from fleet.jobs.state import JobStore
 
-    statuses = _redis_call(lambda: JobStore(_load(config_path)).recent(limit))
+    statuses = JobStore(_load(config_path)).recent(limit)
     tty = sys.stdout.isatty()
     # Piped into a script: no box, no wrapping, one job per line.
     table = Table(box=None if not tty else Table().box, pad_edge=False)
@@ -150,31 +150,77 @@ def jobs_list(limit: int, config_path: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_config_path
 def jobs_status(job_id: str, as_json: bool, config_path: str | None) -> None:
-    """One job's progress, failures and result location."""
+    """One job's progress, failures, where its pending chunks are, its result."""
     from fleet.jobs.state import JobStore
 
-    store = JobStore(_load(config_path))
-    status = _redis_call(lambda: store.status(job_id))
-    failed = store.failed_chunks(job_id) if status.failed else []
+    config = _load(config_path)
+    store = JobStore(config)
+    status = store.status(job_id)
+    failed = store.failed_chunks(job_id, limit=200) if status.failed else []
+    where, where_error = _whereabouts(config, store, status)
     if as_json:
         out = {k: getattr(status, k) for k in (
             "id", "task", "aggregate", "state", "total", "done", "failed", "pending",
-            "records", "created", "finished", "input", "result_url", "error")}
-        out["failed_chunks"] = [{"index": c.index, "error": c.error} for c in failed]
+            "records", "created", "finished", "input", "result_url", "error",
+            "reconciled", "dead")}
+        out["failed_chunks"] = [{"index": c.index, "error": c.error, "kind": c.kind}
+                                for c in failed]
+        out["pending_chunks"] = None if where is None else {
+            "waiting": where.waiting, "live": where.live,
+            "orphaned": [{"index": i, "back_in": round(b, 1)} for i, b in where.orphaned],
+            "lost": where.lost}
+        if where_error:
+            out["pending_error"] = where_error
         click.echo(json.dumps(out, indent=2))
         return
     click.echo(f"job       {status.id}\ntask      {status.task}"
                + (f" -> {status.aggregate}" if status.aggregate else "")
                + f"\nstate     {status.state}\ninput     {status.input} ({status.records} "
                f"records)\nchunks    {status.done} done, {status.failed} failed, "
-               f"{status.pending} pending, of {status.total}\nresult    "
-               f"{status.result_url or '-'}")
+               f"{status.pending} pending, of {status.total}")
+    if where is not None:
+        parts = [f"{where.waiting} waiting in a queue", f"{where.live} running or held "
+                 "by a live worker"]
+        if where.orphaned:
+            back = max(b for _, b in where.orphaned)
+            parts.append(f"{len(where.orphaned)} held by a worker that stopped (back in "
+                         f"the queue within {back:.0f}s)")
+        if where.lost:
+            parts.append(f"{len(where.lost)} lost in flight (the reconciler sends them "
+                         "again)")
+        click.echo(f"pending   {', '.join(parts)}")
+    elif where_error:
+        click.echo(f"pending   {where_error}")
+    if status.reconciled:
+        click.echo(f"healed    {status.reconciled} chunks or steps sent again by the "
+                   "reconciler after they were lost in flight")
+    if status.dead:
+        click.echo(f"dead      {status.dead} chunks dead-lettered (their worker kept "
+                   "dying; see fleet dead list)")
+    click.echo(f"result    {status.result_url or '-'}")
     if status.error:
         click.echo(f"error     {status.error}")
     for chunk in failed[:20]:
         click.echo(f"  chunk {chunk.index}: {chunk.error}")
-    if len(failed) > 20:
-        click.echo(f"  ... and {len(failed) - 20} more")
+    if status.failed > 20:
+        click.echo(f"  ... and {status.failed - 20} more")
+
+
+def _whereabouts(config: FleetConfig, store, status):
+    """Where the pending chunks are (Redis and the workers' reports), or why unknown."""
+    import redis
+
+    from fleet.jobs.inflight import locate
+    from fleet.keys import broker_client
+
+    if status.is_terminal or not status.pending:
+        return None, None
+    pending = [idx for idx, _, _ in store.pending_chunks(status.id)]
+    try:
+        return locate(config, broker_client(config), status.id, pending), None
+    except (redis.RedisError, OSError) as exc:
+        return None, f"{status.pending} (Redis is not answering, so where they are is " \
+                     f"unknown: {exc})"
 
 
 @jobs.command("watch")
@@ -198,7 +244,8 @@ def jobs_retry(job_id: str, config_path: str | None) -> None:
     if retried.aggregate:
         click.echo(f"job {job_id}: re-running the aggregate step")
     elif retried.lost:
-        click.echo(f"job {job_id}: re-sent {retried.lost} chunks lost in flight")
+        click.echo(f"job {job_id}: re-sent {retried.lost} chunks lost in flight or "
+                   "never sent")
     else:
         click.echo(f"job {job_id}: re-sent {retried.chunks} failed chunks")
 
@@ -206,7 +253,7 @@ def jobs_retry(job_id: str, config_path: str | None) -> None:
 def _watch(config: FleetConfig, job_id: str) -> None:
     from fleet.jobs.watch import watch
 
-    status = _redis_call(lambda: watch(config, [job_id]))[0]
+    status = watch(config, [job_id])[0]
     if status.state == "failed":
         raise FleetError(f"job {job_id} failed: {status.error or f'{status.failed} chunks failed'}"
                          f" (see: fleet jobs status {job_id}; fleet jobs retry {job_id})")
@@ -392,6 +439,35 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
             stop.set()
     finally:
         target.close()
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="One pass: say what was lost and re-sent, exit.")
+@click.option("--interval", type=float, default=None,
+              help="Seconds between passes (default: jobs.reconciler.interval).")
+@pass_config_path
+def reconcile(once: bool, interval: float | None, config_path: str | None) -> None:
+    """Find job chunks that nobody has (not done, failed, queued, held nor running) and
+    send them again. `fleet up` and `fleet autoscale` run this loop too."""
+    import threading
+
+    from autoscale.reconcile import Reconciler
+
+    config = _load(config_path)
+    reconciler = Reconciler(config, _app(config), report=click.echo)
+    if once:
+        done = _redis_call(reconciler.run_once)
+        resent = sum(done.resent.values())
+        click.echo(f"reconciler: {resent} chunks and {len(done.collects)} collect steps "
+                   f"sent again; {done.suspected} suspected (checked again next pass)"
+                   + (f"; scanned: {done.scanned}" if done.scanned else ""))
+        return
+    click.echo(f"reconciler: every {interval or config.jobs.reconciler.interval:g}s")
+    stop = threading.Event()
+    try:
+        reconciler.run(stop, interval)
+    except KeyboardInterrupt:
+        stop.set()
 
 
 @cli.command()

@@ -32,6 +32,7 @@ RateLimit = Annotated[Rate, BeforeValidator(parse_rate), PlainSerializer(str)]
 ENV_CONFIG = "FLEET_CONFIG"
 ENV_BROKER_URL = "FLEET_BROKER_URL"
 ENV_KEY_PREFIX = "FLEET_KEY_PREFIX"
+ENV_LEDGER_URL = "FLEET_LEDGER_URL"
 
 
 class Model(BaseModel):
@@ -74,12 +75,31 @@ class Payloads(Model):
     cleanup: bool = True
 
 
+class Reconciler(Model):
+    """Finds job chunks that nobody has (done, failed, queued, held or running: none of
+    them) and sends them again; see autoscale.reconcile."""
+
+    enabled: bool = True
+    #: How often to compare the ledger with what Redis and the workers hold.
+    interval: Duration = Field(5.0, gt=0)
+    #: A chunk sent less than this long ago is never suspected (it may be on its way).
+    grace: Duration = 10.0
+    #: Redis's lists are scanned for the chunks' ids when the counts do not add up, and
+    #: at least this often while chunks are pending (a lost one hidden by a surplus).
+    full_scan_every: Duration = 30.0
+
+
 class Jobs(Model):
     default_chunk_size: int = Field(1000, ge=1)
-    #: How long job state stays in Redis after the job ends.
+    #: The job ledger (SQLAlchemy URL): what each job is, its chunks and which of them
+    #: completed, outside the broker, so a Redis that restarts empty loses no job.
+    #: SQLite on one machine; PostgreSQL when workers run on several (Kubernetes).
+    ledger: str = "sqlite:///.fleet/jobs.sqlite"
+    #: How long a job stays in the ledger after its last change.
     ttl: Duration = 7 * 86400.0
     #: Messages per Redis pipeline when fanning out a job.
     publish_batch: int = Field(500, ge=1)
+    reconciler: Reconciler = Reconciler()
 
 
 class SizeRule(Model):
@@ -326,10 +346,12 @@ def load_config(
     broker_url: str | None = None,
     key_prefix: str | None = None,
 ) -> FleetConfig:
-    """Read, validate and return the config; env overrides apply to the broker only.
+    """Read, validate and return the config; env overrides apply to the broker and the
+    job ledger only.
 
-    ``FLEET_BROKER_URL`` and ``FLEET_KEY_PREFIX`` let one file serve every environment
-    (an embedded Redis on a random port, a test's own key prefix, a Kubernetes Secret).
+    ``FLEET_BROKER_URL``, ``FLEET_KEY_PREFIX`` and ``FLEET_LEDGER_URL`` let one file
+    serve every environment (an embedded Redis on a random port, a test's own key
+    prefix, a Kubernetes Secret).
     """
     path = Path(path) if path is not None else default_config_path()
     data, lines, duplicates = load_yaml(path)
@@ -338,7 +360,15 @@ def load_config(
     config = parse_config(data, str(path), lines)
     url = broker_url or os.environ.get(ENV_BROKER_URL)
     prefix = key_prefix if key_prefix is not None else os.environ.get(ENV_KEY_PREFIX)
-    return with_broker(config, url=url, key_prefix=prefix)
+    config = with_broker(config, url=url, key_prefix=prefix)
+    ledger = os.environ.get(ENV_LEDGER_URL)
+    return with_ledger(config, ledger) if ledger else config
+
+
+def with_ledger(config: FleetConfig, url: str) -> FleetConfig:
+    """A copy of ``config`` whose job ledger is ``url`` (``fleet up`` keeps it in its
+    work directory and passes it to its workers as ``FLEET_LEDGER_URL``)."""
+    return config.model_copy(update={"jobs": config.jobs.model_copy(update={"ledger": url})})
 
 
 def with_broker(

@@ -55,6 +55,21 @@ def memory_available() -> int:
     return max(0, min(host, int(limit) - current))
 
 
+def held_job_tasks() -> tuple[str, ...]:
+    """Job task ids this worker runs or holds (prefetched, ETA): bounded by its
+    concurrency x prefetch. The event loop may change the sets while we copy them."""
+    for _ in range(3):
+        try:
+            ids = {r.id for r in worker_state.reserved_requests}
+            ids.update(r.id for r in worker_state.active_requests)
+            break
+        except RuntimeError:
+            continue
+    else:
+        return ()
+    return tuple(sorted(i for i in ids if i and i.startswith("job-")))
+
+
 class Heartbeat:
     """A daemon thread in the worker's main process that publishes a WorkerSample."""
 
@@ -115,6 +130,7 @@ class Heartbeat:
         cpu, rss_main, rss_children = self._cpu_and_rss()
         active = len(worker_state.active_requests)
         return WorkerSample(
+            held=held_job_tasks(),
             hostname=self.worker.hostname, queue=self.queue, pod=self.pod, pid=os.getpid(),
             concurrency=int(self.worker.concurrency or 1), active=active,
             reserved=max(0, len(worker_state.reserved_requests) - active),

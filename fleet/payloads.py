@@ -9,7 +9,10 @@ so that a reference found in a message or a job record says where to look.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlparse
@@ -30,6 +33,12 @@ class PayloadStore(Protocol):
 
     def url_for(self, key: str) -> str:
         """The URL ``put(key, ...)`` would return."""
+
+    def put_file(self, key: str, path: Path) -> str:
+        """Store the file at ``path`` (streamed, not read into memory); return its URL."""
+
+    def local_copy(self, url: str) -> AbstractContextManager[Path]:
+        """A local file with the bytes at ``url``, for the duration of the block."""
 
 
 class LocalStore:
@@ -52,6 +61,26 @@ class LocalStore:
         except OSError as exc:
             raise PayloadError(f"cannot write payload {path}: {exc.strerror or exc}") from None
         return path.as_uri()
+
+    def put_file(self, key: str, path: Path) -> str:
+        target = self.root / key
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            os.close(fd)
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise PayloadError(f"cannot write payload {target}: {exc.strerror or exc}"
+                               ) from None
+        return target.as_uri()
+
+    @contextmanager
+    def local_copy(self, url: str) -> Iterator[Path]:
+        path = self._path(url)
+        if not path.is_file():
+            raise PayloadError(f"payload {url} is gone (deleted or never written)")
+        yield path
 
     def _path(self, url: str) -> Path:
         parsed = urlparse(url)
@@ -96,6 +125,28 @@ class S3Store:
         except self._errors as exc:
             raise PayloadError(f"cannot write {self.url_for(key)}: {exc}") from None
         return self.url_for(key)
+
+    def put_file(self, key: str, path: Path) -> str:
+        try:
+            self.client.upload_file(str(path), self.bucket, self.prefix + key)
+        except self._errors as exc:
+            raise PayloadError(f"cannot write {self.url_for(key)}: {exc}") from None
+        return self.url_for(key)
+
+    @contextmanager
+    def local_copy(self, url: str) -> Iterator[Path]:
+        bucket, key = split_s3_url(url)
+        with tempfile.NamedTemporaryFile(prefix="fleet-payload-") as tmp:
+            try:
+                self.client.download_fileobj(bucket, key, tmp)
+            except self._errors as exc:
+                code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+                if code in ("NoSuchKey", "404"):
+                    raise PayloadError(f"payload {url} is gone (deleted or never written)"
+                                       ) from None
+                raise PayloadError(f"cannot read {url}: {exc}") from None
+            tmp.flush()
+            yield Path(tmp.name)
 
     def get(self, url: str) -> bytes:
         bucket, key = split_s3_url(url)

@@ -20,6 +20,7 @@ from kombu.exceptions import OperationalError
 from fleet import claimcheck, keys
 from fleet.jobs import lifecycle
 from fleet.jobs.ids import parse_task_id
+from fleet.jobs.ledger import LedgerUnavailableError
 from fleet.ratelimit import TokenBucket, requeue_delay
 
 logger = logging.getLogger("fleet.task")
@@ -40,23 +41,36 @@ class FleetTask(Task):
         # Run by a worker: the tracer already pushed this task's request, so run() is
         # called directly; Task.__call__ would build a second request context, which
         # costs as much as the rest of a no-op task's trace.
+        ref = parse_task_id(request.id)
+        if ref is not None and (request.delivery_info or {}).get("redelivered"):
+            why = self._skip_reason(config, ref, request)
+            if why:
+                logger.warning("task %s[%s] delivered again: not run, %s", self.name,
+                               request.id, why)
+                return None
         args, kwargs, claimed = claimcheck.resolve_arguments(config.payloads, args, kwargs)
         if claimed:
             request.args, request.kwargs = args, kwargs
         self._take_rate_limits(config, request)
         result = self.run(*args, **kwargs)
-        ref = parse_task_id(request.id)
         if ref is not None:
             try:
                 lifecycle.on_task_success(self.app, config, ref, result)
-            except (redis.RedisError, OperationalError) as exc:
-                # The chunk's work is done but the job could not take note (or send its
-                # collect step): run it again later rather than leave the job hanging.
-                # Recording is idempotent; if even this re-send fails, the unacked
-                # message comes back after visibility_timeout.
+            except (LedgerUnavailableError, redis.RedisError, OperationalError) as exc:
+                # The chunk's work is done but the job's ledger could not take note:
+                # run it again later rather than leave the job hanging. Recording is
+                # idempotent; if even this re-send fails, the chunk is still pending in
+                # the ledger and the reconciler sends it again once it finds it lost.
                 self._requeue(request, JOB_RECORD_RETRY,
                               f"job {ref.job_id} could not record chunk {ref.index}: {exc}")
         return result
+
+    def _skip_reason(self, config, ref, request) -> str | None:
+        try:
+            return lifecycle.already_handled(config, ref, request.hostname)
+        except Exception as exc:  # cannot tell: run it, at least once is the contract
+            logger.warning("could not check whether %s already ran: %s", request.id, exc)
+            return None
 
     def _requeue(self, request, delay: float, why: str) -> None:
         """Send this task again in ``delay`` seconds without spending one of its retries

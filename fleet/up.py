@@ -20,7 +20,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fleet.config import ENV_BROKER_URL, ENV_CONFIG, FleetConfig, with_broker
+from fleet.config import (
+    ENV_BROKER_URL,
+    ENV_CONFIG,
+    ENV_LEDGER_URL,
+    FleetConfig,
+    with_broker,
+    with_ledger,
+)
 from fleet.embedded import EmbeddedRedis, answers, is_local
 from fleet.errors import BrokerUnavailableError
 
@@ -64,7 +71,9 @@ def run_up(config: FleetConfig, workdir: Path, *, demo: bool = False, records: i
         embedded = EmbeddedRedis().start()
         url = embedded.url
         config = with_broker(config, url=url)
-    env = {**os.environ, ENV_BROKER_URL: url, ENV_CONFIG: str(Path(config.source).resolve())}
+    config = _ledger_in(config, workdir)
+    env = {**os.environ, ENV_BROKER_URL: url, ENV_CONFIG: str(Path(config.source).resolve()),
+           ENV_LEDGER_URL: config.jobs.ledger}
     if config.broker.key_prefix:
         env["FLEET_KEY_PREFIX"] = config.broker.key_prefix
     logdir = workdir / "logs"
@@ -78,12 +87,15 @@ def run_up(config: FleetConfig, workdir: Path, *, demo: bool = False, records: i
                         report=report)
     board = _start_dashboard(config, workdir, dashboard_port, console)
     loop = threading.Thread(target=scaler.run, args=(stop,), name="autoscaler", daemon=True)
+    healer = _reconciler(config, lambda line: console.print(f"[dim]reconciler:[/dim] {line}"))
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         console.print(f"broker {url}; autoscaler every "
                       f"{config.autoscaler.interval:g}s over queues "
                       f"{', '.join(config.queues)} (worker logs in {logdir})")
         loop.start()
+        if healer is not None:
+            healer.start(stop)
         if demo:
             _demo(config, create_app(config), workdir, records, console)
         if not exit_when_done:
@@ -98,12 +110,46 @@ def run_up(config: FleetConfig, workdir: Path, *, demo: bool = False, records: i
         signal.signal(signal.SIGTERM, previous)
         stop.set()
         loop.join(timeout=30)
+        if healer is not None:
+            healer.join(timeout=30)
         if board is not None:
             board.stop()
         backend.close()
         if embedded is not None:
             embedded.stop()
         console.print("stopped.")
+
+
+def _ledger_in(config: FleetConfig, workdir: Path) -> FleetConfig:
+    """The job ledger in the work directory, unless queues.yaml names one (like the
+    dashboard's database): one fleet, one ledger, whatever the current directory."""
+    if config.jobs.ledger != type(config.jobs)().ledger:
+        return config
+    return with_ledger(config, f"sqlite:///{(workdir / 'jobs.sqlite').resolve()}")
+
+
+class _Reconciling:
+    """The reconciler's loop on a thread of its own (autoscale.reconcile)."""
+
+    def __init__(self, config: FleetConfig, report):
+        from autoscale.reconcile import Reconciler
+        from fleet.factory import create_app
+
+        self.reconciler = Reconciler(config, create_app(config), report=report)
+        self.thread: threading.Thread | None = None
+
+    def start(self, stop: threading.Event) -> None:
+        self.thread = threading.Thread(target=self.reconciler.run, args=(stop,),
+                                       name="reconciler", daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+
+def _reconciler(config: FleetConfig, report) -> _Reconciling | None:
+    return _Reconciling(config, report) if config.jobs.reconciler.enabled else None
 
 
 def _start_dashboard(config: FleetConfig, workdir: Path, port: int | None, console: Console):

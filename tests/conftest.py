@@ -94,6 +94,7 @@ class Fleet:
         data = deep_merge(shipped_config(), {
             "broker": {"url": REDIS_URL},
             "payloads": {"path": str(self.tmp_path / "payloads")},
+            "jobs": {"ledger": f"sqlite:///{self.tmp_path / 'ledger.sqlite'}"},
         })
         data = deep_merge(data, overrides)
         self.config_path = self.tmp_path / "queues.yaml"
@@ -103,7 +104,8 @@ class Fleet:
 
     @property
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("FLEET_") or k == "FLEET_FAULT_REPORT"}
         env[ENV_KEY_PREFIX] = self.prefix
         env["PYTHONUNBUFFERED"] = "1"
         return env

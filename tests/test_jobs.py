@@ -157,10 +157,17 @@ def test_unknown_job_is_a_clear_error(fleet):
 
 # -- idempotency, failures, retry -------------------------------------------------------
 
+def new_job(store: JobStore, job_id: str, total: int) -> None:
+    """A job as submit leaves it: created, its manifest written, submitted."""
+    store.create(job_id, task="t", aggregate=None, total=total, records=total,
+                 input_desc="x", chunk_size=1, kwargs={}, aggregate_kwargs={}, result_url="u")
+    store.add_chunks(job_id, [(i, "default", 10) for i in range(total)])
+    store.submitted(job_id)
+
+
 def test_chunk_completion_is_idempotent(fleet):
     store = JobStore(fleet.config)
-    store.create("job-aaaaaaaaaaaa", task="t", aggregate=None, total=3, records=3,
-                 input_desc="x", chunk_size=1, kwargs={}, aggregate_kwargs={}, result_url="u")
+    new_job(store, "job-aaaaaaaaaaaa", 3)
     assert store.record_success("job-aaaaaaaaaaaa", 0, 1) == "running"
     assert store.record_success("job-aaaaaaaaaaaa", 0, 1) == "running"  # redelivered
     assert store.record_success("job-aaaaaaaaaaaa", 1, 1) == "running"
@@ -169,7 +176,7 @@ def test_chunk_completion_is_idempotent(fleet):
     store.collect_started("job-aaaaaaaaaaaa")
     assert store.record_success("job-aaaaaaaaaaaa", 2, 1) == "aggregating"  # once started
     # A failure reported after the chunk already succeeded does not count.
-    assert store.record_failure("job-aaaaaaaaaaaa", 1, "late", [], {}) == "aggregating"
+    assert store.record_failure("job-aaaaaaaaaaaa", 1, "late") == "aggregating"
     assert store.status("job-aaaaaaaaaaaa").failed == 0
 
 
@@ -278,8 +285,9 @@ def test_broker_down_is_a_clear_error(fleet, tmp_path):
     result = cli(fleet, "submit", "tasks.aggregate.sum_by", "-i", str(data))
     assert result.returncode == 3
     assert "Redis is not answering" in result.stderr and "Traceback" not in result.stderr
+    # Jobs live in the ledger, not in Redis: listing them needs no broker.
     status = cli(fleet, "jobs", "list")
-    assert status.returncode == 3 and "Redis is not answering" in status.stderr
+    assert status.returncode == 0, status.stderr
 
 
 def test_retry_of_unknown_job(fleet):
@@ -294,8 +302,7 @@ def test_chunk_results_keep_their_types(fleet):
     import uuid
 
     store = JobStore(fleet.config)
-    store.create("job-cccccccccccc", task="t", aggregate=None, total=2, records=2,
-                 input_desc="x", chunk_size=1, kwargs={}, aggregate_kwargs={}, result_url="u")
+    new_job(store, "job-cccccccccccc", 2)
     value = {"at": datetime.datetime(2026, 11, 27, 6, 0, tzinfo=datetime.UTC),
              "amount": decimal.Decimal("12.50"), "id": uuid.UUID(int=7)}
     store.record_success("job-cccccccccccc", 0, value)
@@ -306,8 +313,7 @@ def test_a_complete_job_whose_collect_never_started_is_collected_again(fleet):
     """The first completion could not send the collect step (broker down): the next
     record of a chunk (redelivered or retried) sends it again, until it starts."""
     store = JobStore(fleet.config)
-    store.create("job-dddddddddddd", task="t", aggregate=None, total=2, records=2,
-                 input_desc="x", chunk_size=1, kwargs={}, aggregate_kwargs={}, result_url="u")
+    new_job(store, "job-dddddddddddd", 2)
     store.record_success("job-dddddddddddd", 0, 1)
     assert store.record_success("job-dddddddddddd", 1, 1) == "collect"
     assert store.record_success("job-dddddddddddd", 1, 1) == "collect"  # not started yet
@@ -337,7 +343,8 @@ def test_retry_unsticks_a_job_whose_collect_never_ran(fleet, tmp_path):
 
 def test_chunks_lost_in_flight_are_found_and_sent_again(fleet, tmp_path, redis_client):
     """A message popped by a worker as Redis went down is gone: retry finds the chunk
-    (not done, failed, queued nor held) and cuts it again from the input."""
+    (not done, failed, queued nor held) and cuts it again from the job's copy of its
+    input, whatever became of the user's file since."""
     fleet.configure(PROBES)
     data = write_jsonl(tmp_path / "n.jsonl", [{"n": i} for i in range(10)])
     app = fleet.app()
@@ -348,14 +355,15 @@ def test_chunks_lost_in_flight_are_found_and_sent_again(fleet, tmp_path, redis_c
     store.record_success(done.job_id, 0, 1)  # chunk 0 ran;
     redis_client.rpop(queue)                 # ... and its message was taken
     redis_client.rpop(queue)                 # chunk 1's message: lost in flight
+    data.write_text('{"n": 99}\n')           # and the user's file changed meanwhile
     result = cli(fleet, "jobs", "retry", done.job_id)
     assert result.returncode == 0, result.stderr
     assert f"job {done.job_id}: re-sent 1 chunks lost in flight" in result.stdout
     messages = redis_client.lrange(queue, 0, -1)
     assert sum(f'"{done.job_id}.1"'.encode() in m for m in messages) == 1
     assert len(messages) == 4  # 2, 3, 4 still waiting, and 1 again
-    # The input changed: the lost chunks cannot be cut again the same way.
-    redis_client.rpop(queue)
-    data.write_text(data.read_text() + '{"n": 99}\n')
-    changed = cli(fleet, "jobs", "retry", done.job_id)
-    assert changed.returncode == 1 and "changed since it was submitted" in changed.stderr
+    fleet.start_worker("default")
+    status = wait_for(lambda: (s := store.status(done.job_id)).is_terminal and s, 60)
+    assert status.state == "succeeded"
+    # 1 (chunk 0, recorded by hand) + chunks 1..4 of the original input: 2+3, ..., 8+9
+    assert json.loads(open_store(fleet.config.payloads).get(status.result_url)) == 1 + 44

@@ -49,7 +49,7 @@ class Sampler:
         self.store = store
         self.metrics = RedisMetrics(config, client)
         self.tracker = RateTracker(config)
-        self.jobs = JobStore(config, client)
+        self.jobs = JobStore(config)
         self.snapshot = Snapshot()
         self._lock = threading.Lock()
         self._last_decision = store.last_decision_at()
@@ -97,7 +97,7 @@ class Sampler:
             self._last_decision = rows[0]["at"]
 
     def live_jobs(self, limit: int = JOBS_KEPT) -> list[dict]:
-        """The newest jobs as Redis has them now (one pipelined round trip)."""
+        """The newest jobs as the job ledger has them now (one query)."""
         ids = self.jobs.recent_ids(limit)
         try:
             statuses = self.jobs.statuses(ids)

@@ -11,9 +11,10 @@ import re
 import secrets
 from dataclasses import dataclass
 
-_TASK_ID = re.compile(r"^(job-[0-9a-f]{12})\.(\d+|agg)$")
+_TASK_ID = re.compile(r"^(job-[0-9a-f]{12})\.(\d+|agg|collect)$")
 _JOB_ID = re.compile(r"^job-[0-9a-f]{12}$")
 AGGREGATE = -1
+COLLECT = -2
 
 
 def new_job_id() -> str:
@@ -32,20 +33,31 @@ def aggregate_task_id(job_id: str) -> str:
     return f"{job_id}.agg"
 
 
+def collect_task_id(job_id: str) -> str:
+    """The collect step's id is fixed too, so the reconciler can tell whether it is
+    queued or running (and a re-sent one is the same task)."""
+    return f"{job_id}.collect"
+
+
 @dataclass(frozen=True)
 class ChunkRef:
     job_id: str
-    #: The chunk's index, or AGGREGATE for the job's aggregate task.
+    #: The chunk's index, or AGGREGATE / COLLECT for the job's own two steps.
     index: int
 
     @property
     def is_aggregate(self) -> bool:
         return self.index == AGGREGATE
 
+    @property
+    def is_collect(self) -> bool:
+        return self.index == COLLECT
+
 
 def parse_task_id(task_id: str | None) -> ChunkRef | None:
     match = _TASK_ID.match(task_id or "")
     if not match:
         return None
-    index = AGGREGATE if match.group(2) == "agg" else int(match.group(2))
+    tail = match.group(2)
+    index = AGGREGATE if tail == "agg" else COLLECT if tail == "collect" else int(tail)
     return ChunkRef(match.group(1), index)

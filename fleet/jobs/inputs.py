@@ -4,6 +4,10 @@ The input is read twice: once to check every record (a malformed line N must sto
 job before anything is enqueued) and once to cut chunks, so memory stays bounded by
 one chunk however large the input. Stdin and S3 objects are spooled to a temporary
 file during the first pass so the second pass can re-read them.
+
+A copy of the checked input is kept in the payload store for the job's life
+(``keep_copy``): any chunk can then be cut again (``reopened``) by whoever must send it
+again, on any machine, whatever happened to the user's file, stdin or S3 object since.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -164,3 +168,27 @@ def _spooled_s3(url: str, payloads: Payloads) -> Iterator[tuple[Path, str]]:
             raise JobInputError(f"{url}: cannot read input: {exc}") from None
         tmp.flush()
         yield Path(tmp.name), etag
+
+
+def keep_copy(payloads: Payloads, job_id: str, checked: CheckedInput) -> str:
+    """Store the checked input for the job's life; returns the copy's URL."""
+    from fleet.payloads import open_store
+
+    suffix = "csv" if checked.fmt == "csv" else "jsonl"
+    return open_store(payloads).put_file(f"jobs/{job_id}/input.{suffix}", checked.path)
+
+
+@contextmanager
+def reopened(payloads: Payloads, url: str, fmt: str, description: str
+             ) -> Iterator[CheckedInput]:
+    """The job's kept input again, ready to be cut into the same chunks."""
+    from fleet.errors import PayloadError
+    from fleet.payloads import open_store
+
+    with ExitStack() as stack:
+        try:
+            path = stack.enter_context(open_store(payloads).local_copy(url))
+        except PayloadError as exc:
+            raise JobInputError(f"{description}: the job's copy of its input cannot be "
+                                f"read ({exc}): its chunks cannot be cut again") from None
+        yield CheckedInput(path, fmt, description, 0, path.stat().st_size, url)

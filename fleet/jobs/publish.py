@@ -11,10 +11,13 @@ queue once, and giving a short ``argsrepr`` instead of rendering every record.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from itertools import islice
 
 from celery import Celery
 
+from fleet.jobs.ids import chunk_task_id
+from fleet.jobs.inputs import Chunk
 from fleet.routing import SIZE_HEADER, RoutingTable, route
 
 
@@ -27,6 +30,9 @@ class ChunkPublisher:
         self.batch_size = batch_size
         self.table = RoutingTable.from_config(app.fleet_config)
         self.sent = 0
+
+    def queue_for(self, size: int) -> str:
+        return route(self.table, self.task_name, size)
 
     def publish(self, messages: Iterable[tuple[str, list, dict, int]]) -> int:
         amqp = self.app.amqp
@@ -50,3 +56,18 @@ class ChunkPublisher:
                     **({"priority": priority} if priority is not None else {}))
                 self.sent += 1
         return self.sent
+
+
+def send_chunks(app: Celery, job_id: str, task_name: str, chunks: Iterable[Chunk],
+                kwargs: dict, note: Callable[[list[tuple[int, str, int]]], None],
+                batch_size: int) -> int:
+    """Publish a job's chunks batch by batch; ``note`` writes each batch's manifest
+    rows (index, queue, size) to the ledger before the batch goes out, so no message
+    ever exists that the ledger does not know of."""
+    publisher = ChunkPublisher(app, task_name, batch_size)
+    it = iter(chunks)
+    while batch := list(islice(it, batch_size)):
+        note([(c.index, publisher.queue_for(c.size), c.size) for c in batch])
+        publisher.publish((chunk_task_id(job_id, c.index), [c.records], kwargs, c.size)
+                          for c in batch)
+    return publisher.sent

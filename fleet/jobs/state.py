@@ -1,103 +1,52 @@
-"""Job state in Redis: one hash per job, one hash of finished chunks, one of failed ones.
+"""Job state in the ledger (fleet.jobs.ledger): one row per job, one per chunk.
 
-Chunk completion is idempotent: a chunk is a field of the ``done`` hash, so a message
-redelivered after its worker died (at-least-once delivery) writes the same field again
-and is not counted twice. The transition to aggregating is taken exactly once, inside
-the same Lua script that records the last chunk, so two workers finishing the last two
-chunks at the same moment cannot both (or neither) start the aggregate.
+Chunk completion is idempotent: a chunk is one row, so a message redelivered after its
+worker died (at-least-once delivery) finds it done and is not counted twice. The job
+keeps its own done/failed counters, updated in the same transaction as the chunk's row
+while the job's row is held, so the last chunk (and only it) moves the job to
+aggregating, even when two workers finish the last two chunks at the same moment.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from functools import wraps
+from typing import Any, TypeVar
 
-import redis
+from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from fleet import codec
 from fleet.config import FleetConfig
+from fleet.database import safe_url, transaction
 from fleet.errors import UnknownJobError
-from fleet.keys import broker_client, key
+from fleet.jobs import ledger
+from fleet.jobs.ledger import chunks, jobs
 
 # States a job goes through.
+SUBMITTING = "submitting"
 RUNNING = "running"
 AGGREGATING = "aggregating"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 TERMINAL = (SUCCEEDED, FAILED)
+#: Jobs whose chunks may still be in flight.
+ACTIVE = (SUBMITTING, RUNNING)
 
-# KEYS: job, done, failed. ARGV: index, value, now. Returns the job's state after the
-# write, or "" for an unknown job, and "collect" when this write completed the last
-# chunk, or when the job is complete but its collect step never started (the first
-# completion could not send it: a redelivered or retried chunk sends it again).
-_RECORD_SUCCESS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return '' end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HDEL', KEYS[3], ARGV[1])
-local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
-local done = redis.call('HLEN', KEYS[2])
-local failed = redis.call('HLEN', KEYS[3])
-if done >= total then
-  if redis.call('HSETNX', KEYS[1], 'collecting', '1') == 1 then
-    redis.call('HSET', KEYS[1], 'state', 'aggregating')
-    return 'collect'
-  end
-  local state = redis.call('HGET', KEYS[1], 'state')
-  if state == 'aggregating' and redis.call('HEXISTS', KEYS[1], 'collect_started') == 0 then
-    return 'collect'
-  end
-  return state
-end
-if done + failed >= total then
-  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished', ARGV[3])
-  return 'failed'
-end
-return redis.call('HGET', KEYS[1], 'state')
-"""
+# States a chunk goes through.
+PENDING, DONE = "pending", "done"
 
-# KEYS: job, done, failed. ARGV: index, failure record, now.
-_RECORD_FAILURE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return '' end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
-  return redis.call('HGET', KEYS[1], 'state')
-end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
-local done = redis.call('HLEN', KEYS[2])
-local failed = redis.call('HLEN', KEYS[3])
-if done + failed >= total then
-  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished', ARGV[3])
-  return 'failed'
-end
-return redis.call('HGET', KEYS[1], 'state')
-"""
+#: The exception name a dead-lettered chunk fails with (fleet.errors.DeadLettered).
+DEAD_LETTERED = "DeadLettered"
 
-# KEYS: job, failed, retrying. Moves every failed chunk (and any left in ``retrying`` by
-# an interrupted retry) to ``retrying`` and reopens the job; returns index, record pairs.
-# A chunk in ``retrying`` counts as pending until its new run records done or failed.
-_TAKE_FAILED = """
-local taken = {}
-local seen = {}
-for _, source in ipairs({KEYS[2], KEYS[3]}) do
-  local entries = redis.call('HGETALL', source)
-  for i = 1, #entries, 2 do
-    if not seen[entries[i]] then
-      seen[entries[i]] = true
-      redis.call('HSET', KEYS[3], entries[i], entries[i + 1])
-      table.insert(taken, entries[i])
-      table.insert(taken, entries[i + 1])
-    end
-  end
-end
-redis.call('DEL', KEYS[2])
-if #taken > 0 then
-  redis.call('HSET', KEYS[1], 'state', 'running')
-  redis.call('HDEL', KEYS[1], 'finished')
-end
-return taken
-"""
+#: What ``record_success`` returns when this write completed the job's last chunk (or
+#: the job is complete and its collect step never started): the caller sends it.
+COLLECT = "collect"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -115,7 +64,19 @@ class JobStatus:
     input: str
     result_url: str | None
     error: str | None
-    extra: dict = field(default_factory=dict)
+    chunk_size: int = 0
+    kwargs: dict = field(default_factory=dict)
+    aggregate_kwargs: dict = field(default_factory=dict)
+    input_url: str | None = None
+    input_format: str | None = None
+    fingerprint: str | None = None
+    updated: float | None = None
+    collect_sent: float | None = None
+    collect_started: float | None = None
+    #: Chunks (and collect steps) the reconciler sent again after they were lost.
+    reconciled: int = 0
+    #: Failed chunks that were dead-lettered (poison: their worker kept dying).
+    dead: int = 0
 
     @property
     def pending(self) -> int:
@@ -130,186 +91,398 @@ class JobStatus:
 class FailedChunk:
     index: int
     error: str
-    args: list
-    kwargs: dict
-    raw: str
+    #: The exception's class name (``DeadLettered``, ``MemoryLimitExceeded``, ...).
+    kind: str | None = None
+
+
+def _guarded(method: Callable[..., T]) -> Callable[..., T]:
+    """A database error becomes one clear LedgerUnavailableError (exit 3)."""
+
+    @wraps(method)
+    def call(self: JobStore, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except SQLAlchemyError as exc:
+            raise ledger.unavailable(self.config, exc) from None
+
+    return call
 
 
 class JobStore:
-    """Reads and writes job state; every method is one Redis round trip or a pipeline."""
+    """Reads and writes job state; every method is one transaction."""
 
-    def __init__(self, config: FleetConfig, client: redis.Redis | None = None):
+    def __init__(self, config: FleetConfig):
         self.config = config
-        self.client = client or broker_client(config)
-        self._success = self.client.register_script(_RECORD_SUCCESS)
-        self._failure = self.client.register_script(_RECORD_FAILURE)
-        self._take = self.client.register_script(_TAKE_FAILED)
-
-    def _keys(self, job_id: str) -> tuple[str, str, str]:
-        base = key(self.config, "job", job_id)
-        return base, base + ":done", base + ":failed"
-
-    def _retrying_key(self, job_id: str) -> str:
-        return key(self.config, "job", job_id) + ":retrying"
+        self.namespace = config.broker.key_prefix
 
     @property
-    def _index(self) -> str:
-        return key(self.config, "jobs")
+    def engine(self) -> Engine:
+        """Opened on first use (one per process): a store made while the database is
+        down (a dashboard starting) works once it answers."""
+        return ledger.engine(self.config)
 
+    # -- submitting ------------------------------------------------------------------
+
+    @_guarded
     def create(self, job_id: str, *, task: str, aggregate: str | None, total: int,
                records: int, input_desc: str, chunk_size: int, kwargs: dict,
-               aggregate_kwargs: dict, result_url: str, source: str | None = None,
-               fingerprint: str | None = None) -> None:
+               aggregate_kwargs: dict, result_url: str, input_url: str | None = None,
+               input_format: str | None = None, fingerprint: str | None = None) -> None:
         now = time.time()
-        job, _, _ = self._keys(job_id)
-        fields = {
-            "id": job_id, "task": task, "aggregate": aggregate or "", "state": RUNNING,
-            "total": total, "records": records, "created": now, "input": input_desc,
-            "chunk_size": chunk_size, "kwargs": codec.dumps(kwargs),
-            "aggregate_kwargs": codec.dumps(aggregate_kwargs), "result_url": result_url,
-            "source": source or "", "fingerprint": fingerprint or "",
-        }
-        pipe = self.client.pipeline()
-        pipe.hset(job, mapping=fields)
-        pipe.zadd(self._index, {job_id: now})
-        self._expire(pipe, job_id)  # an abandoned job must not stay forever
-        pipe.execute()
+        with transaction(self.engine, write=True) as conn:
+            conn.execute(insert(jobs).values(
+                id=job_id, namespace=self.namespace, task=task, aggregate=aggregate,
+                state=SUBMITTING, total=total, done=0, failed=0, records=records,
+                chunk_size=chunk_size, kwargs=codec.dumps(kwargs),
+                aggregate_kwargs=codec.dumps(aggregate_kwargs), input=input_desc,
+                input_url=input_url, input_format=input_format, fingerprint=fingerprint,
+                result_url=result_url, created=now, updated=now, collecting=False,
+                reconciled=0))
 
+    @_guarded
+    def add_chunks(self, job_id: str, sent: list[tuple[int, str, int]]) -> None:
+        """Manifest rows for chunks about to be published: (index, queue, size).
+
+        Written before the messages go out, so that no message exists that the ledger
+        does not know; a row whose message never made it is found by the reconciler.
+        """
+        if not sent:
+            return
+        now = time.time()
+        with transaction(self.engine, write=True) as conn:
+            conn.execute(insert(chunks), [
+                {"job_id": job_id, "idx": idx, "state": PENDING, "queue": queue,
+                 "size": size, "sent_at": now, "sends": 1, "reconciled": 0, "updated": now}
+                for idx, queue, size in sent])
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(updated=now))
+
+    @_guarded
+    def submitted(self, job_id: str) -> None:
+        with transaction(self.engine, write=True) as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == SUBMITTING)
+                         .values(state=RUNNING, updated=time.time()))
+
+    @_guarded
+    def resent(self, job_id: str, sent: list[tuple[int, str, int]], *,
+               reconciled: bool = False) -> None:
+        """Chunks sent again (a retry, or the reconciler): pending, with a new send time.
+        Rows an interrupted submission never wrote are created."""
+        if not sent:
+            return
+        now = time.time()
+        bump = 1 if reconciled else 0
+        with transaction(self.engine, write=True) as conn:
+            self._lock(conn, job_id, now)
+            known = {row.idx for row in conn.execute(
+                select(chunks.c.idx).where(chunks.c.job_id == job_id,
+                                           chunks.c.idx.in_([i for i, _, _ in sent])))}
+            for idx, queue, size in sent:
+                if idx in known:
+                    conn.execute(update(chunks).where(
+                        chunks.c.job_id == job_id, chunks.c.idx == idx).values(
+                        queue=queue, size=size, sent_at=now, sends=chunks.c.sends + 1,
+                        reconciled=chunks.c.reconciled + bump, updated=now))
+                else:
+                    conn.execute(insert(chunks).values(
+                        job_id=job_id, idx=idx, state=PENDING, queue=queue, size=size,
+                        sent_at=now, sends=1, reconciled=bump, updated=now))
+            if bump:
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                    reconciled=jobs.c.reconciled + len(sent)))
+
+    # -- what tasks report -----------------------------------------------------------
+
+    def _lock(self, conn: Connection, job_id: str, now: float) -> bool:
+        """Hold the job's row for the rest of the transaction; False if it is unknown."""
+        return conn.execute(update(jobs).where(jobs.c.id == job_id)
+                            .values(updated=now)).rowcount > 0
+
+    @_guarded
     def record_success(self, job_id: str, index: int, value: Any) -> str:
-        job, done, failed = self._keys(job_id)
-        return _text(self._success(keys=[job, done, failed],
-                                   args=[index, codec.dumps(value), time.time()]))
+        """The job's state after this chunk is done; COLLECT when the caller must send
+        the collect step; "" for a job the ledger does not know."""
+        now = time.time()
+        with transaction(self.engine, write=True) as conn:
+            if not self._lock(conn, job_id, now):
+                return ""
+            before = conn.execute(select(chunks.c.state).where(
+                chunks.c.job_id == job_id, chunks.c.idx == index)).scalar()
+            if before != DONE:
+                values = {"state": DONE, "value": codec.dumps(value), "error": None,
+                          "error_kind": None, "updated": now}
+                if before is None:
+                    conn.execute(insert(chunks).values(job_id=job_id, idx=index, sends=1,
+                                                       reconciled=0, **values))
+                else:
+                    conn.execute(update(chunks).where(
+                        chunks.c.job_id == job_id, chunks.c.idx == index).values(**values))
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                    done=jobs.c.done + 1,
+                    failed=jobs.c.failed - (1 if before == FAILED else 0)))
+            job = conn.execute(select(jobs.c.state, jobs.c.done, jobs.c.failed, jobs.c.total,
+                                      jobs.c.collecting, jobs.c.collect_started)
+                               .where(jobs.c.id == job_id)).one()
+            if job.done >= job.total:
+                if not job.collecting:
+                    conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                        collecting=True, state=AGGREGATING, collect_sent=now, error=None,
+                        finished=None))
+                    return COLLECT
+                if job.state == AGGREGATING and job.collect_started is None:
+                    return COLLECT  # complete, but its collect step never started
+                return job.state
+            if job.done + job.failed >= job.total and job.state != FAILED:
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                    state=FAILED, finished=now))
+                return FAILED
+            return job.state
 
-    def record_failure(self, job_id: str, index: int, error: str, args: Any,
-                       kwargs: Any) -> str:
-        job, done, failed = self._keys(job_id)
-        record = codec.dumps({"error": error, "args": list(args or ()),
-                             "kwargs": dict(kwargs or {}), "at": time.time()})
-        return _text(self._failure(keys=[job, done, failed], args=[index, record, time.time()]))
+    @_guarded
+    def record_failure(self, job_id: str, index: int, error: str,
+                       kind: str | None = None) -> str:
+        now = time.time()
+        with transaction(self.engine, write=True) as conn:
+            if not self._lock(conn, job_id, now):
+                return ""
+            before = conn.execute(select(chunks.c.state).where(
+                chunks.c.job_id == job_id, chunks.c.idx == index)).scalar()
+            if before == DONE:  # a late failure of a redelivered copy: done wins
+                return conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+            values = {"state": FAILED, "error": error, "error_kind": kind, "updated": now}
+            if before is None:
+                conn.execute(insert(chunks).values(job_id=job_id, idx=index, sends=1,
+                                                   reconciled=0, **values))
+            else:
+                conn.execute(update(chunks).where(
+                    chunks.c.job_id == job_id, chunks.c.idx == index).values(**values))
+            if before != FAILED:
+                conn.execute(update(jobs).where(jobs.c.id == job_id)
+                             .values(failed=jobs.c.failed + 1))
+            job = conn.execute(select(jobs.c.state, jobs.c.done, jobs.c.failed, jobs.c.total)
+                               .where(jobs.c.id == job_id)).one()
+            if job.done + job.failed >= job.total and job.state not in TERMINAL:
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                    state=FAILED, finished=now))
+                return FAILED
+            return job.state
 
+    @_guarded
     def finish(self, job_id: str, *, result_url: str | None = None,
                error: str | None = None) -> None:
-        job, _, _ = self._keys(job_id)
-        fields: dict[str, Any] = {"state": FAILED if error else SUCCEEDED,
-                                  "finished": time.time()}
-        if error:
-            fields["error"] = error
+        now = time.time()
+        values: dict[str, Any] = {"state": FAILED if error else SUCCEEDED, "finished": now,
+                                  "updated": now, "error": error}
         if result_url:
-            fields["result_url"] = result_url
-        pipe = self.client.pipeline()
-        pipe.hset(job, mapping=fields)
-        self._expire(pipe, job_id)
-        pipe.execute()
+            values["result_url"] = result_url
+        with transaction(self.engine, write=True) as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
 
-    def _expire(self, pipe, job_id: str) -> None:
-        ttl = int(self.config.jobs.ttl)
-        for k in (*self._keys(job_id), self._retrying_key(job_id)):
-            pipe.expire(k, ttl)
+    @_guarded
+    def collect_started(self, job_id: str) -> None:
+        self._set(job_id, collect_started=time.time())
+
+    @_guarded
+    def collect_sent(self, job_id: str, *, reconciled: bool = False) -> None:
+        extra = {"reconciled": jobs.c.reconciled + 1} if reconciled else {}
+        self._set(job_id, collect_sent=time.time(), **extra)
+
+    @_guarded
+    def reopen_aggregate(self, job_id: str) -> None:
+        """Let the collect and aggregate steps run again (after they failed or stuck)."""
+        self._set(job_id, state=AGGREGATING, collecting=True, collect_started=None,
+                  collect_sent=time.time(), error=None, finished=None)
+
+    @_guarded
+    def set_state(self, job_id: str, state: str, **fields: Any) -> None:
+        if state in TERMINAL:
+            fields.setdefault("finished", time.time())
+        self._set(job_id, state=state, **fields)
+
+    def _set(self, job_id: str, **values: Any) -> None:
+        with transaction(self.engine, write=True) as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id)
+                         .values(updated=time.time(), **values))
+
+    # -- retries ---------------------------------------------------------------------
+
+    @_guarded
+    def take_failed(self, job_id: str) -> list[int]:
+        """Set the failed chunks pending again (and reopen the job) for a retry to send
+        them; if that retry dies before sending, the reconciler finds them."""
+        now = time.time()
+        with transaction(self.engine, write=True) as conn:
+            self._lock(conn, job_id, now)
+            taken = [row.idx for row in conn.execute(
+                select(chunks.c.idx).where(chunks.c.job_id == job_id,
+                                           chunks.c.state == FAILED).order_by(chunks.c.idx))]
+            if taken:
+                conn.execute(update(chunks).where(
+                    chunks.c.job_id == job_id, chunks.c.state == FAILED).values(
+                    state=PENDING, error=None, error_kind=None, sent_at=now, updated=now))
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                    failed=0, state=RUNNING, finished=None, error=None))
+            return taken
+
+    @_guarded
+    def missing(self, job_id: str, total: int) -> list[int]:
+        """Chunks the manifest lacks: an interrupted submission never sent them."""
+        with transaction(self.engine) as conn:
+            known = {row.idx for row in conn.execute(
+                select(chunks.c.idx).where(chunks.c.job_id == job_id))}
+        return [i for i in range(total) if i not in known]
+
+    # -- reading ---------------------------------------------------------------------
 
     def status(self, job_id: str) -> JobStatus:
         return self.statuses([job_id])[0]
 
+    @_guarded
     def statuses(self, job_ids: list[str]) -> list[JobStatus]:
-        """Status of many jobs in one pipeline; UnknownJobError for any missing one."""
-        pipe = self.client.pipeline(transaction=False)
-        for job_id in job_ids:
-            job, done, failed = self._keys(job_id)
-            pipe.hgetall(job)
-            pipe.hlen(done)
-            pipe.hlen(failed)
-        replies = pipe.execute()
+        """Status of many jobs in one query; UnknownJobError for any missing one."""
+        if not job_ids:
+            return []
+        with transaction(self.engine) as conn:
+            rows = {row.id: row for row in conn.execute(
+                select(jobs).where(jobs.c.id.in_(job_ids)))}
+            dead = self._dead_counts(conn, [i for i, r in rows.items() if r.failed])
         out = []
-        for i, job_id in enumerate(job_ids):
-            fields, done, failed = replies[3 * i: 3 * i + 3]
-            if not fields:
-                raise UnknownJobError(f"no job {job_id!r} in Redis (mistyped, expired after "
-                                      f"{self.config.jobs.ttl / 86400:g} days, or another "
-                                      "broker/key prefix)")
-            out.append(_status(fields, done, failed))
+        for job_id in job_ids:
+            row = rows.get(job_id)
+            if row is None:
+                where = safe_url(self.config.jobs.ledger)
+                raise UnknownJobError(
+                    f"no job {job_id!r} in the job ledger at {where} (mistyped, pruned "
+                    f"{self.config.jobs.ttl / 86400:g} days after its last change, or "
+                    "another ledger)")
+            out.append(_status(row, dead.get(job_id, 0)))
         return out
 
+    def _dead_counts(self, conn: Connection, job_ids: list[str]) -> dict[str, int]:
+        if not job_ids:
+            return {}
+        return dict(conn.execute(
+            select(chunks.c.job_id, func.count()).where(
+                chunks.c.job_id.in_(job_ids), chunks.c.state == FAILED,
+                chunks.c.error_kind == DEAD_LETTERED).group_by(chunks.c.job_id)).all())
+
+    @_guarded
     def recent_ids(self, limit: int = 20) -> list[str]:
-        return [_text(i) for i in self.client.zrevrange(self._index, 0, limit - 1)]
+        with transaction(self.engine) as conn:
+            return list(conn.execute(
+                select(jobs.c.id).where(jobs.c.namespace == self.namespace)
+                .order_by(jobs.c.created.desc()).limit(limit)).scalars())
 
     def recent(self, limit: int = 20) -> list[JobStatus]:
-        ids = self.recent_ids(limit)
-        statuses = []
-        for job_id in ids:
-            try:
-                statuses.extend(self.statuses([job_id]))
-            except UnknownJobError:
-                self.client.zrem(self._index, job_id)  # expired: drop it from the index
-        return statuses
+        return self.statuses(self.recent_ids(limit))
 
     def results(self, job_id: str) -> Iterator[tuple[int, Any]]:
-        """(index, value) of every finished chunk, by HSCAN: bounded memory per batch."""
-        _, done, _ = self._keys(job_id)
-        for index, value in self.client.hscan_iter(done, count=1000):
-            yield int(index), codec.loads(value)
+        """(index, value) of every finished chunk, in order, streamed: memory is bounded
+        by one batch of rows, however many chunks the job has."""
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execution_options(yield_per=1000).execute(
+                    select(chunks.c.idx, chunks.c.value).where(
+                        chunks.c.job_id == job_id, chunks.c.state == DONE)
+                    .order_by(chunks.c.idx))
+                for row in rows:
+                    yield row.idx, codec.loads(row.value)
+        except SQLAlchemyError as exc:
+            raise ledger.unavailable(self.config, exc) from None
 
-    def accounted(self, job_id: str) -> set[int]:
-        """Chunks that are done, failed, or being retried: all but those in flight."""
-        _, done, failed = self._keys(job_id)
-        pipe = self.client.pipeline(transaction=False)
-        for k in (done, failed, self._retrying_key(job_id)):
-            pipe.hkeys(k)
-        return {int(i) for keys in pipe.execute() for i in keys}
+    @_guarded
+    def chunk_state(self, job_id: str, index: int) -> str | None:
+        with transaction(self.engine) as conn:
+            return conn.execute(select(chunks.c.state).where(
+                chunks.c.job_id == job_id, chunks.c.idx == index)).scalar()
 
-    def failed_chunks(self, job_id: str) -> list[FailedChunk]:
-        _, _, failed = self._keys(job_id)
-        return _failed_chunks(self.client.hgetall(failed).items())
+    @_guarded
+    def failed_chunks(self, job_id: str, limit: int | None = None) -> list[FailedChunk]:
+        query = (select(chunks.c.idx, chunks.c.error, chunks.c.error_kind)
+                 .where(chunks.c.job_id == job_id, chunks.c.state == FAILED)
+                 .order_by(chunks.c.idx))
+        if limit is not None:
+            query = query.limit(limit)
+        with transaction(self.engine) as conn:
+            return [FailedChunk(r.idx, r.error or "unknown error", r.error_kind)
+                    for r in conn.execute(query)]
 
-    def take_failed(self, job_id: str) -> list[FailedChunk]:
-        """Move the failed chunks to ``retrying`` (atomically) for a retry to re-send."""
-        job, _, failed = self._keys(job_id)
-        flat = self._take(keys=[job, failed, self._retrying_key(job_id)])
-        return _failed_chunks(zip(flat[0::2], flat[1::2], strict=True))
+    @_guarded
+    def pending_chunks(self, job_id: str) -> list[tuple[int, float | None, int]]:
+        """(index, last sent, times reconciled) of the job's pending chunks."""
+        with transaction(self.engine) as conn:
+            return [(r.idx, r.sent_at, r.reconciled) for r in conn.execute(
+                select(chunks.c.idx, chunks.c.sent_at, chunks.c.reconciled).where(
+                    chunks.c.job_id == job_id, chunks.c.state == PENDING)
+                .order_by(chunks.c.idx))]
 
-    def retried(self, job_id: str, chunks: list[FailedChunk]) -> None:
-        """The re-sent chunks are in the queue: they no longer need a retry."""
-        if chunks:
-            self.client.hdel(self._retrying_key(job_id), *[c.index for c in chunks])
+    # -- what the reconciler asks ------------------------------------------------------
 
-    def collect_started(self, job_id: str) -> None:
-        job, _, _ = self._keys(job_id)
-        self.client.hset(job, "collect_started", time.time())
+    def _active(self):
+        return and_(jobs.c.namespace == self.namespace, jobs.c.state.in_(ACTIVE))
 
-    def reopen_aggregate(self, job_id: str) -> None:
-        """Let the collect and aggregate steps run again (after they failed or stuck)."""
-        job, _, _ = self._keys(job_id)
-        pipe = self.client.pipeline()
-        pipe.hdel(job, "collecting", "collect_started", "error", "finished")
-        pipe.hset(job, "state", RUNNING)
-        pipe.execute()
+    @_guarded
+    def suspects_by_queue(self, sent_before: float) -> dict[str, int]:
+        """Pending chunks of active jobs sent before ``sent_before``, per queue."""
+        with transaction(self.engine) as conn:
+            return {q or "": n for q, n in conn.execute(
+                select(chunks.c.queue, func.count())
+                .select_from(chunks.join(jobs, jobs.c.id == chunks.c.job_id))
+                .where(self._active(), chunks.c.state == PENDING,
+                       chunks.c.sent_at < sent_before)
+                .group_by(chunks.c.queue))}
 
-    def set_state(self, job_id: str, state: str, **fields: Any) -> None:
-        job, _, _ = self._keys(job_id)
-        self.client.hset(job, mapping={"state": state, **fields})
+    @_guarded
+    def suspects(self, sent_before: float) -> list[tuple[str, int]]:
+        """(job id, index) of those chunks."""
+        with transaction(self.engine) as conn:
+            return [(r.job_id, r.idx) for r in conn.execute(
+                select(chunks.c.job_id, chunks.c.idx)
+                .select_from(chunks.join(jobs, jobs.c.id == chunks.c.job_id))
+                .where(self._active(), chunks.c.state == PENDING,
+                       chunks.c.sent_at < sent_before))]
+
+    @_guarded
+    def stalled_collects(self, sent_before: float) -> list[str]:
+        """Aggregating jobs whose collect step was last sent before ``sent_before``."""
+        with transaction(self.engine) as conn:
+            return list(conn.execute(
+                select(jobs.c.id).where(
+                    jobs.c.namespace == self.namespace, jobs.c.state == AGGREGATING,
+                    func.coalesce(jobs.c.collect_sent, jobs.c.updated) < sent_before))
+                .scalars())
+
+    @_guarded
+    def stalled_submissions(self, updated_before: float) -> list[str]:
+        """Jobs still submitting whose submitter made no progress since then."""
+        with transaction(self.engine) as conn:
+            return list(conn.execute(
+                select(jobs.c.id).where(
+                    jobs.c.namespace == self.namespace, jobs.c.state == SUBMITTING,
+                    jobs.c.updated < updated_before)).scalars())
+
+    @_guarded
+    def prune(self, updated_before: float) -> list[str]:
+        """Forget jobs unchanged since ``updated_before``; returns their input copies."""
+        with transaction(self.engine, write=True) as conn:
+            old = conn.execute(select(jobs.c.id, jobs.c.input_url).where(
+                jobs.c.namespace == self.namespace,
+                jobs.c.updated < updated_before)).all()
+            ids = [r.id for r in old]
+            for start in range(0, len(ids), 500):
+                batch = ids[start:start + 500]
+                conn.execute(delete(chunks).where(chunks.c.job_id.in_(batch)))
+                conn.execute(delete(jobs).where(jobs.c.id.in_(batch)))
+        return [r.input_url for r in old if r.input_url]
 
 
-def _failed_chunks(entries) -> list[FailedChunk]:
-    out = []
-    for index, raw in entries:
-        record = codec.loads(raw)
-        out.append(FailedChunk(int(index), record["error"], record["args"], record["kwargs"],
-                               _text(raw)))
-    return sorted(out, key=lambda c: c.index)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _status(fields: dict, done: int, failed: int) -> JobStatus:
-    f = {_text(k): _text(v) for k, v in fields.items()}
-    known = {"id", "task", "aggregate", "state", "total", "records", "created", "finished",
-             "input", "result_url", "error"}
+def _status(row: Any, dead: int) -> JobStatus:
     return JobStatus(
-        id=f["id"], task=f["task"], aggregate=f.get("aggregate") or None, state=f["state"],
-        total=int(f["total"]), done=done, failed=failed, records=int(f.get("records", 0)),
-        created=float(f["created"]),
-        finished=float(f["finished"]) if f.get("finished") else None,
-        input=f.get("input", ""), result_url=f.get("result_url") or None,
-        error=f.get("error") or None,
-        extra={k: v for k, v in f.items() if k not in known},
-    )
+        id=row.id, task=row.task, aggregate=row.aggregate or None, state=row.state,
+        total=row.total, done=row.done, failed=row.failed, records=row.records,
+        created=row.created, finished=row.finished, input=row.input,
+        result_url=row.result_url, error=row.error, chunk_size=row.chunk_size,
+        kwargs=codec.loads(row.kwargs or "{}"),
+        aggregate_kwargs=codec.loads(row.aggregate_kwargs or "{}"),
+        input_url=row.input_url, input_format=row.input_format,
+        fingerprint=row.fingerprint, updated=row.updated, collect_sent=row.collect_sent,
+        collect_started=row.collect_started, reconciled=row.reconciled or 0, dead=dead)

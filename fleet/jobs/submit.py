@@ -1,7 +1,9 @@
-"""Submitting a batch job, and re-sending its failed chunks.
+"""Submitting a batch job, and re-sending its failed or lost chunks.
 
 Every check runs before the first message is sent: the task names, the chunk size and
-every input record. Chunks go out through ``ChunkPublisher`` (pipelined, see
+every input record. The job and, batch by batch, its chunk manifest are written to the
+ledger before the messages go out (fleet.jobs.ledger); a copy of the input is kept, so
+any chunk can be cut again. Chunks go out through ``ChunkPublisher`` (pipelined, see
 fleet.jobs.publish); chunk results are tracked by the job, so no Celery result (and no
 per-task result subscription) is requested.
 """
@@ -12,20 +14,19 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from difflib import get_close_matches
-from typing import IO, Any
+from typing import IO
 
+import redis
 from celery import Celery
-from kombu.exceptions import OperationalError
 
-from fleet import codec
-from fleet.claimcheck import CLAIM_KEY, is_claim
 from fleet.errors import BrokerUnavailableError, FleetError, JobInputError
-from fleet.jobs.ids import chunk_task_id, new_job_id
-from fleet.jobs.inputs import checked_input
-from fleet.jobs.lifecycle import COLLECT_TASK, result_key
-from fleet.jobs.publish import ChunkPublisher
-from fleet.jobs.recover import lost_chunks, resend
+from fleet.jobs.ids import new_job_id
+from fleet.jobs.inputs import checked_input, keep_copy
+from fleet.jobs.lifecycle import BROKER_ERRORS, result_key, send_collect
+from fleet.jobs.publish import send_chunks
+from fleet.jobs.resend import lost_chunks, resend
 from fleet.jobs.state import AGGREGATING, FAILED, RUNNING, JobStore
+from fleet.keys import broker_client
 from fleet.payloads import open_store
 
 
@@ -68,53 +69,49 @@ def submit(app: Celery, spec: JobSpec, stdin: IO[bytes] | None = None) -> Submit
         registered_task(app, spec.aggregate, "aggregate task")
     store = JobStore(config)
     with checked_input(spec.input, config.payloads, stdin) as source:
+        _ping(config)  # a broker down now: no job, nothing kept, the input was checked
         job_id = new_job_id()
         total = math.ceil(source.records / spec.chunk_size)
         result_url = open_store(config.payloads).url_for(result_key(job_id))
-        _guard_broker(lambda: store.create(
+        store.create(
             job_id, task=spec.task, aggregate=spec.aggregate, total=total,
             records=source.records, input_desc=source.description,
             chunk_size=spec.chunk_size, kwargs=spec.kwargs,
             aggregate_kwargs=spec.aggregate_kwargs, result_url=result_url,
-            source=source.source, fingerprint=source.fingerprint))
-        publisher = ChunkPublisher(app, spec.task, config.jobs.publish_batch)
+            input_url=keep_copy(config.payloads, job_id, source), input_format=source.fmt,
+            fingerprint=source.fingerprint)
+        sent = 0
+
+        def note(rows: list[tuple[int, str, int]]) -> None:
+            nonlocal sent
+            store.add_chunks(job_id, rows)
+            sent += len(rows)
+
         try:
-            publisher.publish(
-                (chunk_task_id(job_id, chunk.index), [chunk.records], spec.kwargs, chunk.size)
-                for chunk in source.chunks(spec.chunk_size))
-        except (OperationalError, ConnectionError, OSError) as exc:
-            sent = publisher.sent
+            send_chunks(app, job_id, spec.task, source.chunks(spec.chunk_size),
+                        spec.kwargs, note, config.jobs.publish_batch)
+        except BROKER_ERRORS as exc:
             _mark_interrupted(store, job_id, sent, total, exc)
             raise BrokerUnavailableError(
                 f"job {job_id}: broker unavailable after {sent} of {total} chunks were "
-                f"prepared; the job is marked failed and nothing more is sent: {exc}"
-            ) from None
+                f"prepared; the job is marked failed and nothing more is sent (fleet jobs "
+                f"retry {job_id} sends the rest once Redis answers): {exc}") from None
+    store.submitted(job_id)
     return Submitted(job_id, total, source.records, result_url)
 
 
-def _guard_broker(call) -> Any:
+def _ping(config) -> None:
     try:
-        return call()
-    except (ConnectionError, OSError) as exc:
-        raise BrokerUnavailableError(f"Redis is not answering: {exc}") from None
-    except Exception as exc:
-        if type(exc).__module__.startswith("redis"):
-            raise BrokerUnavailableError(f"Redis is not answering: {exc}") from None
-        raise
+        broker_client(config).ping()
+    except (redis.RedisError, OSError) as exc:
+        raise BrokerUnavailableError(f"Redis is not answering at {config.broker.url}: "
+                                     f"{exc}") from None
 
 
 def _mark_interrupted(store: JobStore, job_id: str, sent: int, total: int, exc) -> None:
-    # The broker is down: the job record may be unreachable too.
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # the ledger may be down too
         store.set_state(job_id, FAILED, error=f"submission interrupted after {sent} of "
                         f"{total} chunks: {exc}")
-
-
-def _size_of(chunk) -> int:
-    """The input size a failed chunk was routed by (a claim knows it; else re-measure)."""
-    if is_claim(chunk.kwargs):
-        return chunk.kwargs[CLAIM_KEY]["size"]
-    return len(codec.dumps(chunk.args))
 
 
 @dataclass(frozen=True)
@@ -122,30 +119,34 @@ class Retried:
     job_id: str
     chunks: int
     aggregate: bool
-    #: Chunks re-sent because they were lost in flight (see fleet.jobs.recover).
+    #: Chunks re-sent because they were lost in flight or never sent.
     lost: int = 0
 
 
 def retry_failed(app: Celery, job_id: str) -> Retried:
-    """Re-send only the failed chunks of ``job_id`` (or its failed aggregate step)."""
+    """Re-send the failed chunks of ``job_id``; else what an interrupted submission
+    never sent and what was lost in flight; else its failed or stuck aggregate step."""
     config = app.fleet_config
     store = JobStore(config)
-    status = _guard_broker(lambda: store.status(job_id))
+    status = store.status(job_id)
     registered_task(app, status.task)
-    chunks = store.take_failed(job_id)
-    if not chunks:
-        stuck = status.state == AGGREGATING and "collect_started" not in status.extra
-        if status.done >= status.total and (status.state == FAILED or stuck):
+    _ping(config)
+    failed = store.take_failed(job_id)
+    if failed:
+        return Retried(job_id, resend(app, status, failed), False)
+    if status.done >= status.total:
+        stuck = status.state == AGGREGATING and status.collect_started is None
+        if status.state == FAILED or stuck:
             store.reopen_aggregate(job_id)
-            store.set_state(job_id, AGGREGATING, collecting=1)
-            app.send_task(COLLECT_TASK, args=[job_id], ignore_result=True)
+            if not send_collect(app, job_id):
+                raise BrokerUnavailableError(f"job {job_id}: Redis is not answering; "
+                                             "the collect step will be sent when it does")
             return Retried(job_id, 0, True)
-        lost = lost_chunks(config, status) if status.state == RUNNING else []
-        if lost:
-            return Retried(job_id, 0, False, resend(app, status, lost))
-        raise FleetError(f"job {job_id} has no failed or lost chunks to retry "
-                         f"(state {status.state})")
-    ChunkPublisher(app, status.task, config.jobs.publish_batch).publish(
-        (chunk_task_id(job_id, c.index), c.args, c.kwargs, _size_of(c)) for c in chunks)
-    store.retried(job_id, chunks)
-    return Retried(job_id, len(chunks), False)
+    missing = store.missing(job_id, status.total)
+    lost = lost_chunks(config, status) if not status.is_terminal or missing else []
+    if missing or lost:
+        if status.state == FAILED:
+            store.set_state(job_id, RUNNING, error=None, finished=None)
+        return Retried(job_id, 0, False, resend(app, status, sorted({*missing, *lost})))
+    raise FleetError(f"job {job_id} has no failed or lost chunks to retry "
+                     f"(state {status.state})")
