@@ -215,7 +215,9 @@ def _whereabouts(config: FleetConfig, store, status):
 
     if status.is_terminal or not status.pending:
         return None, None
-    pending = [idx for idx, _, _ in store.pending_chunks(status.id)]
+    def pending() -> list[int]:
+        return [idx for idx, _, _ in store.pending_chunks(status.id)]
+
     try:
         return locate(config, broker_client(config), status.id, pending), None
     except (redis.RedisError, OSError) as exc:

@@ -196,3 +196,20 @@ def s3_bucket(moto_s3: str) -> Iterator[str]:
     client.create_bucket(Bucket=name)
     yield name
     empty_bucket(client, name)
+
+
+@pytest.fixture
+def postgres_url():
+    """A database of its own on the machine's PostgreSQL, dropped afterwards."""
+    import psycopg
+
+    name = f"fleet_t{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect("postgresql://postgres@127.0.0.1/test", autocommit=True,
+                                connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is needed for this test: {exc}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql://postgres@127.0.0.1/{name}"
+    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin.close()

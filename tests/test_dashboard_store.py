@@ -4,7 +4,6 @@ caps by count and age, offline workers, and everything still there after a resta
 from __future__ import annotations
 
 import time
-import uuid
 
 import psycopg
 import pytest
@@ -14,21 +13,6 @@ from fleet.dashboard.events import Batch
 from fleet.dashboard.store import Store, StoreError, tasks
 
 QUEUES = frozenset({"default", "heavy"})
-
-
-@pytest.fixture
-def postgres_url():
-    """A database of its own on the machine's PostgreSQL, dropped afterwards."""
-    name = f"fleet_t{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect("postgresql://postgres@127.0.0.1/test", autocommit=True,
-                                connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is needed for this test: {exc}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql://postgres@127.0.0.1/{name}"
-    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    admin.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -131,7 +131,9 @@ def strip_generated_names(deployment: dict) -> dict:
         for env in container.get("env", []):
             ref = env.get("valueFrom", {}).get("secretKeyRef")
             if ref:
-                ref["name"] = k8s.BROKER_SECRET
+                for plain in (k8s.BROKER_SECRET, k8s.LEDGER_SECRET):
+                    if ref["name"].startswith(plain + "-"):
+                        ref["name"] = plain
     return d
 
 
@@ -149,8 +151,8 @@ def test_kustomize_renders(path: str):
 
 def test_base_has_redis_autoscaler_config_and_secret():
     objects = kustomize("base")
-    assert set(of_kind(objects, "StatefulSet")) == {"redis"}
-    assert set(of_kind(objects, "Service")) == {"redis", "fleet-dashboard"}
+    assert set(of_kind(objects, "StatefulSet")) == {"redis", "postgres"}
+    assert set(of_kind(objects, "Service")) == {"redis", "postgres", "fleet-dashboard"}
     assert {"fleet-autoscaler", "fleet-dashboard"} <= set(of_kind(objects, "Deployment"))
     assert set(of_kind(objects, "ServiceAccount")) == {"fleet-autoscaler"}
     mounted_config(objects)
@@ -159,8 +161,8 @@ def test_base_has_redis_autoscaler_config_and_secret():
 
 def test_external_redis_overlay_drops_redis_and_points_elsewhere():
     objects = kustomize("overlays/external-redis")
-    assert not of_kind(objects, "StatefulSet")
-    assert set(of_kind(objects, "Service")) == {"fleet-dashboard"}
+    assert set(of_kind(objects, "StatefulSet")) == {"postgres"}  # the ledger stays
+    assert set(of_kind(objects, "Service")) == {"postgres", "fleet-dashboard"}
     url = urlparse(secret_value(broker_secret(objects), "url"))
     assert url.hostname == "redis.example.internal" and url.path == "/2"
     config = mounted_config(objects)
@@ -385,7 +387,7 @@ def test_in_cluster_secret_points_at_the_redis_service():
 
 
 def test_redis_is_persistent():
-    redis_set = one(kustomize("base"), "StatefulSet")
+    redis_set = of_kind(kustomize("base"), "StatefulSet")["redis"]
     container = redis_set["spec"]["template"]["spec"]["containers"][0]
     args = container["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
@@ -761,3 +763,35 @@ def test_rbac_check_notices_an_extra_grant_or_a_wildcard():
     named["rules"][0]["resourceNames"] = ["x"]
     with pytest.raises(AssertionError, match="unexpected rule fields"):
         grants(named)
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_every_fleet_pod_shares_one_job_ledger(path: str):
+    """A SQLite file per pod would be a ledger per pod: every worker, the autoscaler
+    (it runs the reconciler) and the dashboard read FLEET_LEDGER_URL from one Secret,
+    and it names a PostgreSQL server."""
+    objects = kustomize(path)
+    [secret] = [o for n, o in of_kind(objects, "Secret").items() if n.startswith("fleet-ledger")]
+    assert urlparse(secret_value(secret, "url")).scheme == "postgresql"
+    for name, deployment in of_kind(objects, "Deployment").items():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            ref = env["FLEET_LEDGER_URL"]["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"] and ref["key"] == "url", name
+
+
+def test_the_ledgers_postgres_is_persistent_and_where_its_url_says():
+    objects = kustomize("base")
+    server = of_kind(objects, "StatefulSet")["postgres"]
+    service = of_kind(objects, "Service")["postgres"]
+    [secret] = [o for n, o in of_kind(objects, "Secret").items() if n.startswith("fleet-ledger")]
+    url = urlparse(secret_value(secret, "url"))
+    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert (url.hostname, url.port) == (host, service["spec"]["ports"][0]["port"])
+    assert url.password == secret_value(secret, "password")
+    container = server["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "password"
+    assert (env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"]) == (
+        url.username, url.path.lstrip("/"))
+    assert server["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"

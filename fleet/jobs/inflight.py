@@ -12,7 +12,7 @@ the whole message only when it is not there.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import redis
@@ -154,10 +154,11 @@ class Whereabouts:
     lost: list[int]
 
 
-def locate(config: FleetConfig, client: redis.Redis, job_id: str, pending: list[int]
-           ) -> Whereabouts:
-    """Where each of ``pending`` (chunk indices of ``job_id``) is now (a full scan of
-    the queues: an operator's command)."""
+def locate(config: FleetConfig, client: redis.Redis, job_id: str,
+           pending: Callable[[], list[int]]) -> Whereabouts:
+    """Where each of the job's pending chunks is now (a full scan of the queues: an
+    operator's command). ``pending`` is asked after Redis was read: a chunk that
+    completes meanwhile is then not pending, rather than nowhere."""
     from fleet.jobs.ids import chunk_task_id
 
     scan = InFlight(config, client)
@@ -165,10 +166,11 @@ def locate(config: FleetConfig, client: redis.Redis, job_id: str, pending: list[
     held = {h.task_id: h for h in scan.held(f"{job_id}.")}
     live = held_by_live_workers(config, client)
     lease = config.broker.lease
-    fresh = 2 * lease.interval + 5 if lease.enabled else config.broker.visibility_timeout
+    # A live worker renews every interval: two missed renewals mean it is gone.
+    fresh = 2 * lease.interval + 1 if lease.enabled else config.broker.visibility_timeout
     counts = {"waiting": 0, "live": 0}
     orphaned, lost = [], []
-    for index in pending:
+    for index in pending():
         task_id = chunk_task_id(job_id, index)
         entry = held.get(task_id)
         if task_id in live or (entry is not None and (entry.lease_age or 0.0) <= fresh):

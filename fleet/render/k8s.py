@@ -38,6 +38,8 @@ CONFIG_MAP = "fleet-config"
 #: (``address``) and its password (``password``).
 BROKER_SECRET = "fleet-broker"
 BROKER_SECRET_URL_KEY = "url"
+#: The job ledger's database (jobs.ledger), shared by every pod: PostgreSQL.
+LEDGER_SECRET = "fleet-ledger"
 
 #: The image's non-root user (k8s/Dockerfile creates it with this uid).
 RUN_AS_USER = 10001
@@ -152,6 +154,8 @@ def worker_deployment(config: FleetConfig, queue: str) -> dict:
             {"name": "FLEET_CONFIG", "value": CONFIG_PATH},
             {"name": "FLEET_BROKER_URL", "valueFrom": {"secretKeyRef": {
                 "name": BROKER_SECRET, "key": BROKER_SECRET_URL_KEY}}},
+            {"name": "FLEET_LEDGER_URL", "valueFrom": {"secretKeyRef": {
+                "name": LEDGER_SECRET, "key": "url"}}},
         ],
         "resources": resources(q),
         **probes(queue, q),
