@@ -29,8 +29,9 @@ def private_redis() -> EmbeddedRedis:
 def fleet_config_file(url: str, overrides: dict, workdir: Path) -> Path:
     from tests.conftest import deep_merge, shipped_config
 
-    data = deep_merge(shipped_config(), {"broker": {"url": url},
-                                         "payloads": {"path": str(workdir / "payloads")}})
+    data = deep_merge(shipped_config(), {
+        "broker": {"url": url}, "payloads": {"path": str(workdir / "payloads")},
+        "jobs": {"ledger": f"sqlite:///{workdir / 'jobs.sqlite'}"}})
     data = deep_merge(data, overrides)
     path = workdir / "queues.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
