@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from fleet.config import FleetConfig, load_config
-from fleet.errors import ConfigError, FleetError
+from fleet.errors import ConfigError, FleetError, Problem
 
 pass_config_path = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -54,6 +54,9 @@ def validate(file: str | None) -> None:
 def worker(queue: str, print_config: bool, loglevel: str, hostname: str | None,
            config_path: str | None) -> None:
     """Start a Celery worker with exactly QUEUE's settings from queues.yaml."""
+    import os
+
+    from fleet.watchdog import ENV_SUPERVISOR, SupervisorRef
     from fleet.worker import celery_argv, describe, worker_settings
 
     config = _load(config_path)
@@ -67,6 +70,12 @@ def worker(queue: str, print_config: bool, loglevel: str, hostname: str | None,
         click.echo(f"\n# equivalent: celery -A fleet.app {' '.join(argv)}")
         return
     app = _app(config, queue)
+    # Set by fleet up / fleet autoscale: the worker stops warm when they are gone.
+    if os.environ.get(ENV_SUPERVISOR):
+        try:
+            app.fleet_supervisor = SupervisorRef.parse(os.environ[ENV_SUPERVISOR])
+        except ValueError as exc:
+            raise ConfigError([Problem("environment", ENV_SUPERVISOR, str(exc))]) from None
     app.worker_main(argv=argv)
 
 
