@@ -363,44 +363,46 @@ def demo(records: int, exit_when_done: bool, workdir: str, config_path: str | No
 @pass_config_path
 def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: bool,
               workdir: str, config_path: str | None) -> None:
-    """The autoscaler loop: queue metrics -> policy -> backend."""
-    import threading
-
+    """The autoscaler loop: queue metrics -> policy -> backend. SIGTERM, SIGINT or
+    SIGHUP stop it; local workers stop warm first."""
     from autoscale.loop import Autoscaler
     from autoscale.metrics import RedisMetrics
+    from autoscale.service import claim_workdir, run_supervised
     from fleet.keys import broker_client
+    from fleet.supervision import StopSignals
 
     config = _load(config_path)
     chosen = backend or config.autoscaler.backend
-    if chosen == "kubernetes":
-        from autoscale.backends.kubernetes import KubernetesBackend
-
-        target = KubernetesBackend(config)
-    else:
-        import os
-
-        from autoscale.backends.local import LocalBackend
-
-        target = LocalBackend(config, config.source, dict(os.environ), Path(workdir) / "logs")
-    metrics = RedisMetrics(config, broker_client(config))
     # Once, locally, would start workers only to stop them on exit: decide, don't act.
-    scaler = Autoscaler(config, metrics, target,
-                        dry_run=dry_run or (once and chosen == "local"), report=click.echo)
-    try:
+    dry_run = dry_run or (once and chosen == "local")
+    with StopSignals() as signals:
+        registry = None
+        if chosen == "kubernetes":
+            from autoscale.backends.kubernetes import KubernetesBackend
+
+            target = KubernetesBackend(config)
+        else:
+            import os
+
+            from autoscale.backends.local import LocalBackend
+
+            if not dry_run:
+                registry = claim_workdir(Path(workdir), signals, click.echo, "fleet autoscale")
+            target = LocalBackend(config, config.source, dict(os.environ),
+                                  Path(workdir) / "logs", registry=registry)
+        metrics = RedisMetrics(config, broker_client(config))
+        scaler = Autoscaler(config, metrics, target, dry_run=dry_run, report=click.echo)
         if once:
-            for d in _redis_call(scaler.run_once):
-                click.echo(f"{d.queue}: {d.current} -> {d.desired} ({d.reason})")
+            try:
+                for d in _redis_call(scaler.run_once):
+                    click.echo(f"{d.queue}: {d.current} -> {d.desired} ({d.reason})")
+            finally:
+                target.close()
             return
         click.echo(f"autoscaler: {chosen} backend, every "
                    f"{interval or config.autoscaler.interval:g}s"
                    + (" (dry run)" if dry_run else ""))
-        stop = threading.Event()
-        try:
-            scaler.run(stop, interval)
-        except KeyboardInterrupt:
-            stop.set()
-    finally:
-        target.close()
+        run_supervised(scaler, signals, click.echo, interval, registry)
 
 
 @cli.command()
