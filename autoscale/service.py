@@ -12,14 +12,14 @@ refused, and what a killed one left is stopped first.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from autoscale.backends.local import LocalBackend
 from autoscale.loop import Autoscaler, supervised
 from fleet.errors import SupervisionError
 from fleet.registry import Registry, stop_leftovers
-from fleet.supervision import Outcome, StopSignals, Supervisor
+from fleet.supervision import Outcome, StopSignals, Supervisor, Unit
 
 
 def claim_workdir(workdir: Path, signals: StopSignals, report: Callable[[str], None],
@@ -34,15 +34,19 @@ def claim_workdir(workdir: Path, signals: StopSignals, report: Callable[[str], N
 
 
 def run_supervised(scaler: Autoscaler, signals: StopSignals, report: Callable[[str], None],
-                   interval: float | None = None, registry: Registry | None = None) -> None:
+                   interval: float | None = None, registry: Registry | None = None,
+                   units: Sequence[Unit] = ()) -> None:
+    """The loop, and any other background ``units`` (e.g. a reconciler), watched until a
+    stop signal or a failure; then the units, then the backend, are stopped."""
     supervisor = Supervisor(signals, report)
-    loop = supervised(scaler, interval)
     outcome = Outcome(0, "")
     try:
-        supervisor.add(loop)
+        supervisor.add(supervised(scaler, interval))
+        for unit in units:
+            supervisor.add(unit)
         outcome = supervisor.run()
     finally:
-        loop.stop()
+        supervisor.stop_all()
         backend = scaler.backend
         if isinstance(backend, LocalBackend):  # processes of ours, to stop warm
             running = backend.workers()

@@ -176,6 +176,10 @@ class FleetUp:
             self.console.print("\nstopping: workers finish their running tasks ...")
         if self.loop is not None:
             self.loop.stop()
+        own = (self.loop, self.board, self.redis, self.demo)
+        for entry in self.supervisor.watched:  # any other loop (a reconciler): before workers
+            if entry.unit not in own:
+                entry.unit.stop()
         if self.backend is not None:
             if workers:
                 longest = max(self.backend.grace(w.queue) for w in workers)
