@@ -25,6 +25,7 @@ from autoscale.policy import Budget, History, budget_from, decide
 from autoscale.rates import RateTracker
 from fleet.config import FleetConfig
 from fleet.keys import key
+from fleet.supervision import ThreadUnit
 
 logger = logging.getLogger("autoscale")
 
@@ -156,3 +157,15 @@ class Autoscaler:
     def _backoff(self, wait: float, interval: float) -> float:
         self.failures += 1
         return min(MAX_BACKOFF, max(interval, wait * 2))
+
+
+def supervised(scaler: Autoscaler, interval: float | None = None) -> ThreadUnit:
+    """The loop as a unit its supervisor watches: alive, and still turning.
+
+    A pass ends within the interval, or the backoff (at most MAX_BACKOFF), plus one poll
+    whose Redis calls time out on their own (fleet.keys: 10 s socket timeout); a loop
+    that has not passed for much longer is stuck, not slow."""
+    interval = interval or scaler.config.autoscaler.interval
+    return ThreadUnit("autoscaler", lambda stop: scaler.run(stop, interval),
+                      beat=lambda: scaler.last_pass, stall_after=MAX_BACKOFF + 3 * interval + 60,
+                      join_timeout=interval + 30)

@@ -44,6 +44,7 @@ from fleet.jobs.lifecycle import send_collect
 from fleet.jobs.resend import resend
 from fleet.jobs.state import JobStore
 from fleet.keys import broker_client
+from fleet.supervision import ThreadUnit
 
 logger = logging.getLogger("autoscale.reconcile")
 
@@ -274,3 +275,12 @@ def _ranges(indices: list[int]) -> str:
             out.append(str(start) if start == n else f"{start}-{n}")
             start = None
     return ", ".join(out[:20]) + (f" and {len(out) - 20} more" if len(out) > 20 else "")
+
+
+def supervised_reconciler(reconciler: Reconciler) -> ThreadUnit:
+    """The reconciler as a unit its supervisor (fleet up, fleet autoscale) watches:
+    alive, and still passing (a pass waits at most MAX_BACKOFF, plus Redis and database
+    calls that time out on their own)."""
+    interval = reconciler.settings.interval
+    return ThreadUnit("reconciler", reconciler.run, beat=lambda: reconciler.last_pass,
+                      stall_after=MAX_BACKOFF + 3 * interval + 90, join_timeout=interval + 30)

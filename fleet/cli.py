@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from fleet.config import FleetConfig, load_config
-from fleet.errors import ConfigError, FleetError
+from fleet.errors import ConfigError, FleetError, Problem
 
 pass_config_path = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -54,6 +54,9 @@ def validate(file: str | None) -> None:
 def worker(queue: str, print_config: bool, loglevel: str, hostname: str | None,
            config_path: str | None) -> None:
     """Start a Celery worker with exactly QUEUE's settings from queues.yaml."""
+    import os
+
+    from fleet.watchdog import ENV_SUPERVISOR, SupervisorRef
     from fleet.worker import celery_argv, describe, worker_settings
 
     config = _load(config_path)
@@ -67,6 +70,12 @@ def worker(queue: str, print_config: bool, loglevel: str, hostname: str | None,
         click.echo(f"\n# equivalent: celery -A fleet.app {' '.join(argv)}")
         return
     app = _app(config, queue)
+    # Set by fleet up / fleet autoscale: the worker stops warm when they are gone.
+    if os.environ.get(ENV_SUPERVISOR):
+        try:
+            app.fleet_supervisor = SupervisorRef.parse(os.environ[ENV_SUPERVISOR])
+        except ValueError as exc:
+            raise ConfigError([Problem("environment", ENV_SUPERVISOR, str(exc))]) from None
     app.worker_main(argv=argv)
 
 
@@ -403,44 +412,53 @@ def demo(records: int, exit_when_done: bool, workdir: str, config_path: str | No
 @pass_config_path
 def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: bool,
               workdir: str, config_path: str | None) -> None:
-    """The autoscaler loop: queue metrics -> policy -> backend."""
-    import threading
-
+    """The autoscaler loop: queue metrics -> policy -> backend. SIGTERM, SIGINT or
+    SIGHUP stop it; local workers stop warm first."""
     from autoscale.loop import Autoscaler
     from autoscale.metrics import RedisMetrics
+    from autoscale.service import claim_workdir, run_supervised
     from fleet.keys import broker_client
+    from fleet.supervision import StopSignals
 
     config = _load(config_path)
     chosen = backend or config.autoscaler.backend
-    if chosen == "kubernetes":
-        from autoscale.backends.kubernetes import KubernetesBackend
-
-        target = KubernetesBackend(config)
-    else:
-        import os
-
-        from autoscale.backends.local import LocalBackend
-
-        target = LocalBackend(config, config.source, dict(os.environ), Path(workdir) / "logs")
-    metrics = RedisMetrics(config, broker_client(config))
     # Once, locally, would start workers only to stop them on exit: decide, don't act.
-    scaler = Autoscaler(config, metrics, target,
-                        dry_run=dry_run or (once and chosen == "local"), report=click.echo)
-    try:
+    dry_run = dry_run or (once and chosen == "local")
+    with StopSignals() as signals:
+        registry = None
+        if chosen == "kubernetes":
+            from autoscale.backends.kubernetes import KubernetesBackend
+
+            target = KubernetesBackend(config)
+        else:
+            import os
+
+            from autoscale.backends.local import LocalBackend
+
+            if not dry_run:
+                registry = claim_workdir(Path(workdir), signals, click.echo, "fleet autoscale")
+            target = LocalBackend(config, config.source, dict(os.environ),
+                                  Path(workdir) / "logs", registry=registry)
+        metrics = RedisMetrics(config, broker_client(config))
+        scaler = Autoscaler(config, metrics, target, dry_run=dry_run, report=click.echo)
         if once:
-            for d in _redis_call(scaler.run_once):
-                click.echo(f"{d.queue}: {d.current} -> {d.desired} ({d.reason})")
+            try:
+                for d in _redis_call(scaler.run_once):
+                    click.echo(f"{d.queue}: {d.current} -> {d.desired} ({d.reason})")
+            finally:
+                target.close()
             return
         click.echo(f"autoscaler: {chosen} backend, every "
                    f"{interval or config.autoscaler.interval:g}s"
                    + (" (dry run)" if dry_run else ""))
-        stop = threading.Event()
-        try:
-            scaler.run(stop, interval)
-        except KeyboardInterrupt:
-            stop.set()
-    finally:
-        target.close()
+        units = []
+        if config.jobs.reconciler.enabled and not dry_run:
+            # Beside the loop, wherever the autoscaler runs (on Kubernetes: its pod).
+            from autoscale.reconcile import Reconciler, supervised_reconciler
+
+            units.append(supervised_reconciler(Reconciler(
+                config, _app(config), report=lambda line: click.echo(f"reconciler: {line}"))))
+        run_supervised(scaler, signals, click.echo, interval, registry, units)
 
 
 @cli.command()
@@ -451,11 +469,13 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
 def reconcile(once: bool, interval: float | None, config_path: str | None) -> None:
     """Find job chunks that nobody has (not done, failed, queued, held nor running) and
     send them again. `fleet up` and `fleet autoscale` run this loop too."""
-    import threading
-
-    from autoscale.reconcile import Reconciler
+    from autoscale.reconcile import Reconciler, supervised_reconciler
+    from fleet.supervision import StopSignals, Supervisor
 
     config = _load(config_path)
+    if interval:
+        config = config.model_copy(update={"jobs": config.jobs.model_copy(update={
+            "reconciler": config.jobs.reconciler.model_copy(update={"interval": interval})})})
     reconciler = Reconciler(config, _app(config), report=click.echo)
     if once:
         done = _redis_call(reconciler.run_once)
@@ -464,12 +484,16 @@ def reconcile(once: bool, interval: float | None, config_path: str | None) -> No
                    f"sent again; {done.suspected} suspected (checked again next pass)"
                    + (f"; scanned: {done.scanned}" if done.scanned else ""))
         return
-    click.echo(f"reconciler: every {interval or config.jobs.reconciler.interval:g}s")
-    stop = threading.Event()
-    try:
-        reconciler.run(stop, interval)
-    except KeyboardInterrupt:
-        stop.set()
+    click.echo(f"reconciler: every {config.jobs.reconciler.interval:g}s")
+    with StopSignals() as signals:  # SIGTERM, SIGINT, SIGHUP: stop between passes
+        supervisor = Supervisor(signals, click.echo)
+        try:
+            supervisor.add(supervised_reconciler(reconciler))
+            outcome = supervisor.run()
+        finally:
+            supervisor.stop_all()
+    if outcome.code:
+        raise FleetError(f"reconciler stopped: {outcome.reason}")
 
 
 @cli.command()

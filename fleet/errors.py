@@ -70,3 +70,12 @@ class MemoryLimitExceeded(FleetError):
 
     def __init__(self, message: str = "memory limit exceeded", *args: object):
         super().__init__(message, *args)
+
+
+class SupervisionError(FleetError):
+    """A supervisor (``fleet up``, ``fleet autoscale``) stopped because a part of it
+    failed and could not be restarted."""
+
+
+class WorkdirInUseError(SupervisionError):
+    """Another supervisor runs on this workdir."""

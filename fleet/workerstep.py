@@ -4,7 +4,8 @@ Added to every fleet app, so it runs under ``fleet worker`` and the plain
 ``celery -A fleet.app worker -Q <queue>`` alike. For a worker that serves exactly one
 fleet queue it applies that queue's task-level settings and starts the memory guard
 (fleet.guard); every fleet worker renews its leases (fleet.lease) and publishes its
-figures (fleet.heartbeat). All three are threads of the worker's main process.
+figures (fleet.heartbeat); a worker started by a supervisor watches it (fleet.watchdog)
+and stops warm when it is gone. All are threads of the worker's main process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fleet.guard import MemoryGuard
 from fleet.heartbeat import Heartbeat
 from fleet.lease import LeaseRenewer, held_by_consumer
 from fleet.retry import retry_attributes
+from fleet.watchdog import Watchdog
 from fleet.worker import worker_settings
 
 logger = logging.getLogger("fleet.worker")
@@ -40,6 +42,7 @@ class FleetWorkerStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.guard: MemoryGuard | None = None
         self.lease: LeaseRenewer | None = None
+        self.watchdog: Watchdog | None = None
         self.queue = served_queue(worker)
         if self.queue is None:
             logger.warning("worker serves several queues or none of queues.yaml: "
@@ -83,8 +86,13 @@ class FleetWorkerStep(bootsteps.StartStopStep):
                 held_by_consumer(worker),
             )
             self.lease.start()
-        logger.info("fleet worker for queue %r: memory guard %s, lease renewal %s",
-                    self.queue, "on" if self.guard else "off", "on" if self.lease else "off")
+        supervisor = getattr(worker.app, "fleet_supervisor", None)
+        if supervisor is not None:
+            self.watchdog = Watchdog(supervisor).start()
+        logger.info("fleet worker for queue %r: memory guard %s, lease renewal %s, "
+                    "supervisor %s", self.queue, "on" if self.guard else "off",
+                    "on" if self.lease else "off",
+                    f"pid {supervisor.pid}" if supervisor else "none")
 
     def _withdraw(self, **_kwargs) -> None:
         self.heartbeat.withdraw()
