@@ -85,7 +85,7 @@ class DeadLetter:
     raw: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return json.dumps(asdict(self), separators=(",", ":"), default=repr)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> DeadLetter:

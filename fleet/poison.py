@@ -46,25 +46,35 @@ def queue_of(message: Any, default: str | None = None) -> str:
     return info.get("routing_key") or default or "unknown"
 
 
-def retire(request, reason: Reason, deliveries: int, *, reserved: bool = True) -> None:
+def retire(request, reason: Reason, deliveries: int) -> None:
     """Dead-letter ``request``'s message and fail its task (steps 1-4 above).
 
-    ``reserved``: the request was counted in Celery's reserved/active state (a strategy
-    called ``task_reserved``), so it must leave it (``task_ready``).
+    Raises only if step 1 fails (Redis away): then nothing was done and the caller lets
+    Celery go on as usual. The request leaves Celery's reserved/active state here, as
+    Celery's own on_failure would have it (``task_ready``).
     """
     config = request.task.app.fleet_config
     queue = queue_of(request, getattr(request.task.app, "fleet_queue", None))
     entry = new_entry(queue, reason, message=envelope_of(request.message),
                       deliveries=deliveries, worker=request.hostname or socket.gethostname())
     DeadLetterList.for_config(config).add(entry)
-    if reserved:
-        worker_state.task_ready(request)
+    worker_state.task_ready(request)
     request.acknowledge()
     error = DeadLettered(
         f"task {request.name}[{request.id}] dead-lettered after {deliveries} "
         f"deliver{'y' if deliveries == 1 else 'ies'}: {reason} "
         f"(see: fleet dead show {entry.id})")
     logger.error("%s", error)
+    try:
+        _fail(request, error)
+    except Exception:
+        # The message is kept and acked whatever happens here: a caller that went on to
+        # run it again would run a dead-lettered task.
+        logger.exception("task %s[%s] dead-lettered, but its failure was not recorded",
+                         request.name, request.id)
+
+
+def _fail(request, error: DeadLettered) -> None:
     request.task.backend.mark_as_failure(request.id, error, request=request._context,
                                          store_result=request.store_errors)
     request.task.request_stack.push(request._context)
