@@ -64,6 +64,8 @@ def envelope_problem(payload, codecs) -> str:
         return "a kombu envelope needs 'properties' (an object); this has none"
     if "delivery_tag" not in properties:
         return "its properties have no 'delivery_tag'"
+    if not isinstance(properties["delivery_tag"], str):
+        return "its delivery_tag is not a string"
     info = properties.get("delivery_info")
     if not isinstance(info, dict):
         return "its properties have no 'delivery_info' (an object)"
@@ -71,6 +73,8 @@ def envelope_problem(payload, codecs) -> str:
     if missing:
         return f"its delivery_info has no {' or '.join(repr(k) for k in missing)}"
     encoding = properties.get("body_encoding")
+    if encoding is not None and not isinstance(encoding, str):
+        return f"its body_encoding is not a string: {encoding!r}"
     if encoding and encoding.lower() != "utf-8":
         if encoding not in codecs:
             return f"unknown body_encoding {encoding!r}"
@@ -86,12 +90,21 @@ class Message(virtual.Message):
         try:
             super().__init__(payload, channel=channel, **kwargs)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            detail = envelope_problem(payload, getattr(channel, "codecs", {}))
-            raise MalformedMessage(f"{detail} ({type(exc).__name__}: {exc})") from None
+            raise MalformedMessage(f"{_explain(payload, channel)} "
+                                   f"({type(exc).__name__}: {exc})") from None
         info = self.delivery_info
-        if not isinstance(info, dict) or "exchange" not in info or "routing_key" not in info:
-            # kombu's QoS.append reads both; a KeyError there would reset the consumer.
-            raise MalformedMessage(envelope_problem(payload, getattr(channel, "codecs", {})))
+        if (not isinstance(info, dict) or "exchange" not in info or "routing_key" not in info
+                or not isinstance(self.delivery_tag, str)):
+            # kombu's QoS.append reads these (the tag becomes a Redis key); an error
+            # there would reset the consumer.
+            raise MalformedMessage(_explain(payload, channel))
+
+
+def _explain(payload, channel) -> str:
+    try:
+        return envelope_problem(payload, getattr(channel, "codecs", {}))
+    except Exception:  # whatever it is, it must not stop the worker either
+        return "kombu cannot read this envelope"
 
 
 class QoS(kombu_redis.QoS):

@@ -146,6 +146,10 @@ def test_entries_keep_bounded_text_of_what_is_not_a_message():
     ({"body": ""}, "needs 'properties'"),
     ({"properties": {"delivery_info": {}}}, "no 'delivery_tag'"),
     ({"properties": {"delivery_tag": "x"}}, "no 'delivery_info'"),
+    ({"properties": {"delivery_tag": ["x"]}}, "delivery_tag is not a string"),
+    ({"properties": {"delivery_tag": "x", "body_encoding": 5,
+                     "delivery_info": {"exchange": "", "routing_key": "q"}}},
+     "body_encoding is not a string: 5"),
     ({"properties": {"delivery_tag": "x", "delivery_info": {"exchange": ""}}},
      "no 'routing_key'"),
     ({"properties": {"delivery_tag": "x", "body_encoding": "rot13",
@@ -304,8 +308,10 @@ def test_fleet_dead_error_paths(fleet, redis_client):
     everything = cli(fleet, "dead", "requeue", "--all")
     assert everything.returncode == 0
     assert f"0 requeued; 1 left (not task messages: {junk.id})" in everything.stdout
+    assert cli(fleet, "dead", "requeue", "--all", "nosuch").returncode == 2
     shown = cli(fleet, "dead", "show", junk.id)
     assert "raw         %%%" in shown.stdout and "cannot" not in shown.stderr
+    assert json.loads(cli(fleet, "dead", "show", junk.id, "--json").stdout)["raw"] == "%%%"
 
     kept = cli(fleet, "dead", "purge", "default", stdin="n\n")
     assert kept.returncode == 130 and dead.counts(["default"]) == {"default": 1}

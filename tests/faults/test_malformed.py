@@ -53,6 +53,12 @@ def without(message: dict, *path: str) -> dict:
     return message
 
 
+def with_property(name: str, value: object, task_id: str) -> bytes:
+    message = envelope(task_id=task_id)
+    message["properties"][name] = value
+    return json.dumps(message).encode()
+
+
 def bad_body_encoding() -> dict:
     message = envelope(task_id="m-enc")
     message["body"] = "abc"  # not base64: bad padding
@@ -71,8 +77,12 @@ MALFORMED = [
     ("no delivery_info", json.dumps(without(envelope(task_id="m-info"), "properties",
                                             "delivery_info")).encode(),
      "malformed", "no 'delivery_info'"),
+    ("delivery_tag not a string", with_property("delivery_tag", ["x"], "m-tag2"),
+     "malformed", "its delivery_tag is not a string"),
     ("bad body encoding", json.dumps(bad_body_encoding()).encode(), "malformed",
      "its body is not valid base64"),
+    ("unknown body encoding", with_property("body_encoding", "rot13", "m-rot"), "malformed",
+     "unknown body_encoding 'rot13'"),
     ("content Celery refuses", json.dumps(envelope(
         task_id="m-pickle", content_type="application/x-python-serialize")).encode(),
      "malformed", "content Celery refuses"),
@@ -123,7 +133,8 @@ def test_malformed_messages_are_dead_lettered_and_the_worker_goes_on(probes, red
         else:
             assert entry.message == json.loads(raw), what
     assert [e.requeue_problem is None for e in entries] == [
-        what in ("no delivery_tag", "bad body encoding", "content Celery refuses",
+        what in ("no delivery_tag", "delivery_tag not a string", "bad body encoding",
+                 "unknown body encoding", "content Celery refuses",
                  "body not decodable", "unknown task", "body not [args, kwargs, embed]")
         for what, *_ in MALFORMED]
 
