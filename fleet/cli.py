@@ -283,6 +283,127 @@ def _redis_call(call):
 
 
 @cli.group()
+def dead() -> None:
+    """Messages kept instead of delivered again (poison, malformed): list, show, requeue,
+    purge."""
+
+
+@dead.command("list")
+@click.argument("queue", required=False)
+@click.option("--limit", "-n", default=50, show_default=True, help="Entries per queue.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_config_path
+def dead_list(queue: str | None, limit: int, as_json: bool, config_path: str | None) -> None:
+    """Dead-letter entries of QUEUE (default: every queue), newest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fleet.deadletter import DeadLetterList
+
+    config = _load(config_path)
+    queues = _queues_named(config, queue)
+    dead_letters = DeadLetterList.for_config(config)
+    entries = _redis_call(lambda: [e for q in queues for e in dead_letters.entries(q, limit)])
+    if as_json:
+        click.echo(json.dumps([_entry_summary(e) for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo(f"no dead letters in {', '.join(queues)}")
+        return
+    tty = sys.stdout.isatty()
+    table = Table(box=None if not tty else Table().box, pad_edge=False)
+    for column in ("id", "queue", "reason", "task", "task id", "deliveries", "at", "detail"):
+        table.add_column(column, no_wrap=column != "detail")
+    for e in entries:
+        table.add_row(e.id, e.queue, e.reason, e.task or "-", e.task_id or "-",
+                      str(e.deliveries), time.strftime("%Y-%m-%d %H:%M:%S",
+                                                       time.localtime(e.at)), e.detail)
+    Console(width=None if tty else 240).print(table)
+
+
+def _queues_named(config: FleetConfig, queue: str | None) -> list[str]:
+    if queue is None:
+        return list(config.queues)
+    config.queue(queue)  # a ConfigError (exit 2) for a queue queues.yaml does not define
+    return [queue]
+
+
+def _entry_summary(entry) -> dict:
+    return {k: v for k, v in entry.__dict__.items() if k not in ("message", "raw")}
+
+
+@dead.command("show")
+@click.argument("entry_id")
+@click.option("--json", "as_json", is_flag=True, help="The whole entry as stored.")
+@pass_config_path
+def dead_show(entry_id: str, as_json: bool, config_path: str | None) -> None:
+    """One entry: why, when, where, and the message itself."""
+    from fleet.deadletter import DeadLetterList, decoded_body
+
+    config = _load(config_path)
+    _, entry = _redis_call(lambda: DeadLetterList.for_config(config).find(
+        entry_id, list(config.queues)))
+    if as_json:
+        click.echo(json.dumps(entry.__dict__, indent=2))
+        return
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.at))
+    click.echo(f"entry       {entry.id}\nqueue       {entry.queue}\nreason      "
+               f"{entry.reason}: {entry.detail}\ntask        {entry.task or '-'}"
+               f"[{entry.task_id or '-'}]\ndeliveries  {entry.deliveries}\nat          "
+               f"{when} on {entry.worker or '-'}\nrequeue     "
+               f"{entry.requeue_problem or f'fleet dead requeue {entry.id}'}")
+    body = decoded_body(entry.message)
+    if body is not None:
+        click.echo(f"arguments   {json.dumps(body, default=repr)}")
+    if entry.message is not None:
+        click.echo("message     " + json.dumps(entry.message, indent=2, default=repr))
+    if entry.raw is not None:
+        click.echo(f"raw         {entry.raw}")
+
+
+@dead.command("requeue")
+@click.argument("target", required=False, metavar="ID | --all [QUEUE]")
+@click.option("--all", "every", is_flag=True,
+              help="Every entry that is a task message (of QUEUE, or of every queue).")
+@pass_config_path
+def dead_requeue(target: str | None, every: bool, config_path: str | None) -> None:
+    """Send an entry's original message again (its delivery count starts over)."""
+    from fleet.deadletter import requeue, requeue_all
+
+    config = _load(config_path)
+    if every:
+        done, left = _redis_call(lambda: requeue_all(config, target))
+        for entry in done:
+            click.echo(f"requeued {entry.id}: {entry.task}[{entry.task_id}] onto {entry.queue}")
+        click.echo(f"{len(done)} requeued" + (f"; {len(left)} left (not task messages: "
+                                              f"{', '.join(e.id for e in left)})"
+                                              if left else ""))
+        return
+    if not target:
+        raise click.UsageError("give an entry ID, or --all [QUEUE]")
+    entry = _redis_call(lambda: requeue(config, target))
+    click.echo(f"requeued {entry.id}: {entry.task}[{entry.task_id}] onto {entry.queue}")
+
+
+@dead.command("purge")
+@click.argument("queue", required=False)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+@pass_config_path
+def dead_purge(queue: str | None, yes: bool, config_path: str | None) -> None:
+    """Delete the dead-letter entries of QUEUE (default: every queue), for good."""
+    from fleet.deadletter import DeadLetterList
+
+    config = _load(config_path)
+    queues = _queues_named(config, queue)
+    if not yes:
+        click.confirm(f"Delete every dead-letter entry of {', '.join(queues)}?", abort=True)
+    dead_letters = DeadLetterList.for_config(config)
+    removed = _redis_call(lambda: {q: dead_letters.purge(q) for q in queues})
+    click.echo(f"purged {sum(removed.values())} entries ("
+               + ", ".join(f"{q}: {n}" for q, n in removed.items()) + ")")
+
+
+@cli.group()
 def render() -> None:
     """Generate Kubernetes manifests from queues.yaml."""
 

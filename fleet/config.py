@@ -34,6 +34,9 @@ ENV_BROKER_URL = "FLEET_BROKER_URL"
 ENV_KEY_PREFIX = "FLEET_KEY_PREFIX"
 ENV_LEDGER_URL = "FLEET_LEDGER_URL"
 
+#: A queue's max_deliveries when queues.yaml does not say (and for queues it does not know).
+DEFAULT_MAX_DELIVERIES = 3
+
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -273,6 +276,10 @@ class QueueClass(Model):
     rate_limit: RateLimit | None = None
     task_rate_limits: dict[str, RateLimit] = {}
     retry: Retry | None = None
+    #: Deliveries of one message (the first included) before it goes to the queue's
+    #: dead-letter list instead: a task that kills its pool process is otherwise
+    #: requeued forever under acks_late + reject_on_worker_lost (see fleet.deliveries).
+    max_deliveries: int = Field(DEFAULT_MAX_DELIVERIES, ge=1)
     priority: int | None = Field(None, ge=0, le=9)
     kubernetes: Kubernetes = Kubernetes()
     autoscaling: Autoscaling = Autoscaling()

@@ -79,3 +79,36 @@ class SupervisionError(FleetError):
 
 class WorkdirInUseError(SupervisionError):
     """Another supervisor runs on this workdir."""
+
+
+class DeadLettered(FleetError):
+    """A task's message went to its queue's dead-letter list instead of running again.
+
+    Stored as the task's result (so it ends FAILED, never PENDING forever) and sent with
+    Celery's task_failure signal (so a job's chunk fails visibly). The message names the
+    task id, the deliveries and the reason; ``fleet dead show`` has the rest.
+    """
+
+    def __init__(self, message: str = "dead-lettered", *args: object):
+        super().__init__(message, *args)
+
+
+class WrongArguments(FleetError, TypeError):
+    """A task was sent arguments its function cannot take (a producer of another version).
+
+    Still a TypeError for code that catches one; the worker dead-letters the message so
+    it can be re-sent once producer and worker agree again.
+    """
+
+    def __init__(self, message: str = "wrong arguments", *args: object):
+        super().__init__(message, *args)
+
+
+class UnknownDeadLetterError(FleetError):
+    """A dead-letter id that no queue's list holds (requeued, purged, mistyped)."""
+
+    exit_code = 2
+
+
+class NotRequeueableError(FleetError):
+    """A dead-letter entry that is not a task message (undecodable, no envelope)."""

@@ -12,8 +12,10 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from fleet.config import FleetConfig
+from fleet.deadletter import base_key
 from fleet.keys import PRIORITY_STEPS
 from fleet.routing import FleetRouter, RoutingTable
+from fleet.transport import DEAD_LETTER_OPTION
 from fleet.worker import queue_conf, worker_settings
 
 #: Dead-peer detection in about 30 s, idle or not (Linux; other systems get keepalive).
@@ -59,6 +61,8 @@ def broker_transport_options(config: FleetConfig) -> dict:
     }
     if config.broker.key_prefix:
         options["global_keyprefix"] = config.broker.key_prefix
+    # Where fleet.transport keeps messages it cannot deliver (fleet.deadletter).
+    options[DEAD_LETTER_OPTION] = base_key(config)
     return options
 
 
@@ -97,6 +101,8 @@ def celery_settings(config: FleetConfig) -> dict:
         "worker_hijack_root_logger": True,
         "imports": list(config.imports),
         "broker_channel_error_retry": True,
+        # The poison bound on receipt and malformed messages kept (fleet.consumer).
+        "worker_consumer": "fleet.consumer:FleetConsumer",
     }
     if config.broker.url.split("://", 1)[0] in ("redis", "rediss"):
         # kombu's Redis transport, made to survive a Redis restart (see fleet.transport).

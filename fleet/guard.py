@@ -8,6 +8,11 @@ at once. The worker then sees a lost child; ``GuardedRequest`` recognises the ki
 turns it into a clear ``MemoryLimitExceeded`` result (task id, RSS, limit) instead of a
 bare WorkerLostError, or re-sends the task to a larger class (``on_memory_exceeded``).
 It never requeues it onto the same queue, where it would only die again.
+
+A pool process that dies by itself (a signal, ``os._exit``, SystemExit) on a queue with
+acks_late + reject_on_worker_lost is requeued by Celery; ``GuardedRequest`` counts those
+deliveries (fleet.deliveries) and, on the last one the queue's ``max_deliveries`` allows,
+dead-letters the message and fails the task (fleet.poison) instead.
 """
 
 from __future__ import annotations
@@ -21,13 +26,23 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import psutil
+import redis
 from billiard.exceptions import WorkerLostError
 from celery import signals
+from celery.exceptions import Reject
 from celery.utils.serialization import get_pickled_exception
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from fleet.errors import MemoryLimitExceeded
+from fleet import poison
+from fleet.deadletter import MEMORY_LIMIT, REDELIVERED, WRONG_ARGUMENTS, Reason
+from fleet.deliveries import (
+    DeliveryCounter,
+    max_deliveries,
+    reason_of_worker_lost,
+    retire_on_loss,
+)
+from fleet.errors import MemoryLimitExceeded, WrongArguments
 from fleet.units import format_size
 
 logger = logging.getLogger("fleet.guard")
@@ -203,12 +218,26 @@ class MemoryGuard:
 
 
 class GuardedRequest(Request):
-    """A Celery request that knows a lost child may have been the guard's doing."""
+    """A Celery request that knows a lost child may have been the guard's doing, and
+    that a message whose pool process keeps dying must not be delivered forever."""
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        if (isinstance(exc, SystemExit | KeyboardInterrupt)
+                and not (self._already_cancelled or self._already_revoked)):
+            # Celery's own on_failure turns a pool process's SystemExit into a lost
+            # worker ("exitcode 3") and requeues it like one: so do we, before deciding.
+            exc_info = self._worker_lost_info(exc)
+            exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        if isinstance(exc, WrongArguments):
+            # The child stored the failure and sent task_failure; keep the message.
+            self._keep(Reason(WRONG_ARGUMENTS, str(exc)))
+            return super().on_failure(exc_info, send_failed_event, return_ok)
         kill = pop_kill(self.id) if isinstance(exc, WorkerLostError) else None
         if kill is None:
+            requeued = self._requeued_as(exc)
+            if requeued is not None and self._retired(requeued):
+                return None
             return super().on_failure(exc_info, send_failed_event, return_ok)
         worker_state.task_ready(self)
         error = MemoryLimitExceeded(kill.message())
@@ -220,6 +249,42 @@ class GuardedRequest(Request):
         self.send_event("task-memory-exceeded", rss=kill.rss, limit=kill.limit,
                         child_pid=kill.pid, queue=kill.queue, retry_on=target)
         return None
+
+    def _requeued_as(self, exc: BaseException) -> Reason | None:
+        """Why Celery is about to requeue this message (None: it will not)."""
+        if isinstance(exc, Reject):
+            return Reason(REDELIVERED, f"the task rejected it with requeue ({exc.reason or exc})"
+                          ) if exc.requeue else None
+        if (isinstance(exc, WorkerLostError) and self.task.acks_late
+                and self.task.reject_on_worker_lost):
+            return reason_of_worker_lost(str(exc))
+        return None  # Celery fails and acks it: not delivered again anyway
+
+    def _retired(self, reason: Reason) -> bool:
+        """Count the lost delivery; dead-letter the message if it was the last one the
+        queue allows. False: Celery requeues it as usual."""
+        config = getattr(self.task.app, "fleet_config", None)
+        tag = getattr(self.message, "delivery_tag", None)
+        if config is None or not tag:
+            return False
+        queue = poison.queue_of(self, self.task.app.fleet_queue)
+        try:
+            deliveries = DeliveryCounter.for_config(config).lost(str(tag), reason)
+            if not retire_on_loss(deliveries, max_deliveries(config, queue)):
+                return False
+            poison.retire(self, reason, deliveries)
+        except redis.RedisError as exc:
+            logger.error("task %s[%s]: delivery count unavailable (%s); requeued as usual",
+                         self.name, self.id, exc)
+            return False
+        return True
+
+    def _keep(self, reason: Reason) -> None:
+        try:
+            poison.keep(self, reason)
+        except redis.RedisError as exc:
+            logger.error("task %s[%s]: could not dead-letter it (%s): %s",
+                         self.name, self.id, reason, exc)
 
     def _memory_retry_target(self) -> str | None:
         config = getattr(self.task.app, "fleet_config", None)
@@ -246,6 +311,9 @@ class GuardedRequest(Request):
 
     def _fail(self, error: MemoryLimitExceeded, exc_info, send_failed_event: bool) -> None:
         logger.error("%s; task failed", error)
+        # The final memory kill: no larger class left. Keep the message for a requeue
+        # (e.g. once the queue's memory_limit is raised); the result says what happened.
+        self._keep(Reason(MEMORY_LIMIT, str(error)))
         self.acknowledge()
         self.task.backend.mark_as_failure(self.id, error, request=self._context,
                                           store_result=self.store_errors)

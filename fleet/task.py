@@ -3,11 +3,14 @@
 It adds exactly what must happen inside the worker around task code, as hooks Celery
 already calls: claim-check arguments are resolved before ``run`` and their payload is
 deleted after success; fleet-wide rate limits are taken before ``run``; and the
-request class is the guard's, so a memory-limit kill reads as one.
+request class is the guard's, so a memory-limit kill reads as one; and arguments that
+do not bind to the task function fail as ``WrongArguments`` (its message is then kept in
+the dead-letter list, for a producer of another version).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from typing import Any
@@ -18,6 +21,7 @@ from celery.exceptions import Retry
 from kombu.exceptions import OperationalError
 
 from fleet import claimcheck, keys
+from fleet.errors import WrongArguments
 from fleet.jobs import lifecycle
 from fleet.jobs.ids import parse_task_id
 from fleet.jobs.ledger import LedgerUnavailableError
@@ -27,6 +31,23 @@ logger = logging.getLogger("fleet.task")
 
 #: Seconds before a chunk whose completion could not be recorded runs again.
 JOB_RECORD_RETRY = 5
+
+
+def binding_problem(task: Task, args: tuple, kwargs: dict) -> str | None:
+    """Why ``args``/``kwargs`` do not bind to the task function, or None if they do.
+
+    Asked only after the task raised a TypeError, never per task: binding a signature
+    costs about as much as a no-op task. Here, in the pool process, claim-check references
+    are already resolved, so the real arguments are checked.
+    """
+    function = getattr(task, "_orig_run", task.run)  # autoretry wraps run in (*a, **kw)
+    try:
+        inspect.signature(function).bind(*args, **kwargs)
+    except TypeError as exc:
+        return str(exc)
+    except ValueError:  # no signature to read (a builtin): cannot tell
+        return None
+    return None
 
 
 class FleetTask(Task):
@@ -52,7 +73,14 @@ class FleetTask(Task):
         if claimed:
             request.args, request.kwargs = args, kwargs
         self._take_rate_limits(config, request)
-        result = self.run(*args, **kwargs)
+        try:
+            result = self.run(*args, **kwargs)
+        except TypeError as exc:
+            problem = binding_problem(self, args, kwargs)
+            if problem is None:
+                raise  # the task's own TypeError
+            raise WrongArguments(f"task {self.name}[{request.id}] cannot take the arguments "
+                                 f"it was sent: {problem}") from exc
         if ref is not None:
             try:
                 lifecycle.on_task_success(self.app, config, ref, result)

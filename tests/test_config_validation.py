@@ -265,3 +265,18 @@ def test_queue_names_must_make_kubernetes_names(tmp_path):
     found = only(problems(tmp_path, yaml.safe_dump(data)))
     assert found.startswith("queues.Big_Jobs: queue name must be lowercase letters, digits "
                             "and '-', and make a Deployment name ('fleet-worker-Big_Jobs')")
+
+
+def test_max_deliveries_defaults_to_three_and_must_be_at_least_one(tmp_path):
+    assert {q.max_deliveries for q in load_config(ROOT / "queues.yaml").queues.values()} == {3}
+    path = write(tmp_path, deep_merge(shipped_config(), {"queues": {"heavy": {
+        "max_deliveries": 0}}}))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    [problem] = caught.value.problems
+    assert f"{problem.path}: {problem.reason}" == (
+        "queues.heavy.max_deliveries: Input should be greater than or equal to 1 (got 0)")
+    line = path.read_text().splitlines()[problem.line - 1]
+    assert line.strip() == "max_deliveries: 0"
+    assert only(problems(tmp_path, {"queues": {"heavy": {"max_deliveries": "many"}}})
+                ).startswith("queues.heavy.max_deliveries: Input should be a valid integer")

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from fleet.dashboard.control import ControlError
+from fleet.dashboard.deadletters import dead_letter_routes
 from fleet.dashboard.fleet_api import fleet_routes
 from fleet.dashboard.flower_api import flower_routes
 from fleet.dashboard.gate import Denied, Gate
@@ -74,4 +75,5 @@ def create_api(svc: DashboardService) -> FastAPI:
         add_oidc_routes(api, auth, signed_in)
     api.include_router(flower_routes(svc, gate))
     api.include_router(fleet_routes(svc, gate))
+    api.include_router(dead_letter_routes(svc, gate))
     return api

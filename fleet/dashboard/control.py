@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from celery import Celery
 
 from autoscale import overrides
-from fleet.errors import FleetError
+from fleet import deadletter
+from fleet.errors import FleetError, NotRequeueableError, UnknownDeadLetterError
 from fleet.jobs.ids import aggregate_task_id, chunk_task_id
 from fleet.jobs.state import FAILED, JobStore
 from fleet.keys import broker_client
@@ -115,6 +116,24 @@ class Control:
         self.app.control.revoke(ids, terminate=True)
         store.set_state(job_id, FAILED, error=f"revoked by {who}")
         return f"{job_id}: revoked {len(ids)} tasks"
+
+    def requeue_dead(self, entry_id: str) -> str:
+        try:
+            entry = deadletter.requeue(self.config, entry_id)
+        except UnknownDeadLetterError as exc:
+            raise ControlError(str(exc), 404) from None
+        except NotRequeueableError as exc:
+            raise ControlError(str(exc), 409) from None
+        return f"requeued {entry.id}: {entry.task}[{entry.task_id}] onto {entry.queue}"
+
+    def requeue_dead_queue(self, queue: str) -> str:
+        done, left = deadletter.requeue_all(self.config, queue)
+        return f"{queue}: {len(done)} dead letters requeued" + (
+            f", {len(left)} left (not task messages)" if left else "")
+
+    def purge_dead(self, queue: str) -> str:
+        removed = deadletter.DeadLetterList.for_config(self.config).purge(queue)
+        return f"{queue}: {removed} dead letters purged"
 
     def set_bounds(self, queue: str, min_replicas: int | None, max_replicas: int | None) -> str:
         self.config.queue(queue)  # raises for an unknown queue

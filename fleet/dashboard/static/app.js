@@ -91,6 +91,23 @@ function group(rows, key, value) {
   return out;
 }
 
+// Messages kept instead of delivered again (poison, malformed): shown under the queues.
+async function deadLetters() {
+  const d = await get("/api/fleet/dead?limit=100");
+  const q = "/api/fleet/queues/";
+  const queues = Object.entries(d.counts).filter(([, n]) => n > 0);
+  return `<h3>Dead letters</h3>` + table([
+    ["Queue", (r) => esc(r[0])], ["Entries", (r) => num(r[1]), "num"],
+    ["", (r) => act("Requeue all", q + r[0] + "/dead/requeue", `Send every task message of ${r[0]}'s dead letters again?`) +
+                act("Purge", q + r[0] + "/dead/purge", `Delete all ${r[1]} dead letters of ${r[0]} for good?`)],
+  ], queues, "dead-queues") + table([
+    ["At", (e) => when(e.at)], ["Queue", (e) => esc(e.queue)], ["Reason", (e) => `<span class="error">${esc(e.reason)}</span>`],
+    ["Task", (e) => e.task_id ? `<a href="#/task/${esc(e.task_id)}">${esc(e.task || e.task_id)}</a>` : "–"],
+    ["Deliveries", (e) => num(e.deliveries), "num"], ["Detail", (e) => esc(e.detail)],
+    ["", (e) => e.requeue_problem ? esc(e.requeue_problem) : act("Requeue", "/api/fleet/dead/" + e.id + "/requeue", `Send ${e.task}[${e.task_id}] again?`)],
+  ], d.entries, "dead-letters");
+}
+
 const pages = {
   async workers() {
     const ws = await get("/api/fleet/workers");
@@ -149,7 +166,7 @@ const pages = {
                       {min_replicas: r.min_replicas, max_replicas: r.max_replicas}, "min_replicas,max_replicas")],
     ], qs, "queues") + `<div class="charts">` + chart("queue depth (waiting)", group(s.queues, "queue", "waiting"), (v) => num(v)) +
       chart("throughput (tasks/s)", group(s.queues, "queue", "completion_rate")) +
-      chart("replicas", group(s.queues, "queue", "actual"), (v) => num(v)) + `</div>`;
+      chart("replicas", group(s.queues, "queue", "actual"), (v) => num(v)) + `</div>` + await deadLetters();
   },
   async tasks() {
     const f = new URLSearchParams(location.hash.split("?")[1] || "");

@@ -1,0 +1,104 @@
+"""The dead-letter lists on the dashboard: /api/fleet/dead (read) and the requeue and
+purge actions, with the same roles, CSRF checks and audit record as every control.
+
+Its own router so the response shapes (pydantic models, hence the OpenAPI spec) sit
+beside the routes that answer with them; the actions are ``Control`` methods."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel
+
+from fleet.dashboard.gate import Denied, Gate
+from fleet.dashboard.service import DashboardService
+from fleet.deadletter import DeadLetter, DeadLetterList, decoded_body
+from fleet.errors import UnknownDeadLetterError
+
+
+class DeadLetterRow(BaseModel):
+    id: str
+    queue: str
+    reason: str
+    detail: str
+    at: float
+    deliveries: int
+    task: str | None
+    task_id: str | None
+    worker: str | None
+    #: Why it cannot be requeued (not a task message), or None.
+    requeue_problem: str | None
+
+
+class DeadLetterPage(BaseModel):
+    #: Entries per queue (every queue of queues.yaml).
+    counts: dict[str, int]
+    #: Newest first, at most ``limit`` per queue.
+    entries: list[DeadLetterRow]
+
+
+class DeadLetterDetail(DeadLetterRow):
+    #: The message as kombu stored it, when it was JSON.
+    message: Any = None
+    #: Its text, when it was not JSON (truncated).
+    raw: str | None = None
+    #: A task message's decoded [args, kwargs, embed].
+    arguments: Any = None
+
+
+def _row(entry: DeadLetter) -> dict:
+    return {k: getattr(entry, k) for k in DeadLetterRow.model_fields if k != "requeue_problem"
+            } | {"requeue_problem": entry.requeue_problem}
+
+
+def dead_letter_routes(svc: DashboardService, gate: Gate) -> APIRouter:
+    router = APIRouter(tags=["fleet"])
+    queues = list(svc.config.queues)
+
+    def _queue(name: str) -> None:
+        if name not in svc.config.queues:
+            raise Denied(404, f"Unknown queue '{name}' (known: {', '.join(queues)})")
+
+    @router.get("/api/fleet/dead", response_model=DeadLetterPage)
+    def dead_letters(request: Request, queue: str | None = None,
+                     limit: int = Query(50, ge=1, le=1000)):
+        gate.who(request)
+        if queue is not None:
+            _queue(queue)
+        dead = DeadLetterList.for_config(svc.config)
+        shown = [queue] if queue else queues
+        return {"counts": dead.counts(queues),
+                "entries": [_row(e) for q in shown for e in dead.entries(q, limit)]}
+
+    @router.get("/api/fleet/dead/{entry_id}", response_model=DeadLetterDetail)
+    def dead_letter(request: Request, entry_id: str):
+        gate.who(request)
+        try:
+            _, entry = DeadLetterList.for_config(svc.config).find(entry_id, queues)
+        except UnknownDeadLetterError as exc:
+            raise Denied(404, str(exc)) from None
+        return {**_row(entry), "message": entry.message, "raw": entry.raw,
+                "arguments": decoded_body(entry.message)}
+
+    @router.post("/api/fleet/dead/{entry_id}/requeue")
+    async def requeue(request: Request, entry_id: str):
+        principal = gate.acting(request, "operator")
+        return gate.act(principal, "dead.requeue", entry_id, {},
+                        lambda: svc.control.requeue_dead(entry_id))
+
+    @router.post("/api/fleet/queues/{queue}/dead/requeue")
+    async def requeue_queue(request: Request, queue: str):
+        principal = gate.acting(request, "operator")
+        _queue(queue)
+        return gate.act(principal, "dead.requeue-all", queue, {},
+                        lambda: svc.control.requeue_dead_queue(queue))
+
+    @router.post("/api/fleet/queues/{queue}/dead/purge")
+    async def purge(request: Request, queue: str):
+        principal = gate.acting(request, "admin")
+        _queue(queue)
+        return gate.act(principal, "dead.purge", queue, {},
+                        lambda: svc.control.purge_dead(queue))
+
+    return router
