@@ -15,12 +15,16 @@ on PostgreSQL, and SQLite's write lock (``BEGIN IMMEDIATE``, fleet.database) the
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 from sqlalchemy import Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from fleet.config import FleetConfig
-from fleet.database import safe_url, shared_engine
+from fleet.database import safe_url, shared_engine, transaction
 from fleet.errors import FleetError
 
 metadata = MetaData()
@@ -88,21 +92,39 @@ class LedgerUnavailableError(FleetError):
 
 
 _created: set[tuple[str, int]] = set()
+_creating = threading.Lock()
 
 
 def engine(config: FleetConfig) -> Engine:
-    """The ledger's engine for this process, tables created on first use."""
-    import os
+    """The ledger's engine for this process, tables created on first use.
 
+    Creating them is a write that starts with reads (does the table exist?): in a
+    deferred transaction, two threads or processes doing it at once on a new SQLite
+    file make one fail at once with "database is locked" (its read snapshot cannot be
+    upgraded). So it takes the write lock first, and one thread per process does it.
+    """
     url = config.jobs.ledger
     eng = shared_engine(url, "job ledger (jobs.ledger)", durable=True)
     if (url, os.getpid()) not in _created:
-        try:
-            metadata.create_all(eng)
-        except SQLAlchemyError as exc:
-            raise unavailable(config, exc) from None
-        _created.add((url, os.getpid()))
+        with _creating:
+            if (url, os.getpid()) not in _created:
+                _create_tables(config, eng)
+                _created.add((url, os.getpid()))
     return eng
+
+
+def _create_tables(config: FleetConfig, eng: Engine, attempts: int = 3) -> None:
+    # On PostgreSQL two processes creating the same table at once make one fail (a
+    # unique violation in the catalog); the tables exist then: look again.
+    for attempt in range(attempts):
+        try:
+            with transaction(eng, write=True) as conn:
+                metadata.create_all(conn)
+            return
+        except SQLAlchemyError as exc:
+            if attempt + 1 == attempts:
+                raise unavailable(config, exc) from None
+            time.sleep(0.2 * (attempt + 1))
 
 
 def unavailable(config: FleetConfig, exc: BaseException) -> LedgerUnavailableError:
