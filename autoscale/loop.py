@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -21,6 +20,7 @@ from autoscale import overrides
 from autoscale.backends.base import Backend, BackendError
 from autoscale.metrics import RedisMetrics
 from autoscale.model import ScaleDecision
+from autoscale.passes import Passes
 from autoscale.policy import Budget, History, budget_from, decide
 from autoscale.rates import RateTracker
 from fleet.config import FleetConfig
@@ -42,7 +42,7 @@ def changes_key(config: FleetConfig) -> str:
 
 
 @dataclass
-class Autoscaler:
+class Autoscaler(Passes):
     config: FleetConfig
     metrics: RedisMetrics
     backend: Backend
@@ -52,9 +52,7 @@ class Autoscaler:
 
     def __post_init__(self) -> None:
         self.tracker = RateTracker(self.config)
-        self.passes = 0
-        self.failures = 0
-        self.last_pass = time.monotonic()
+        self._start_passes()
 
     def run_once(self) -> list[ScaleDecision]:
         obs = self.metrics.poll()
@@ -124,39 +122,17 @@ class Autoscaler:
         pipe.execute()
 
     def run(self, stop: threading.Event, interval: float | None = None) -> None:
-        """Poll until ``stop``; nothing raised by a poll ends the loop.
+        """Poll until ``stop``; nothing raised by a poll ends the loop (autoscale.passes)."""
+        self.run_passes(stop, interval or self.config.autoscaler.interval, MAX_BACKOFF,
+                        self.report, _describe)
 
-        A thread that dies takes scaling down with it, silently (seen: a zero service
-        time, then a malformed worker report): so every error is reported and the next
-        poll comes after a backoff. ``passes`` and ``last_pass`` let a supervisor see
-        that the loop still turns.
-        """
-        interval = interval or self.config.autoscaler.interval
-        wait = interval
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                self.run_once()
-                wait = max(0.0, interval - (time.monotonic() - started))
-                self.failures = 0
-            except redis.RedisError as exc:
-                wait = self._backoff(wait, interval)
-                self.report(f"Redis unreachable ({exc}); retrying in {wait:.0f}s")
-            except BackendError as exc:
-                wait = self._backoff(wait, interval)
-                self.report(f"backend error ({exc}); retrying in {wait:.0f}s")
-            except Exception as exc:
-                logger.exception("autoscaler poll failed")
-                wait = self._backoff(wait, interval)
-                self.report(f"poll failed ({type(exc).__name__}: {exc}); "
-                            f"retrying in {wait:.0f}s")
-            self.passes += 1
-            self.last_pass = time.monotonic()
-            stop.wait(wait)
 
-    def _backoff(self, wait: float, interval: float) -> float:
-        self.failures += 1
-        return min(MAX_BACKOFF, max(interval, wait * 2))
+def _describe(exc: Exception) -> tuple[str, bool]:
+    if isinstance(exc, redis.RedisError):
+        return f"Redis unreachable ({exc})", False
+    if isinstance(exc, BackendError):
+        return f"backend error ({exc})", False
+    return f"poll failed ({type(exc).__name__}: {exc})", True
 
 
 def supervised(scaler: Autoscaler, interval: float | None = None) -> ThreadUnit:

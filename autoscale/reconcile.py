@@ -36,6 +36,7 @@ import redis
 from celery import Celery
 
 from autoscale.metrics import RedisMetrics
+from autoscale.passes import Passes
 from fleet.config import FleetConfig
 from fleet.errors import FleetError
 from fleet.jobs.ids import aggregate_task_id, chunk_task_id, collect_task_id
@@ -123,7 +124,7 @@ class Pass:
     errors: list[str] = field(default_factory=list)
 
 
-class Reconciler:
+class Reconciler(Passes):
     def __init__(self, config: FleetConfig, app: Celery, client: redis.Redis | None = None,
                  report: Callable[[str], None] = logger.info):
         self.config = config
@@ -140,9 +141,7 @@ class Reconciler:
                                  2 * config.autoscaler.worker_metrics_interval + 1)
         self.last_full_scan = -math.inf
         self.last_prune = -math.inf
-        self.passes = 0
-        self.failures = 0
-        self.last_pass = time.monotonic()
+        self._start_passes()
 
     @property
     def store(self) -> JobStore:
@@ -244,25 +243,14 @@ class Reconciler:
                 logger.warning("could not delete a pruned job's input %s: %s", url, exc)
 
     def run(self, stop: threading.Event, interval: float | None = None) -> None:
-        """Pass after pass until ``stop``; no error ends the loop (see autoscale.loop)."""
-        interval = interval or self.settings.interval
-        wait = interval
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                self.run_once()
-                wait = max(0.0, interval - (time.monotonic() - started))
-                self.failures = 0
-            except Exception as exc:
-                if not isinstance(exc, redis.RedisError | FleetError):
-                    logger.exception("reconciler pass failed")
-                self.failures += 1
-                wait = min(MAX_BACKOFF, max(interval, wait * 2))
-                self.report(f"reconciler: {type(exc).__name__}: {exc}; retrying in "
-                            f"{wait:.0f}s")
-            self.passes += 1
-            self.last_pass = time.monotonic()
-            stop.wait(wait)
+        """Pass after pass until ``stop``; no error ends the loop (autoscale.passes)."""
+        self.run_passes(stop, interval or self.settings.interval, MAX_BACKOFF, self.report,
+                        _describe)
+
+
+def _describe(exc: Exception) -> tuple[str, bool]:
+    bug = not isinstance(exc, redis.RedisError | FleetError)
+    return f"pass failed ({type(exc).__name__}: {exc})", bug
 
 
 def _ranges(indices: list[int]) -> str:
