@@ -21,6 +21,7 @@ there is no stream (``event_stream.enabled: false``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -38,6 +39,7 @@ from fleet.dashboard.gaps import (
     id_time,
     later,
     marker_gap,
+    parse_id,
     text,
     trim_gap,
 )
@@ -114,10 +116,9 @@ class StreamSink(Protocol):
 
     def stream_written(self) -> str | None: ...
     def stream_fed(self) -> str | None: ...
-    def feed_entry(self, entry_id: str, events: list[dict],
-                   gap: Gap | None = None) -> None: ...
+    def feed_entries(self, entries: list[tuple[str, list[dict], Gap | None]]) -> None: ...
     def add_gap(self, gap: Gap) -> None: ...
-    def ack_now(self, entry_id: str) -> None: ...
+    def ack_now(self, entry_ids: list[str]) -> None: ...
     def take_acks(self) -> list[str]: ...
     def rebase(self) -> None: ...
 
@@ -248,6 +249,9 @@ def consume_stream(config: FleetConfig, client: redis.Redis, sink: StreamSink,
         return
     finally:
         connected(False)
+        if stop.is_set():
+            with contextlib.suppress(redis.RedisError):
+                reader.ack(sink.take_acks())  # what was written by now
 
 
 def _attach(reader: StreamReader, sink: StreamSink) -> bool:
@@ -282,16 +286,24 @@ def _feed(entries: list, sink: StreamSink) -> list[str]:
     """Hand entries to the sink, except those it has (re-delivered after a lost XACK,
     or after Redis's copy of the group went back in time: an AOF that lost its tail).
     Returns the ids of entries that came without their fields (trimmed)."""
-    trimmed = []
+    written, fed = sink.stream_written(), sink.stream_fed()
+    written, fed = written and parse_id(written), fed and parse_id(fed)
+    trimmed, acks, batch = [], [], []
     for entry_id, fields in entries:
-        what = admit(entry_id, sink.stream_written(), sink.stream_fed())
+        what = admit(entry_id, written, fed)
         if what == "ack":
-            sink.ack_now(entry_id)
+            acks.append(entry_id)
+        elif what == "skip":
+            continue
         elif not fields:
             trimmed.append(entry_id)
-        elif what == "feed":
+        else:
             events, gap = decode_entry(fields)
-            sink.feed_entry(entry_id, events, gap)
+            batch.append((entry_id, events, gap))
+    if acks:
+        sink.ack_now(acks)
+    if batch:
+        sink.feed_entries(batch)
     return trimmed
 
 
@@ -303,5 +315,4 @@ def _lost(sink: StreamSink, ids: list[str]) -> None:
     sink.add_gap(Gap(id_time(ids[0]), id_time(ids[-1]), TRIMMED,
                      f"{len(ids)} stream entries delivered before were trimmed before "
                      "they were stored"))
-    for entry_id in ids:
-        sink.feed_entry(entry_id, [])
+    sink.feed_entries([(entry_id, [], None) for entry_id in ids])

@@ -77,18 +77,24 @@ class Gap:
 Admit = Literal["feed", "ack", "skip"]
 
 
-def admit(entry_id: str, written: str | None, fed: str | None) -> Admit:
+def admit(entry_id: str, written: str | StreamId | None, fed: str | StreamId | None
+          ) -> Admit:
     """What to do with an entry the group delivered (again, after a reconnect).
 
     ``written``: the newest id whose batch is in the store (kept in the same
-    transaction); ``fed``: the newest id handed to the ingester by this process.
+    transaction); ``fed``: the newest id handed to the ingester by this process
+    (either parsed already, for a loop over many entries).
     """
     at = parse_id(entry_id)
-    if written is not None and at <= parse_id(written):
+    if written is not None and at <= _parsed(written):
         return "ack"  # stored already; only its XACK was lost
-    if fed is not None and at <= parse_id(fed):
+    if fed is not None and at <= _parsed(fed):
         return "skip"  # in a batch not yet written, which acks it once it is
     return "feed"
+
+
+def _parsed(value: str | bytes | StreamId) -> StreamId:
+    return value if isinstance(value, tuple) else parse_id(value)
 
 
 def attach_plan(cursor: str | None, info: dict | None, now: float

@@ -91,18 +91,21 @@ class Ingester:
     def stream_fed(self) -> str | None:
         return self._fed_id
 
-    def feed_entry(self, entry_id: str, events: list[dict], gap: Gap | None = None) -> None:
+    def feed_entries(self, entries: list[tuple[str, list[dict], Gap | None]]) -> None:
+        """Stream entries (id, events, gap marker) into the batch, under one lock."""
         with self._lock:
-            while len(self._batch.tasks) >= MAX_BATCH_TASKS:
-                self._lock.wait(1.0)
-            batch = self._batch
-            for event in events:
-                batch.add(event)
-            if gap is not None:
-                batch.gaps.append(_logged(gap).row(time.time()))
-            batch.entry_ids.append(entry_id)
-            self._fed_id = entry_id
-            if len(batch.tasks) >= FLUSH_AT:
+            for entry_id, events, gap in entries:
+                while len(self._batch.tasks) >= MAX_BATCH_TASKS:
+                    self._lock.notify_all()  # the writer, to swap the full batch out
+                    self._lock.wait(1.0)
+                batch = self._batch
+                for event in events:
+                    batch.add(event)
+                if gap is not None:
+                    batch.gaps.append(_logged(gap).row(time.time()))
+                batch.entry_ids.append(entry_id)
+                self._fed_id = entry_id
+            if len(self._batch.tasks) >= FLUSH_AT:
                 self._lock.notify_all()
 
     def add_gap(self, gap: Gap) -> None:
@@ -110,9 +113,9 @@ class Ingester:
             self._batch.gaps.append(_logged(gap).row(time.time()))
             self._lock.notify_all()
 
-    def ack_now(self, entry_id: str) -> None:
+    def ack_now(self, entry_ids: list[str]) -> None:
         with self._lock:
-            self._acks.append(entry_id)
+            self._acks.extend(entry_ids)
 
     def take_acks(self) -> list[str]:
         with self._lock:
