@@ -5,6 +5,8 @@ round trips; stopping it is an outage)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,8 +14,9 @@ import redis
 
 from fleet.eventlog import GAP_FIELD, StreamDispatcher, stream_key
 
-from .conftest import wait_for
+from .conftest import deep_merge, shipped_config, wait_for
 from .redis_server import PersistentRedis
+from .test_config_validation import only, problems, write
 
 
 @pytest.fixture
@@ -180,3 +183,17 @@ def test_no_stream_when_turned_off(fleet, server):
         d.close()
     assert len(published(sub, 1)) == 1
     assert not client.exists(stream_key(fleet.config))
+
+
+def test_bad_event_stream_settings_are_clear_config_errors(tmp_path):
+    assert only(problems(tmp_path, {"event_stream": {"maxlen": 10}})) == \
+        "event_stream.maxlen: Input should be greater than or equal to 1000 (got 10)"
+    assert only(problems(tmp_path, {"event_stream": {"buffer": 5}})) == \
+        "event_stream.buffer: unknown key"
+    assert only(problems(tmp_path, {"dashboard": {"event_group": "two words"}})).startswith(
+        "dashboard.event_group: String should match pattern")
+    path = write(tmp_path, deep_merge(shipped_config(), {"event_stream": {"maxlen": 10}}))
+    out = subprocess.run([sys.executable, "-m", "fleet.cli", "validate", str(path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{path}:" in out.stderr and "event_stream.maxlen" in out.stderr
