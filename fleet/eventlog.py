@@ -11,9 +11,9 @@ with a consumer group and resumes from after any reconnect. The PUBLISH stays as
 The hook is Celery's own: ``app.events`` names its dispatcher class
 (``Events.dispatcher_cls``), and every event a worker sends, single or a ``task.multi``
 group (Celery buffers task events in the worker's event loop and sends them as one list),
-goes through ``EventDispatcher._publish``. There the PUBLISH is made inside kombu 5.7's
-publish batch (``Producer.batch()``: the Redis transport queues its PUBLISH in a
-pipeline) and the XADD is added to that same pipeline, so both ride one round trip.
+goes through ``EventDispatcher._publish``. There kombu builds and routes the PUBLISH as
+always, but hands its Redis command to us (kombu 5.7's publish-batch hook, see
+``Collected``), and it goes in one pipeline with the XADD: one round trip for both.
 
 While Redis is unreachable, Celery keeps events that failed to send in the dispatcher's
 outbound buffer (``buffer_while_offline``) and sends them after the reconnect: that
@@ -133,11 +133,43 @@ class EventLog:
         pipe.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)
 
 
-def batch_pipeline(batch):
-    """The Redis pipeline behind an active ``Producer.batch()``, once a publish opened it
-    (kombu.transport.redis.PublishBatch); None when the transport published at once."""
-    session = getattr(getattr(batch, "state", None), "session", None)
-    return getattr(session, "pipeline", None)
+class Collected:
+    """Stands in for kombu 5.7's publish batch during one ``Producer.publish``.
+
+    kombu's Redis transport hands a batch the final commands of a publish instead of
+    running them (``_put_fanout(..., _publish_batch=b)`` calls ``b.add("publish",
+    topic, payload)``), and ``Producer._publish`` routes through the batch set in its
+    ``_batch_local.current``. So the PUBLISH, built and routed by kombu as always, joins
+    our pipeline. kombu's own ``Producer.batch()`` would do the same through four
+    objects and a new Redis client per publish: a third of a PUBLISH's CPU here.
+    """
+
+    def __init__(self):
+        self.channel = None
+        self.commands: list[tuple[str, tuple]] = []
+
+    def publish(self, channel, message, **kwargs):
+        self.channel = channel
+        return channel.basic_publish(message, _publish_batch=self, **kwargs)
+
+    def add(self, name: str, *args) -> None:
+        self.commands.append((name, args))
+
+
+def collect_publish(producer, body, **options) -> Collected:
+    """Run ``producer.publish`` with its Redis commands collected, not sent."""
+    collected = Collected()
+    local = producer._batch_local
+    outer = getattr(local, "current", None)
+    local.current = collected
+    try:
+        producer.publish(body, **options)
+    finally:
+        if outer is None:
+            del local.current
+        else:
+            local.current = outer
+    return collected
 
 
 class StreamDispatcher(EventDispatcher):
@@ -149,6 +181,16 @@ class StreamDispatcher(EventDispatcher):
         self.log = EventLog.for_config(config)
         limit = config.event_stream.offline_buffer if config is not None else 10_000
         self._outbound_buffer = OfflineBuffer(limit, self._outbound_buffer)
+        self._channel_client = None
+        self._refused = False
+
+    def _client(self, channel):
+        """One Redis client per channel (kombu makes one per publish: the response
+        callbacks it builds cost more than the PUBLISH itself). The channel's own pool
+        and key prefix; a channel a reconnect replaced gets a new one."""
+        if self._channel_client is None or self._channel_client[0] is not channel:
+            self._channel_client = (channel, channel._create_client())
+        return self._channel_client[1]
 
     @property
     def dropped(self) -> Dropped:
@@ -178,24 +220,28 @@ class StreamDispatcher(EventDispatcher):
         if marker is not None:
             entries.insert(0, marker)
         if retry:
-            # kombu retries a failed PUBLISH by re-running it; inside a batch only the
-            # queuing would be retried, not the I/O. Rare (events sent from inside a
-            # task), so the XADD takes its own round trip here.
+            # kombu retries a failed PUBLISH by re-running it, which a collected one
+            # would not be. Rare (events sent from inside a task): the XADD goes alone.
             producer.publish(event, retry=True, retry_policy=retry_policy, **options)
-            pipe = None
+            collected = Collected()
         else:
-            with producer.batch() as batch:
-                producer.publish(event, **options)
-                pipe = batch_pipeline(batch)
-                if pipe is not None:
-                    for fields in entries:
-                        self.log.add(pipe, fields)
-        if pipe is None:
-            with producer.channel.conn_or_acquire() as client:
-                pipe = client.pipeline(transaction=False)
-                for fields in entries:
-                    self.log.add(pipe, fields)
-                pipe.execute()
+            collected = collect_publish(producer, event, **options)
+        # No commands collected: the transport published at once (not kombu's Redis
+        # transport as we know it); the XADD then takes a round trip of its own.
+        pipe = self._client(collected.channel or producer.channel).pipeline(
+            transaction=False)
+        for name, args in collected.commands:
+            getattr(pipe, name)(*args)
+        for fields in entries:
+            self.log.add(pipe, fields)
+        # A connection error raises (the event is kept and sent again); a command Redis
+        # refused (the key holds something else) would be refused again: said, not kept.
+        refused = [r for r in pipe.execute(raise_on_error=False) if isinstance(r, Exception)]
+        if refused and not self._refused:
+            self._refused = True
+            logger.error("events: Redis refused an event's append to %s: %s (events "
+                         "still go to pub/sub; the dashboard will miss them)", self.log.key,
+                         refused[0])
         if marker is not None:
             logger.warning("events: %d events sent while Redis was unreachable were "
                            "dropped (event_stream.offline_buffer is full)",

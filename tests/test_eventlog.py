@@ -197,3 +197,21 @@ def test_bad_event_stream_settings_are_clear_config_errors(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"{path}:" in out.stderr and "event_stream.maxlen" in out.stderr
+
+
+def test_a_stream_key_holding_something_else_is_said_once_and_pub_sub_goes_on(
+        fleet, server, caplog):
+    fleet.configure({"broker": {"url": server.url}})
+    app = fleet.app()
+    client = server.client()
+    client.set(stream_key(fleet.config), "not a stream")
+    sub = subscribe(client, fleet.prefix)
+    with app.connection_for_write() as conn:
+        d = dispatcher(app, conn)
+        for _ in range(3):
+            d.send("worker-heartbeat")
+        assert len(d._outbound_buffer) == 0  # not kept to be refused again
+        d.close()
+    assert len(published(sub, 3)) == 3
+    refused = [r for r in caplog.records if "refused an event's append" in r.getMessage()]
+    assert len(refused) == 1 and "WRONGTYPE" in refused[0].getMessage()
