@@ -4,13 +4,16 @@ catches up on it.
 1. No-op tasks end to end with task events on: a fleet worker with ``event_stream`` on
    (PUBLISH and XADD in one pipeline) vs the same worker with it off (PUBLISH only, as
    before the stream). Sides interleave (A B A B ...), the median counts. Goal: >= 0.95.
-2. Catching up after an outage: N tasks' events (Celery 5.7's shapes, one entry per
+2. Sending one event, in process: CPU per ``dispatcher.send`` (Celery's own call, a
+   task-succeeded event) with the stream on vs off, against the same private Redis;
+   rounds interleave, the median counts.
+3. Catching up after an outage: N tasks' events (Celery 5.7's shapes, one entry per
    event as a worker without task grouping writes them) waiting in the stream; the
    dashboard's reader (consumer group, XACK after each written batch) and ingester into
    SQLite, timed until every task is stored, with the process's peak RSS (back-pressure
    keeps it flat however long the backlog).
 
-Run:  python bench/eventlog.py [--noop N] [--runs N] [--catchup N]
+Run:  python bench/eventlog.py [--noop N] [--runs N] [--send N] [--catchup N]
 """
 
 from __future__ import annotations
@@ -69,6 +72,35 @@ def noop(url: str, workdir: Path, n: int, stream: bool) -> float:
     finally:
         procs.stop()
         app.close()
+
+
+def send_cost(url: str, n: int, rounds: int = 7) -> dict[str, float]:
+    """CPU microseconds per event sent, stream off and on (median of ``rounds``)."""
+    from fleet.config import load_config, with_broker
+    from fleet.factory import create_app
+
+    config = with_broker(load_config(Path(__file__).resolve().parent.parent / "queues.yaml"),
+                         url=url)
+    sides = {}
+    for name, on in (("pubsub", False), ("stream", True)):
+        app = create_app(config.model_copy(update={
+            "event_stream": config.event_stream.model_copy(update={"enabled": on})}))
+        conn = app.connection_for_write()
+        dispatcher = app.events.Dispatcher(conn, hostname="bench@send")
+        dispatcher.send("worker-online")
+        sides[name] = (app, conn, dispatcher)
+    cost: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, (_app, _conn, dispatcher) in sides.items():
+            started = time.process_time()
+            for i in range(n):
+                dispatcher.send("task-succeeded", uuid=f"u{i}", result="1", runtime=0.001)
+            cost[name].append((time.process_time() - started) / n * 1e6)
+    for app, conn, dispatcher in sides.values():
+        dispatcher.close()
+        conn.release()
+        app.close()
+    return {name: median(values) for name, values in cost.items()}
 
 
 def catchup(tasks: int, url: str) -> dict:
@@ -130,7 +162,10 @@ def peak_rss_mib() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--noop", type=int, default=5000, help="no-op tasks per run")
-    parser.add_argument("--runs", type=int, default=5, help="interleaved runs per side")
+    parser.add_argument("--runs", type=int, default=5,
+                        help="interleaved runs per side (0: skip)")
+    parser.add_argument("--send", type=int, default=5000,
+                        help="events per round, in process (0: skip)")
     parser.add_argument("--catchup", type=int, default=100_000,
                         help="tasks waiting in the stream (0: skip)")
     parser.add_argument("--child-catchup", nargs=2, help=argparse.SUPPRESS)
@@ -146,6 +181,8 @@ def main() -> None:
             for name in times:
                 times[name].append(noop(server.url, workdir, args.noop, name == "stream"))
                 client(server.url).flushdb()
+        sent = send_cost(server.url, args.send) if args.send else None
+        client(server.url).flushdb()
         caught = None
         if args.catchup:
             out = subprocess.run([sys.executable, __file__, "--child-catchup",
@@ -154,17 +191,22 @@ def main() -> None:
             caught = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         server.stop()
-    med = {name: median(values) for name, values in times.items()}
     print(f"event stream on {machine()}")
-    print(table(
-        f"\nno-op tasks end to end, task events on: {args.noop} per run, concurrency "
-        f"{CONCURRENCY} prefork, prefetch {PREFETCH}, acks_late; tasks/s, median of "
-        f"{args.runs} interleaved runs",
-        [("tasks/s", f"{args.noop / med['pubsub']:.0f}", f"{args.noop / med['stream']:.0f}",
-          f"{med['pubsub'] / med['stream']:.2f}x"),
-         ("  each run", " ".join(f"{args.noop / t:.0f}" for t in times["pubsub"]),
-          " ".join(f"{args.noop / t:.0f}" for t in times["stream"]), "")],
-        header=("", "event_stream off (PUBLISH)", "on (PUBLISH+XADD)", "on/off")))
+    if args.runs:
+        med = {name: median(values) for name, values in times.items()}
+        print(table(
+            f"\nno-op tasks end to end, task events on: {args.noop} per run, concurrency "
+            f"{CONCURRENCY} prefork, prefetch {PREFETCH}, acks_late; tasks/s, median of "
+            f"{args.runs} interleaved runs",
+            [("tasks/s", f"{args.noop / med['pubsub']:.0f}", f"{args.noop / med['stream']:.0f}",
+              f"{med['pubsub'] / med['stream']:.2f}x"),
+             ("  each run", " ".join(f"{args.noop / t:.0f}" for t in times["pubsub"]),
+              " ".join(f"{args.noop / t:.0f}" for t in times["stream"]), "")],
+            header=("", "event_stream off (PUBLISH)", "on (PUBLISH+XADD)", "on/off")))
+    if sent:
+        print(f"\nsending one event (dispatcher.send, in process, CPU, median of 7 rounds "
+              f"of {args.send}): {sent['pubsub']:.0f} us with the stream off, "
+              f"{sent['stream']:.0f} us on ({sent['stream'] / sent['pubsub']:.2f}x)")
     if caught:
         print(f"\ncatching up {caught['tasks']:,} tasks ({caught['events']:,} events) "
               f"waiting in the stream: {caught['seconds']:.1f} s, {caught['rate']:,.0f} "
