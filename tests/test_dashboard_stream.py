@@ -151,7 +151,8 @@ def test_entries_delivered_again_are_not_counted_twice(fleet, send, database, re
         running.stop()
 
 
-def test_a_stream_trimmed_past_the_dashboard_is_a_gap(fleet, send, database):
+def test_a_stream_trimmed_past_the_dashboard_is_a_gap(fleet, send, database, redis_client):
+    redis7 = int(redis_client.info("server")["redis_version"].split(".")[0]) >= 7
     fleet.configure(deep_merge(FAST, {"event_stream": {"maxlen": 1000}}))
     running = Running(fleet, database)
     send(1)
@@ -161,9 +162,13 @@ def test_a_stream_trimmed_past_the_dashboard_is_a_gap(fleet, send, database):
     running = Running(fleet, database)
     try:
         gap = wait_for(lambda: running.views.gaps(), 20, what="a gap")[0]
-        assert gap["reason"] == TRIMMED and "stream entries trimmed unread" in gap["detail"]
-        lost = int(gap["detail"].split()[0])
-        assert 1900 <= lost <= 2000, gap
+        assert gap["reason"] == TRIMMED
+        if redis7:  # the group's lag counts what was trimmed
+            assert "stream entries trimmed unread" in gap["detail"]
+            lost = int(gap["detail"].split()[0])
+            assert 1900 <= lost <= 2000, gap
+        else:  # e.g. the embedded redis-server 6.2
+            assert "may have been trimmed unread" in gap["detail"]
         assert gap["since"] <= gap["until"] <= time.time()
         # what is left is read: the newest ~1000 entries are ~333 whole tasks
         wait_for(lambda: running.succeeded() >= 330, 30, what="the rest stored")
