@@ -58,6 +58,26 @@ class Broker(Model):
     lease: Lease = Lease()
 
 
+class EventStream(Model):
+    """Workers also append every Celery event to a capped Redis Stream (fleet.eventlog).
+
+    Celery's events on Redis are PUBLISH: a monitor that is not subscribed at that
+    moment (reconnecting after a Redis restart) never sees them. The stream keeps the
+    newest ``maxlen`` entries for the dashboard's consumer group; pub/sub stays for
+    Flower and ``celery events``.
+    """
+
+    enabled: bool = True
+    #: Entries kept (XADD MAXLEN ~): how far behind the dashboard may fall (or how long
+    #: it may be away) before events are trimmed unread. An entry is one event or one
+    #: group of task events: about 1 KB of Redis memory for a task's three events,
+    #: 350 bytes for a heartbeat (docs/dashboard.md).
+    maxlen: int = Field(50_000, ge=1_000)
+    #: Entries a worker holds while Redis is unreachable, appended once it is back;
+    #: beyond this the oldest are dropped and the dashboard is told (a gap marker).
+    offline_buffer: int = Field(10_000, ge=1)
+
+
 class Results(Model):
     #: Defaults to the broker URL.
     url: str | None = None
@@ -250,6 +270,9 @@ class Dashboard(Model):
     tokens: list[DashboardToken] = []
     oidc: Oidc | None = None
     rabbitmq: RabbitMQ | None = None
+    #: The Redis Stream consumer group the dashboard reads events with: one per
+    #: dashboard database (two dashboards in one group would each see half the events).
+    event_group: str = Field("dashboard", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     #: Environment variable with the key that signs session cookies (random if unset:
     #: sessions then end when the dashboard restarts).
     session_secret_env: str | None = None
@@ -291,6 +314,7 @@ class FleetConfig(Model):
     #: Workers send Celery task events (the dashboard and Flower need them). They cost
     #: three Redis publishes per task: about a third of a no-op task's cost here.
     events: bool = True
+    event_stream: EventStream = EventStream()
     results: Results = Results()
     payloads: Payloads = Payloads()
     jobs: Jobs = Jobs()

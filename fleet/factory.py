@@ -116,6 +116,8 @@ def create_app(config: FleetConfig, queue: str | None = None, main: str = "fleet
         main,
         task_cls="fleet.task:FleetTask",
         amqp="fleet.amqp:FleetAMQP",
+        # Events also go to a capped Redis Stream the dashboard resumes from (fleet.eventlog).
+        events="fleet.eventlog:StreamEvents",
         set_as_current=True,
     )
     app.conf.update(celery_settings(config))

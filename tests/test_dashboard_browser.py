@@ -189,3 +189,31 @@ def test_a_viewer_cannot_act_from_the_page(fleet, tmp_path, browser):
     finally:
         page.close()
         board.stop()
+
+
+def test_a_gap_in_the_events_is_a_banner_on_every_page(fleet, tmp_path, browser, redis_client):
+    from fleet.eventlog import stream_key
+
+    fleet.configure(FAST)
+    board = start_dashboard(fleet.config, f"sqlite:///{tmp_path / 'd.sqlite'}")
+    app = fleet.app()
+    page = browser.new_page()
+    try:
+        with app.connection_for_write() as conn:
+            d = app.events.Dispatcher(conn, hostname="default-0@banner")
+            d.send("task-succeeded", uuid="before-the-gap")
+            wait_for(lambda: board.svc.views.task("before-the-gap"), 20, what="the task")
+            page.goto(board.base + "/")
+            page.wait_for_selector("#workers")
+            assert not page.is_visible("#gaps")
+            redis_client.delete(stream_key(fleet.config))  # as a Redis restarted empty
+            d.send("task-succeeded", uuid="after-the-gap")
+            d.close()
+        page.wait_for_selector("#gaps >> text=Events missing", timeout=20_000)
+        assert "restarted empty" in page.inner_text("#gaps")
+        page.click("nav >> text=Queues")
+        page.wait_for_selector("#queues")
+        assert page.is_visible("#gaps")  # on every page
+    finally:
+        page.close()
+        board.stop()

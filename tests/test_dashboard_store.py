@@ -170,3 +170,34 @@ def test_a_database_outage_loses_no_events(postgres_url):
         admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         admin.close()
         store.close()
+
+
+def test_the_stream_cursor_and_gaps_go_in_the_batchs_transaction(store_url):
+    from fleet.dashboard.gaps import RESET, Gap
+    from fleet.dashboard.views import Views
+
+    store = Store(store_url)
+    try:
+        assert store.stream_cursor("p:fleet:events", "dashboard") is None
+        batch = fold({"type": "task-succeeded", "uuid": "a", "timestamp": 5.0})
+        gap = Gap(1.0, 4.0, RESET, "gone").row(6.0)
+        store.write(list(batch.tasks.values()), batch.workers.values(), [gap],
+                    ("p:fleet:events", "dashboard", "1000-0"))
+        store.write([], [], (), ("p:fleet:events", "dashboard", "2000-3"))
+        assert store.stream_cursor("p:fleet:events", "dashboard") == "2000-3"
+        assert store.stream_cursor("p:fleet:events", "other") is None
+        [row] = Views(store).gaps()
+        assert (row["since"], row["until"], row["reason"]) == (1.0, 4.0, RESET)
+        assert "restarted empty" in row["meaning"]
+        # a refused batch leaves neither its cursor nor its gaps behind
+        from sqlalchemy.exc import IntegrityError
+
+        with pytest.raises(IntegrityError):  # a task row without its id
+            store.write([{**batch.tasks["a"], "uuid": None}], [], [gap],
+                        ("p:fleet:events", "dashboard", "9-0"))
+        assert store.stream_cursor("p:fleet:events", "dashboard") == "2000-3"
+        assert len(Views(store).gaps()) == 1
+        store.prune_history(now=10_000.0, keep=60.0)
+        assert Views(store).gaps() == []
+    finally:
+        store.close()

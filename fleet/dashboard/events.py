@@ -44,6 +44,8 @@ _EVENT_TIME = {"task-received": "received", "task-started": "started",
 _COPIED = ("name", "args", "kwargs", "result", "exception", "traceback", "runtime",
            "eta", "expires", "parent_id", "root_id")
 MEMORY_ERROR = "MemoryLimitExceeded"
+#: The guard's own event (fleet.guard): rss, limit, child_pid, queue, retry_on.
+MEMORY_EVENT = "task-memory-exceeded"
 
 
 def queue_of(hostname: str | None, queues: frozenset[str],
@@ -103,6 +105,17 @@ class Batch:
     events: int = 0
     #: (event type, uuid, runtime) of every task event, for the Prometheus counters.
     outcomes: list[tuple[str, str, float | None]] = field(default_factory=list)
+    #: Ids of the event-stream entries folded in (acknowledged once it is written).
+    entry_ids: list[str] = field(default_factory=list)
+    #: Gaps found while this batch filled (gaps.Gap rows), written with it.
+    gaps: list[dict] = field(default_factory=list)
+
+    @property
+    def last_id(self) -> str | None:
+        return self.entry_ids[-1] if self.entry_ids else None
+
+    def empty(self) -> bool:
+        return not (self.events or self.entry_ids or self.gaps)
 
     def add(self, event: dict) -> None:
         self.events += 1
@@ -138,20 +151,40 @@ class Batch:
         row.active = event.get("active", row.active)
         row.processed = event.get("processed", row.processed)
 
+    def _new_task(self, uuid: str, at: float) -> dict:
+        row = self.tasks[uuid] = dict.fromkeys(TASK_FIELDS)
+        row["uuid"] = uuid
+        row["first_seen"] = at
+        row["updated"] = at
+        row["memory_kill"] = False
+        row["retries"] = 0
+        return row
+
+    def _memory_kill(self, uuid: str, event: dict) -> None:
+        """The guard stopped the task: flag it, state unchanged (its task-failed or
+        task-retried says how it ended). A kill that failed the task is counted by that
+        task-failed; one re-sent to a larger queue only here."""
+        at = float(event.get("timestamp") or 0.0)
+        row = self.tasks.get(uuid) or self._new_task(uuid, at)
+        row["memory_kill"] = True
+        row["updated"] = max(row["updated"], at)
+        row["first_seen"] = min(row["first_seen"], at)
+        if event.get("retry_on"):
+            self.outcomes.append((MEMORY_EVENT, uuid, None))
+            hostname = event.get("hostname")
+            if hostname:
+                self._worker_row(hostname).memory_kills += 1
+
     def _task(self, kind: str, event: dict) -> None:
         uuid = event.get("uuid")
         if not uuid:
             return
+        if kind == MEMORY_EVENT:
+            self._memory_kill(uuid, event)
+            return
         state = TASK_STATES.get(kind, kind[5:].upper())
         at = float(event.get("timestamp") or 0.0)
-        row = self.tasks.get(uuid)
-        if row is None:
-            row = self.tasks[uuid] = dict.fromkeys(TASK_FIELDS)
-            row["uuid"] = uuid
-            row["first_seen"] = at
-            row["updated"] = at
-            row["memory_kill"] = False
-            row["retries"] = 0
+        row = self.tasks.get(uuid) or self._new_task(uuid, at)
         for name in _COPIED:
             value = event.get(name)
             if value is not None:

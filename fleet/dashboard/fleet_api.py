@@ -18,6 +18,10 @@ from fleet.dashboard.rabbitmq import queue_depths
 from fleet.dashboard.service import DashboardService
 from fleet.dashboard.views import TaskFilter
 
+#: The overview names the gaps of the last day (the newest few; the API has them all).
+GAPS_SHOWN = 5
+GAPS_RECENT = 86400.0
+
 
 def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
     router = APIRouter(tags=["fleet"])
@@ -42,8 +46,18 @@ def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
                 "workers_offline": sum(w["status"] != "online" for w in ws),
                 "tasks_stored": svc.views.task_count(), "events": svc.ingester.events,
                 "events_connected": svc.ingester.connected,
+                "events_source": svc.ingester.source,
+                "event_gaps": svc.views.gaps(GAPS_SHOWN, since=time.time() - GAPS_RECENT),
                 "queues": len(svc.config.queues), "sampled_at": snap.at,
                 "broker_error": snap.error}
+
+    @router.get("/api/fleet/events/gaps")
+    def event_gaps(request: Request, limit: int = Query(100, ge=1, le=1000),
+                   since: float | None = None):
+        """Stretches of events the dashboard could not recover (Redis restarted empty,
+        the stream trimmed past it, a worker's offline buffer full), newest first."""
+        gate.who(request)
+        return svc.views.gaps(limit, since)
 
     @router.get("/api/fleet/workers")
     def fleet_workers(request: Request, include_offline: bool = True):

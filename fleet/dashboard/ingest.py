@@ -1,5 +1,11 @@
 """Celery events in, batched writes out.
 
+Events come from the workers' event stream (eventstream.consume_stream: a consumer group
+that resumes after any reconnect), or off pub/sub where there is no stream. A stream
+entry is acknowledged only once the batch holding it is written; the newest entry id
+written is kept in the same transaction, so what is stored is exactly what is at or
+below it, and an entry delivered again after a lost XACK is not folded twice.
+
 A receiver thread folds each event into the current batch (fleet.dashboard.events); a
 writer thread swaps the batch out every ``flush_interval`` (or sooner when it is large)
 and writes it in one transaction, then does the bounded housekeeping: offline workers,
@@ -20,7 +26,9 @@ import redis
 from fleet.config import FleetConfig
 from fleet.dashboard import eventstream
 from fleet.dashboard.events import Batch
+from fleet.dashboard.gaps import Gap
 from fleet.dashboard.store import Store
+from fleet.eventlog import stream_enabled, stream_key
 
 logger = logging.getLogger("fleet.dashboard")
 
@@ -54,6 +62,16 @@ class Ingester:
         self._last_history = 0.0
         self.events = 0
         self.connected = False
+        #: Where events come from: "stream", "pubsub" (no stream) or "receiver" (no Redis).
+        self.source = ("stream" if stream_enabled(config) else "pubsub") if _on_redis(config) \
+            else "receiver"
+        self._stream = (stream_key(config), config.dashboard.event_group)
+        #: Newest stream id in the store, and newest handed to a batch by this process.
+        self._written_id = (store.stream_cursor(*self._stream) if self.source == "stream"
+                            else None)
+        self._fed_id: str | None = None
+        #: Stream entries to XACK: written, or found stored already.
+        self._acks: list[str] = []
 
     # -- the receiving side --------------------------------------------------------
 
@@ -64,6 +82,49 @@ class Ingester:
             self._batch.add(event)
             if len(self._batch.tasks) == FLUSH_AT:
                 self._lock.notify_all()
+
+    # -- the stream side (eventstream.StreamSink) -------------------------------------
+
+    def stream_written(self) -> str | None:
+        return self._written_id
+
+    def stream_fed(self) -> str | None:
+        return self._fed_id
+
+    def feed_entries(self, entries: list[tuple[str, list[dict], Gap | None]]) -> None:
+        """Stream entries (id, events, gap marker) into the batch, under one lock."""
+        with self._lock:
+            for entry_id, events, gap in entries:
+                while len(self._batch.tasks) >= MAX_BATCH_TASKS:
+                    self._lock.notify_all()  # the writer, to swap the full batch out
+                    self._lock.wait(1.0)
+                batch = self._batch
+                for event in events:
+                    batch.add(event)
+                if gap is not None:
+                    batch.gaps.append(_logged(gap).row(time.time()))
+                batch.entry_ids.append(entry_id)
+                self._fed_id = entry_id
+            if len(self._batch.tasks) >= FLUSH_AT:
+                self._lock.notify_all()
+
+    def add_gap(self, gap: Gap) -> None:
+        with self._lock:
+            self._batch.gaps.append(_logged(gap).row(time.time()))
+            self._lock.notify_all()
+
+    def ack_now(self, entry_ids: list[str]) -> None:
+        with self._lock:
+            self._acks.extend(entry_ids)
+
+    def take_acks(self) -> list[str]:
+        with self._lock:
+            acks, self._acks = self._acks, []
+        return acks
+
+    def rebase(self) -> None:
+        """The stream is a new one: ids stored or fed belong to the old one."""
+        self._written_id = self._fed_id = None
 
     def _new_batch(self) -> Batch:
         return Batch(self._queues, self.worker_queues)
@@ -82,7 +143,7 @@ class Ingester:
         with self._lock:
             batch, self._batch = self._batch, self._new_batch()
             self._lock.notify_all()
-        if batch.events:
+        if not batch.empty():
             try:
                 self._write(batch)
             except Exception:
@@ -93,7 +154,13 @@ class Ingester:
 
     def _write(self, batch: Batch) -> None:
         self._resolve_queues(batch)
-        self.store.write(list(batch.tasks.values()), batch.workers.values())
+        last = batch.last_id
+        self.store.write(list(batch.tasks.values()), batch.workers.values(), batch.gaps,
+                         (*self._stream, last) if last else None)
+        if last:
+            self._written_id = last
+            with self._lock:
+                self._acks.extend(batch.entry_ids)
         self.events += batch.events
         self._written_since_prune += len(batch.tasks)
         if self.on_batch is not None:
@@ -124,8 +191,12 @@ class Ingester:
     def housekeeping(self, now: float | None = None, force: bool = False) -> None:
         now = time.time() if now is None else now
         s = self.settings
-        self.store.mark_offline(now, s.offline_after)
-        self.store.purge_offline(now, s.purge_offline_after)
+        if self.connected:
+            # Silence means a worker is gone only while the dashboard can hear: cut off
+            # itself (Redis restarting), it would call every worker offline and purge
+            # their counters, though their events wait in the stream.
+            self.store.mark_offline(now, s.offline_after)
+            self.store.purge_offline(now, s.purge_offline_after)
         due = now - self._last_prune >= PRUNE_EVERY
         if force or (due and self._written_since_prune) or \
                 self._written_since_prune > s.max_tasks // 10:
@@ -155,14 +226,30 @@ class Ingester:
 
     def run_receiver(self, app, stop: threading.Event) -> None:
         """Capture every event from the broker, reconnecting with backoff when it drops:
-        straight off Redis pub/sub (eventstream.py), else through Celery's Receiver."""
-        if self.config.broker.url.startswith(("redis://", "rediss://", "unix://")):
+        the workers' event stream, or Redis pub/sub where there is none (eventstream.py),
+        else through Celery's Receiver."""
+        if self.source == "stream":
+            self._retrying(stop, lambda: self._from_stream(stop))
+        elif self.source == "pubsub":
             self._retrying(stop, lambda: self._from_redis(stop))
         else:
             self._retrying(stop, lambda: self._from_receiver(app, stop))
 
     def _set_connected(self, value: bool) -> None:
         self.connected = value
+
+    def _client(self) -> redis.Redis:
+        # A blocking read waits BLOCK_MS: the socket timeout must be longer.
+        return redis.Redis.from_url(self.config.broker.url, socket_connect_timeout=5,
+                                    socket_timeout=30, socket_keepalive=True,
+                                    health_check_interval=30)
+
+    def _from_stream(self, stop: threading.Event) -> None:
+        client = self._client()
+        try:
+            eventstream.consume_stream(self.config, client, self, stop, self._set_connected)
+        finally:
+            client.close()
 
     def _from_redis(self, stop: threading.Event) -> None:
         client = redis.Redis.from_url(self.config.broker.url, socket_connect_timeout=5,
@@ -200,6 +287,18 @@ class Ingester:
                 stop.wait(wait)
                 wait = min(30.0, wait * 2)
         self.connected = False
+
+
+def _logged(gap: Gap) -> Gap:
+    logger.warning("dashboard: events lost between %s and %s: %s (%s)",
+                   time.strftime("%H:%M:%S", time.localtime(gap.since)),
+                   time.strftime("%H:%M:%S", time.localtime(gap.until)),
+                   gap.reason, gap.detail)
+    return gap
+
+
+def _on_redis(config: FleetConfig) -> bool:
+    return config.broker.url.startswith(("redis://", "rediss://", "unix://"))
 
 
 def _relay(stop: threading.Event, receiver) -> None:

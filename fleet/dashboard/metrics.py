@@ -14,7 +14,8 @@ from collections import Counter
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from fleet.dashboard.events import Batch
+from fleet.dashboard.events import MEMORY_EVENT, Batch
+from fleet.dashboard.gaps import REASONS
 
 #: Event type -> celery-exporter's counter name.
 COUNTED = {
@@ -38,6 +39,8 @@ class EventCounters:
     def __init__(self, registry: CollectorRegistry):
         self.counts: Counter[tuple[str, str, str]] = Counter()
         self.memory_kills: Counter[str] = Counter()
+        #: Event gaps recorded (reason -> count): what the event stream could not bring back.
+        self.gaps: Counter[str] = Counter()
         #: uuid -> (name, queue) for tasks whose later events carry neither (bounded).
         self._known: dict[str, tuple[str, str]] = {}
         self.runtime = Histogram("celery_task_runtime", "Task runtime in seconds",
@@ -60,8 +63,11 @@ class EventCounters:
                 self.counts[(metric, name, queue)] += 1
             if kind == "task-succeeded" and runtime is not None:
                 self.runtime.labels(name, queue).observe(float(runtime))
-            if kind == "task-failed" and batch.tasks[uuid]["memory_kill"]:
+            if (kind == "task-failed" and batch.tasks[uuid]["memory_kill"]) or \
+                    kind == MEMORY_EVENT:
                 self.memory_kills[queue] += 1
+        for gap in batch.gaps:
+            self.gaps[gap["reason"]] += 1
 
 
 class FleetCollector:
@@ -145,3 +151,9 @@ class FleetCollector:
         events = CounterMetricFamily("fleet_dashboard_events", "Celery events stored")
         events.add_metric([], svc.ingester.events)
         yield events
+        gaps = CounterMetricFamily("fleet_dashboard_event_gaps",
+                                   "Stretches of events the dashboard could not recover",
+                                   labels=["reason"])
+        for reason in REASONS:
+            gaps.add_metric([reason], svc.counters.gaps.get(reason, 0))
+        yield gaps

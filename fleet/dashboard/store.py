@@ -135,6 +135,25 @@ audit = Table(
 Index("audit_at", audit.c.at)
 
 
+#: The newest event-stream entry written, per stream and consumer group, kept in the
+#: same transaction as the batch holding it: what is stored is exactly what is <= it.
+event_cursor = Table(
+    "event_cursor", metadata,
+    Column("stream", String(255), primary_key=True),
+    Column("consumer_group", String(255), primary_key=True),
+    Column("last_id", String(64), nullable=False), Column("at", Float),
+)
+
+#: Stretches of events that could not be recovered (fleet.dashboard.gaps).
+event_gaps = Table(
+    "event_gaps", metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False), Column("since", Float), Column("until", Float),
+    Column("reason", String(32)), Column("detail", Text),
+)
+Index("event_gaps_at", event_gaps.c.at)
+
+
 class StoreError(FleetError):
     exit_code = 2
 
@@ -225,13 +244,20 @@ class Store:
                             workers.c.offline_since.is_(None)), wx.seen),
                       else_=workers.c.offline_since),
                   **{c: getattr(workers.c, c) + getattr(wx, c) for c in counters}})
+        ci = insert(event_cursor)
+        self._upsert_cursor = ci.on_conflict_do_update(
+            index_elements=[event_cursor.c.stream, event_cursor.c.consumer_group],
+            set_={"last_id": ci.excluded.last_id, "at": ci.excluded.at})
         self._upsert_jobs = insert(jobs)
         self._job_cols = [c.name for c in jobs.c if c.name != "id"]
 
     # -- writes ------------------------------------------------------------------
 
-    def write(self, task_rows: Sequence[dict], worker_rows: Iterable[WorkerUpdate]) -> None:
-        """One transaction for a whole batch of folded events."""
+    def write(self, task_rows: Sequence[dict], worker_rows: Iterable[WorkerUpdate],
+              gaps: Sequence[dict] = (), cursor: tuple[str, str, str] | None = None
+              ) -> None:
+        """One transaction for a whole batch of folded events, with the gaps found and
+        the newest stream entry (stream, group, id) it holds."""
         wrows = [{**w.__dict__, "first_seen": w.seen,
                   "offline_since": w.seen if w.status == "offline" else None}
                  for w in worker_rows if w.seen or w.succeeded or w.failed or w.retried]
@@ -244,6 +270,18 @@ class Store:
                 conn.execute(self._upsert_tasks, list(task_rows))
             if wrows:
                 conn.execute(self._upsert_workers, wrows)
+            if gaps:
+                conn.execute(event_gaps.insert(), list(gaps))
+            if cursor is not None:
+                stream, group, last_id = cursor
+                conn.execute(self._upsert_cursor, {"stream": stream, "consumer_group": group,
+                                                   "last_id": last_id, "at": time.time()})
+
+    def stream_cursor(self, stream: str, group: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(event_cursor.c.last_id).where(
+                event_cursor.c.stream == stream,
+                event_cursor.c.consumer_group == group)).scalar()
 
     def mark_offline(self, now: float, silent_for: float) -> list[str]:
         """Workers whose heartbeats stopped (killed, network gone) without worker-offline."""
@@ -286,7 +324,7 @@ class Store:
     def prune_history(self, now: float, keep: float) -> None:
         cutoff = now - keep
         with self.engine.begin() as conn:
-            for table in (queue_samples, worker_samples, decisions, audit):
+            for table in (queue_samples, worker_samples, decisions, audit, event_gaps):
                 conn.execute(delete(table).where(table.c.at < cutoff))
 
     def add_samples(self, queue_rows: list[dict], worker_rows: list[dict]) -> None:

@@ -12,10 +12,12 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 
+from fleet.dashboard.gaps import REASONS
 from fleet.dashboard.store import (
     Store,
     audit,
     decisions,
+    event_gaps,
     jobs,
     loads,
     queue_samples,
@@ -188,6 +190,15 @@ class Views:
             q = q.where(tasks.c.state.in_(states))
         with self.engine.connect() as conn:
             return [task_dict(r) for r in conn.execute(q.limit(min(limit, MAX_PAGE)))]
+
+    def gaps(self, limit: int = 100, since: float | None = None) -> list[dict]:
+        """Stretches of events the dashboard could not recover, newest first."""
+        q = select(event_gaps).order_by(event_gaps.c.id.desc()).limit(min(limit, 1000))
+        if since is not None:
+            q = q.where(event_gaps.c.at >= since)
+        with self.engine.connect() as conn:
+            return [{**r._mapping, "meaning": REASONS.get(r.reason, "")}
+                    for r in conn.execute(q)]
 
     def audit(self, limit: int = 200) -> list[dict]:
         q = select(audit).order_by(audit.c.id.desc()).limit(min(limit, 1000))

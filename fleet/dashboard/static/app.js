@@ -254,8 +254,20 @@ const pages = {
   },
 };
 
+// A banner on every page while the store misses events it could not recover.
+async function gapBanner() {
+  const el = document.getElementById("gaps");
+  let gaps = [];
+  try { gaps = (await get("/api/fleet/overview")).event_gaps || []; } catch (err) { return; }
+  el.hidden = !gaps.length;
+  el.innerHTML = gaps.length ? `<strong>Events missing</strong> (tasks in these windows may be absent or show an old state):<ul>` +
+    gaps.map((g) => `<li class="gap">${esc(new Date(g.since * 1000).toLocaleString())} – ${esc(new Date(g.until * 1000).toLocaleTimeString())}: ` +
+      `${esc(g.meaning || g.reason)}${g.detail ? ` (${esc(g.detail)})` : ""}</li>`).join("") + "</ul>" : "";
+}
+
 async function render() {
   if (busy) return;
+  gapBanner();
   const [path] = (location.hash.slice(2) || "workers").split("?");
   const [name, ...rest] = path.split("/");
   const page = pages[name] || pages.workers;
