@@ -31,6 +31,8 @@ logger = logging.getLogger("fleet.task")
 
 #: Seconds before a chunk whose completion could not be recorded runs again.
 JOB_RECORD_RETRY = 5
+#: How long a done chunk waits for the job ledger to answer before it is re-queued.
+JOB_RECORD_WAIT = 30.0
 
 
 def binding_problem(task: Task, args: tuple, kwargs: dict) -> str | None:
@@ -82,16 +84,36 @@ class FleetTask(Task):
             raise WrongArguments(f"task {self.name}[{request.id}] cannot take the arguments "
                                  f"it was sent: {problem}") from exc
         if ref is not None:
+            self._record(config, ref, request, result)
+        return result
+
+    def _record(self, config, ref, request, result: Any) -> None:
+        """Note the chunk done in the job's ledger, waiting out a short outage of it.
+
+        The work is done: running it again would be a duplicate. So a ledger that does
+        not answer is asked again for up to ``JOB_RECORD_WAIT`` (the chunk keeps its pool
+        slot meanwhile); only then is the chunk re-queued to run later. Recording is
+        idempotent; if even the re-queue fails, the chunk is still pending in the ledger
+        and the reconciler sends it again once it finds it nowhere.
+        """
+        deadline = time.monotonic() + JOB_RECORD_WAIT
+        wait = 0.5
+        while True:
             try:
                 lifecycle.on_task_success(self.app, config, ref, result)
-            except (LedgerUnavailableError, redis.RedisError, OperationalError) as exc:
-                # The chunk's work is done but the job's ledger could not take note:
-                # run it again later rather than leave the job hanging. Recording is
-                # idempotent; if even this re-send fails, the chunk is still pending in
-                # the ledger and the reconciler sends it again once it finds it lost.
+                return
+            except LedgerUnavailableError as exc:
+                if time.monotonic() + wait > deadline:
+                    self._requeue(request, JOB_RECORD_RETRY, f"job {ref.job_id} could "
+                                  f"not record chunk {ref.index}: {exc}")
+                if wait == 0.5:
+                    logger.warning("job %s: chunk %s is done but %s; waiting", ref.job_id,
+                                   ref.index, exc)
+                time.sleep(wait)
+                wait = min(4.0, wait * 2)
+            except (redis.RedisError, OperationalError) as exc:
                 self._requeue(request, JOB_RECORD_RETRY,
                               f"job {ref.job_id} could not record chunk {ref.index}: {exc}")
-        return result
 
     def _skip_reason(self, config, ref, request) -> str | None:
         try:

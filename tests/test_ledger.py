@@ -4,6 +4,7 @@ the collect step started exactly once, clear errors when the database is away.""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import subprocess
 import sys
 
@@ -30,29 +31,37 @@ def new_job(store: JobStore, job_id: str, total: int) -> None:
     store.submitted(job_id)
 
 
-def _record(config, job_id: str, index: int, start, out) -> None:
-    start.wait()
-    out.put(JobStore(config).record_success(job_id, index, index))
+def _record(config, jobs: list[str], index: int, barrier, out) -> None:
+    """One of eight processes: for each job, record chunk ``index`` the moment all eight
+    are ready (a barrier), and say what the ledger answered."""
+    store = JobStore(config)
+    for job_id in jobs:
+        barrier.wait(60)
+        out.put((job_id, store.record_success(job_id, index, index)))
 
 
-@pytest.mark.parametrize("rounds", [10])
-def test_the_last_chunks_finishing_together_start_the_collect_step_once(ledger_config, rounds):
-    """Eight processes record the last eight chunks at the same instant, ten times."""
-    ctx = multiprocessing.get_context("fork")
+def test_the_last_chunks_finishing_together_start_the_collect_step_once(ledger_config):
+    """Eight processes record the last eight chunks of a job at the same instant, for
+    ten jobs. Spawned, not forked: a fork of this many-threaded test process can copy a
+    lock some other thread holds."""
+    ctx = multiprocessing.get_context("spawn")
     store = JobStore(ledger_config)
-    for r in range(rounds):
-        job_id = f"job-{r:012x}"
+    jobs = [f"job-{r:012x}" for r in range(10)]
+    for job_id in jobs:
         new_job(store, job_id, 8)
-        start, out = ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_record, args=(ledger_config, job_id, i, start, out))
-                 for i in range(8)]
-        for p in procs:
-            p.start()
-        start.set()
-        for p in procs:
-            p.join(60)
-        answers = [out.get(timeout=10) for _ in procs]
-        assert answers.count(COLLECT) == 1, answers
+    barrier, out = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_record, args=(ledger_config, jobs, i, barrier, out))
+             for i in range(8)]
+    for p in procs:
+        p.start()
+    answers: dict[str, list[str]] = {j: [] for j in jobs}
+    for _ in range(8 * len(jobs)):
+        job_id, answer = out.get(timeout=120)
+        answers[job_id].append(answer)
+    for p in procs:
+        p.join(30)
+    for job_id, said in answers.items():
+        assert said.count(COLLECT) == 1, (job_id, said)
         status = store.status(job_id)
         assert (status.done, status.failed, status.state) == (8, 0, "aggregating")
 
@@ -68,6 +77,13 @@ def test_failures_and_late_successes_keep_the_counters_right(ledger_config):
                                 "DeadLettered") == "failed"
     status = store.status("job-eeeeeeeeeeee")
     assert (status.done, status.failed, status.dead, status.state) == (1, 2, 1, "failed")
+    env = {**os.environ, "FLEET_LEDGER_URL": ledger_config.jobs.ledger,
+           "FLEET_KEY_PREFIX": ledger_config.broker.key_prefix}
+    shown = subprocess.run([sys.executable, "-m", "fleet.cli", "jobs", "status",
+                            "job-eeeeeeeeeeee", "--config", ledger_config.source],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert "dead      1 chunks dead-lettered" in shown.stdout, shown.stdout + shown.stderr
+    assert "chunk 2: DeadLettered: poison" in shown.stdout
     # A requeued copy of chunk 0 succeeds after all: counted once, job still failed.
     assert store.record_success("job-eeeeeeeeeeee", 0, 0) == "failed"
     assert store.take_failed("job-eeeeeeeeeeee") == [2]

@@ -105,6 +105,11 @@ def test_a_chunk_lost_in_flight_is_sent_again_after_two_passes(fleet, tmp_path, 
     assert len(messages) == 3 and sum(f'"{done.job_id}.0"'.encode() in m for m in messages) == 1
     status = JobStore(fleet.config).status(done.job_id)
     assert status.reconciled == 1
+    from .test_jobs import cli
+
+    shown = cli(fleet, "jobs", "status", done.job_id)
+    assert "healed    1 chunks or steps sent again by the reconciler" in shown.stdout
+    assert "3 waiting in a queue" in shown.stdout, shown.stdout
     # Everything is where it should be now: the next passes send nothing.
     assert reconciler.run_once().resent == {} and reconciler.run_once().resent == {}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -31,18 +30,17 @@ from sqlalchemy import (
     Text,
     and_,
     case,
-    create_engine,
     delete,
-    event,
     func,
     or_,
     select,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from fleet.dashboard.events import TASK_FIELDS, WorkerUpdate
+from fleet.database import DatabaseUrlError, open_engine, safe_url
 from fleet.errors import FleetError
 
 metadata = MetaData()
@@ -159,32 +157,12 @@ class StoreError(FleetError):
 
 
 def engine_for(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL (readers do not block the writer)."""
+    """An engine for ``url`` (fleet.database: SQLite gets WAL, readers do not block the
+    writer; commits survive a crash of the process, which is all the dashboard needs)."""
     try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise StoreError(f"dashboard database URL {url!r} is not a SQLAlchemy URL "
-                         "(e.g. sqlite:///.fleet/dashboard.sqlite or "
-                         "postgresql+psycopg://user@host/db)") from None
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"check_same_thread": False,
-                                                      "timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(conn, _record) -> None:
-            cur = conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
-
-        return engine
-    if parsed.get_backend_name() == "postgresql":
-        if parsed.drivername == "postgresql":  # psycopg 3 is the driver we ship
-            parsed = parsed.set(drivername="postgresql+psycopg")
-        return create_engine(parsed, pool_pre_ping=True)
-    raise StoreError(f"dashboard database {url!r}: only sqlite and postgresql are supported")
+        return open_engine(url, "dashboard database")
+    except DatabaseUrlError as exc:
+        raise StoreError(str(exc)) from None
 
 
 def _insert(engine: Engine):
@@ -367,10 +345,7 @@ class Store:
 
 def _safe(url: str) -> str:
     """The URL without its password, for messages and logs."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparsable URL>"
+    return safe_url(url)
 
 
 def loads(value: str | None) -> Any:

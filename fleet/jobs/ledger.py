@@ -128,6 +128,6 @@ def _create_tables(config: FleetConfig, eng: Engine, attempts: int = 3) -> None:
 
 
 def unavailable(config: FleetConfig, exc: BaseException) -> LedgerUnavailableError:
-    reason = getattr(exc, "orig", None) or exc
+    reason = " ".join(str(getattr(exc, "orig", None) or exc).split())  # one line
     return LedgerUnavailableError(
         f"the job ledger at {safe_url(config.jobs.ledger)} is not answering: {reason}")

@@ -47,7 +47,8 @@ def configure(fleet) -> None:
 def running_now(fleet, pids: set[int]) -> dict[str, int]:
     """task id -> pool pid of the chunks started and not ended, in processes ``pids``."""
     started, ended = {}, set()
-    for line in runs_log(fleet.config).read_text().splitlines():
+    log = runs_log(fleet.config)
+    for line in (log.read_text() if log.exists() else "").splitlines():
         what, task_id, _host, pid, _at = line.split()
         if what == "start" and int(pid) in pids:
             started[task_id] = int(pid)
