@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import requests
 import yaml
 
 from fleet.config import ENV_KEY_PREFIX, FleetConfig, load_config
@@ -52,6 +53,15 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def http_answers(url: str) -> bool:
+    """True once ``url`` answers 2xx; a server still starting (refused, reset) is False,
+    so a wait can poll a server a subprocess is bringing up."""
+    try:
+        return requests.get(url, timeout=5).ok
+    except requests.RequestException:
+        return False
 
 
 def free_port() -> int:

@@ -346,20 +346,16 @@ def test_fleet_up_on_a_workdir_in_use_is_a_clear_error(fleet, tmp_path):
 def test_the_dashboard_unit_sees_a_thread_end_and_restarts_it_on_the_same_port(fleet, tmp_path):
     import io
 
-    import requests
     from rich.console import Console
 
     from fleet.up import DashboardUnit
 
-    from .conftest import free_port
+    from .conftest import free_port, http_answers
 
     port = free_port()
 
     def answers() -> bool:
-        try:
-            return requests.get(f"http://127.0.0.1:{port}/api/fleet/jobs", timeout=2).ok
-        except requests.RequestException:
-            return False
+        return http_answers(f"http://127.0.0.1:{port}/api/fleet/jobs")
 
     unit = DashboardUnit(fleet.config, tmp_path, port, Console(file=io.StringIO()))
     unit.start()

@@ -17,7 +17,7 @@ import requests
 from fleet.jobs.state import JobStore
 from fleet.jobs.submit import JobSpec, submit
 
-from ..conftest import ROOT, free_port, wait_for
+from ..conftest import ROOT, free_port, http_answers, wait_for
 from ..probe_faults import read_runs, runs_log
 from ..test_jobs import write_jsonl
 from .figures import Figures, report
@@ -58,8 +58,8 @@ def test_lowering_max_replicas_stops_busy_workers_warm(fleet, tmp_path):
         cwd=ROOT, env=fleet.env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: len(heavy_workers(proc)) == 2, 90, what="two heavy workers")
-        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/api/fleet/queues",
-                                      timeout=5).ok, 60, what="the dashboard")
+        wait_for(lambda: http_answers(f"http://127.0.0.1:{port}/api/fleet/queues"), 60,
+                 what="the dashboard")
         data = write_jsonl(tmp_path / "n.jsonl", [{"n": 1}, {"n": 2}])
         job = submit(fleet.app(), JobSpec("tests.faults.work", str(data), 1,
                                           kwargs={"seconds": CHUNK_S}))
