@@ -50,8 +50,14 @@ def test_a_broken_worker_report_does_not_stop_the_autoscaler(fleet, redis_client
         started = time.monotonic()
 
         def heavy_worker():
-            return [p for p in psutil.Process(proc.pid).children(recursive=True)
-                    if "--queue heavy" in " ".join(p.cmdline())]
+            found = []
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                try:  # a child may exit between the listing and the look (a pool process)
+                    if "--queue heavy" in " ".join(p.cmdline()):
+                        found.append(p)
+                except psutil.Error:
+                    pass
+            return found
 
         wait_for(heavy_worker, 60, what="the autoscaler to start a heavy worker")
         values = [r.get(timeout=90) for r in results]
