@@ -206,7 +206,12 @@ def jobs_status(job_id: str, as_json: bool, config_path: str | None) -> None:
     if status.dead:
         click.echo(f"dead      {status.dead} chunks dead-lettered (their worker kept "
                    "dying; see fleet dead list)")
-    click.echo(f"result    {status.result_url or '-'}")
+    if status.result_url:
+        click.echo(f"result    {status.result_url}")
+    elif status.state == "failed":
+        click.echo("result    none: the job failed (fleet jobs retry re-runs what failed)")
+    else:
+        click.echo("result    not yet: written when the job succeeds")
     if status.error:
         click.echo(f"error     {status.error}")
     for chunk in failed[:20]:
@@ -479,7 +484,8 @@ def up(demo: bool, records: int, exit_when_done: bool, workdir: str, dashboard_p
 @cli.command()
 @click.option("--address", default="127.0.0.1", show_default=True,
               help="Address to listen on (anything but loopback needs authentication).")
-@click.option("--port", default=5555, show_default=True, type=int)
+@click.option("--port", default=5555, show_default=True, type=int,
+              help="TCP port (0: a free one, printed once it is bound).")
 @click.option("--url-prefix", default="", help="Serve under this path (behind an ingress).")
 @click.option("--database", default=None,
               help="SQLAlchemy URL (default: dashboard.database from queues.yaml).")

@@ -36,7 +36,7 @@ from fleet.config import (
     with_broker,
     with_ledger,
 )
-from fleet.embedded import EmbeddedRedis, answers, is_local, port_free
+from fleet.embedded import EmbeddedRedis, answers, is_local
 from fleet.errors import BrokerUnavailableError, FleetError, SupervisionError
 from fleet.keeper import Keeper
 from fleet.registry import ProcessRecord, Registry, stop_leftovers
@@ -315,17 +315,18 @@ def _start_dashboard(config: FleetConfig, workdir: Path, port: int | None, conso
     reported and the fleet runs on without it."""
     if port is None:
         return None
-    from fleet.dashboard.server import DashboardServer
+    from fleet.dashboard.server import DashboardServer, PortTakenError
 
-    if not port_free(port):  # as uvicorn binds: SO_REUSEADDR
-        console.print(f"[yellow]port {port} is taken: no dashboard "
-                      "(pass --dashboard-port)[/yellow]")
-        return None
     database = config.dashboard.database
     if database == type(config.dashboard)().database:
         database = f"sqlite:///{(workdir / 'dashboard.sqlite').resolve()}"
-    board = DashboardServer(config, port=port, database=database).start()
-    console.print(f"dashboard on {board.url}")
+    try:
+        board = DashboardServer(config, port=port, database=database)
+    except PortTakenError:
+        console.print(f"[yellow]port {port} is taken: no dashboard "
+                      "(pass --dashboard-port)[/yellow]")
+        return None
+    console.print(f"dashboard on {board.start().url}")
     return board
 
 
@@ -344,7 +345,10 @@ def _demo(config: FleetConfig, app, workdir: Path, records: int, console: Consol
                   f"{heavy.job_id} ({heavy.chunks} chunks, queue heavy)")
     final = _watch_through_outages(config, [job.job_id, heavy.job_id], console, stop)
     for status in final:
-        console.print(f"{status.id} {status.state}: result at {status.result_url}")
+        console.print(f"{status.id} {status.state}: " + (
+            f"result at {status.result_url}" if status.result_url
+            else f"{status.error or f'{status.failed} chunks failed'} "
+                 f"(fleet jobs status {status.id})"))
     _print_summary(config, final[0].result_url, console)
 
 

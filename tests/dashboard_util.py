@@ -8,7 +8,7 @@ import requests
 
 from fleet.dashboard.server import DashboardServer
 
-from .conftest import free_port, wait_for
+from .conftest import wait_for
 
 
 @dataclass
@@ -39,10 +39,11 @@ class RunningDashboard:
 
 def start_dashboard(config, database: str, url_prefix: str = "", auth=None,
                     address: str = "127.0.0.1") -> RunningDashboard:
-    port = free_port()
-    server = DashboardServer(config, address=address, port=port, url_prefix=url_prefix,
+    # Port 0: the server binds a free port itself, before it is started (no race with
+    # another test for a port picked earlier).
+    server = DashboardServer(config, address=address, port=0, url_prefix=url_prefix,
                              database=database, auth=auth).start()
-    base = f"http://127.0.0.1:{port}{server.prefix}"
+    base = f"http://127.0.0.1:{server.port}{server.prefix}"
     session = requests.Session()
 
     def up():

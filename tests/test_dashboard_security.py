@@ -3,6 +3,7 @@ as under an ingress, and no unauthenticated dashboard on a public address."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import requests
 
 from fleet.dashboard.auth import AuthConfigError, Authenticator
 
-from .conftest import ROOT, deep_merge, free_port
+from .conftest import ROOT, deep_merge, free_port, http_answers, wait_for
 from .dashboard_util import FAST, start_dashboard
 
 USERS = {"dashboard": {
@@ -139,6 +140,58 @@ def test_a_bad_database_url_is_one_clear_line(fleet):
     assert done.returncode == 2
     assert "cannot open the dashboard database" in done.stderr
     assert "secret" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_taken_port_is_one_clear_line_and_no_url_is_announced(fleet):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli(fleet, "dashboard", "--port", str(port), "--database",
+                       f"sqlite:///{fleet.tmp_path / 'd.sqlite'}")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"cannot serve the dashboard on 127.0.0.1:{port}: Address already in use" \
+        in done.stderr
+    assert "dashboard on http" not in done.stdout  # no URL that leads to someone else
+    assert "Traceback" not in done.stderr
+
+
+def test_the_url_is_announced_once_the_port_is_bound_and_port_0_picks_one(fleet):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleet.cli", "dashboard", "--port", "0", "--database",
+         f"sqlite:///{fleet.tmp_path / 'd.sqlite'}", "--config", str(fleet.config_path)],
+        cwd=ROOT, env=fleet.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("dashboard on http://127.0.0.1:"), line
+        url = line.split()[2]
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        assert port != 0
+        # Bound before it was printed: a connection is accepted at once (the kernel
+        # queues it even before uvicorn's loop runs), and answered soon after.
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        wait_for(lambda: http_answers(url + "healthcheck"), 30, what="the dashboard")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_fleet_up_runs_on_without_a_dashboard_when_its_port_is_taken(fleet, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from fleet.up import _start_dashboard
+
+    out = io.StringIO()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert _start_dashboard(fleet.config, tmp_path, port, Console(file=out)) is None
+    assert f"port {port} is taken: no dashboard (pass --dashboard-port)" in out.getvalue()
+    assert "dashboard on" not in out.getvalue()
 
 
 @pytest.fixture

@@ -219,6 +219,11 @@ def test_failed_chunks_are_reported_and_retried_alone(fleet, tmp_path, redis_cli
     assert watch.returncode == 1 and f"job {done.job_id} failed" in watch.stderr
     shown = cli(fleet, "jobs", "status", done.job_id)
     assert "chunk 1: ValueError: refusing records [3]" in shown.stdout
+    # No URL of a result that was never written.
+    assert status.result_url is None and done.result_url not in shown.stdout
+    assert "result    none: the job failed" in shown.stdout
+    as_json = json.loads(cli(fleet, "jobs", "status", done.job_id, "--json").stdout)
+    assert as_json["result_url"] is None
 
     redis_client.delete(flag)
     result = cli(fleet, "jobs", "retry", done.job_id)

@@ -8,6 +8,7 @@ OpenAPI spec names it as its server.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 
 import uvicorn
@@ -23,6 +24,28 @@ from fleet.errors import FleetError
 
 class UnsafeBindError(FleetError):
     exit_code = 2
+
+
+class PortTakenError(FleetError):
+    exit_code = 1
+
+
+def bind_listener(address: str, port: int) -> socket.socket:
+    """The dashboard's listening socket, bound before anything announces its URL: a taken
+    port is then an error naming it, not a printed URL that leads to someone else's
+    server; port 0 takes a free one. SO_REUSEADDR, as uvicorn's own bind; listening at
+once, so a client that reads the URL and connects is queued, not refused."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+        sock.listen(2048)  # uvicorn's backlog: connections queue until its loop runs
+    except OSError as exc:
+        sock.close()
+        raise PortTakenError(f"cannot serve the dashboard on {address}:{port}: "
+                             f"{exc.strerror or exc} (pass another --port)") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def normalize_prefix(prefix: str | None) -> str:
@@ -62,11 +85,12 @@ class DashboardServer:
                  log_level: str = "warning", auth: Authenticator | None = None):
         self.svc = DashboardService(config, database, auth)
         check_bind(address, self.svc, insecure)
-        self.address, self.port = address, port
+        self.listener = bind_listener(address, port)
+        self.address, self.port = address, self.listener.getsockname()[1]
         self.prefix = normalize_prefix(url_prefix)
         self.server = uvicorn.Server(uvicorn.Config(
-            build_asgi(self.svc, self.prefix), host=address, port=port, log_level=log_level,
-            access_log=False, lifespan="off"))
+            build_asgi(self.svc, self.prefix), host=address, port=self.port,
+            log_level=log_level, access_log=False, lifespan="off"))
         self._thread: threading.Thread | None = None
 
     @property
@@ -74,16 +98,22 @@ class DashboardServer:
         host = "127.0.0.1" if self.address in ("0.0.0.0", "") else self.address
         return f"http://{host}:{self.port}{self.prefix}/"
 
+    def _serve(self) -> None:
+        try:
+            self.server.run(sockets=[self.listener])
+        finally:
+            self.listener.close()
+
     def serve_forever(self) -> None:
         self.svc.start()
         try:
-            self.server.run()
+            self._serve()
         finally:
             self.svc.stop()
 
     def start(self) -> DashboardServer:
         self.svc.start()
-        self._thread = threading.Thread(target=self.server.run, name="dashboard-http",
+        self._thread = threading.Thread(target=self._serve, name="dashboard-http",
                                         daemon=True)
         self._thread.start()
         return self
@@ -92,6 +122,7 @@ class DashboardServer:
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.listener.close()
         self.svc.stop()
 
 

@@ -62,6 +62,7 @@ class JobStatus:
     created: float
     finished: float | None
     input: str
+    #: The result's URL once the job succeeded; None before, and for a failed job.
     result_url: str | None
     error: str | None
     chunk_size: int = 0
@@ -480,7 +481,9 @@ def _status(row: Any, dead: int) -> JobStatus:
         id=row.id, task=row.task, aggregate=row.aggregate or None, state=row.state,
         total=row.total, done=row.done, failed=row.failed, records=row.records,
         created=row.created, finished=row.finished, input=row.input,
-        result_url=row.result_url, error=row.error, chunk_size=row.chunk_size,
+        # Where the result *is*: a job that has not succeeded (yet) has none to point at.
+        result_url=row.result_url if row.state == SUCCEEDED else None,
+        error=row.error, chunk_size=row.chunk_size,
         kwargs=codec.loads(row.kwargs or "{}"),
         aggregate_kwargs=codec.loads(row.aggregate_kwargs or "{}"),
         input_url=row.input_url, input_format=row.input_format,
