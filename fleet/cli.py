@@ -39,7 +39,8 @@ def cli() -> None:
 @cli.command()
 @click.argument("file", required=False, type=click.Path(dir_okay=False))
 def validate(file: str | None) -> None:
-    """Check FILE (default: the active queues.yaml); exit 2 listing every problem."""
+    """Check FILE (default: the active queues.yaml); exit 2 listing its problems (the
+    first 20, then how many more)."""
     config = load_config(file)
     click.echo(f"{config.source}: OK ({len(config.queues)} queues: "
                f"{', '.join(config.queues)})")
@@ -671,8 +672,8 @@ def main() -> None:
         count = len(exc.problems)
         click.echo(f"fleet: {count} problem{'s' if count != 1 else ''} in "
                    f"{', '.join(files)}:", err=True)
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
+        for line in exc.lines():
+            click.echo(f"  {line}", err=True)
         sys.exit(exc.exit_code)
     except FleetError as exc:
         click.echo(f"fleet: error: {exc}", err=True)

@@ -33,10 +33,20 @@ class ConfigError(FleetError):
     """queues.yaml is missing, unreadable or invalid; carries every problem found."""
 
     exit_code = 2
+    #: A file that is wrong everywhere (a YAML list pasted in place of a mapping, a
+    #: generated file) would bury the first, usually causal, problem in hundreds.
+    SHOWN = 20
 
     def __init__(self, problems: list[Problem]):
         self.problems = list(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        """The first ``SHOWN`` problems, then how many more there are."""
+        shown = [str(p) for p in self.problems[:self.SHOWN]]
+        if len(self.problems) > self.SHOWN:
+            shown.append(f"... and {len(self.problems) - self.SHOWN} more")
+        return shown
 
 
 class JobInputError(FleetError):

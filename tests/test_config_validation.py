@@ -250,6 +250,24 @@ def test_cli_validate_lists_every_problem_and_exits_2(tmp_path):
                for line in lines)
 
 
+def test_a_long_problem_list_shows_the_first_twenty_and_counts_the_rest(tmp_path):
+    data = deep_merge(shipped_config(), {"size_rules": [
+        {"over": "1Gi", "queue": f"nowhere{i}"} for i in range(30)]})
+    path = write(tmp_path, data)
+    result = run_cli("validate", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == f"fleet: 30 problems in {path}:"
+    assert len(lines) == 1 + 20 + 1, lines
+    assert "size_rules.0.queue: routes to undefined queue 'nowhere0'" in lines[1]
+    assert "size_rules.19.queue" in lines[20] and "nowhere20" not in result.stderr
+    assert lines[-1] == "  ... and 10 more"
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert len(caught.value.problems) == 30  # all kept for code; only the text is capped
+    assert str(caught.value).endswith("... and 10 more")
+
+
 def test_cli_validate_missing_file_exits_2(tmp_path):
     result = run_cli("validate", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2
