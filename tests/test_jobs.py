@@ -79,6 +79,24 @@ def test_bad_job_input_is_refused_before_anything_is_enqueued(fleet, redis_clien
     assert fleet_keys(redis_client, fleet.prefix) == []
 
 
+def test_s3_input_with_no_s3_configured_says_so(fleet, redis_client, tmp_path, monkeypatch):
+    # No credentials anywhere, as on a machine that never used AWS (and no wait for EC2's
+    # metadata service): boto3 fails at once, and the error says what to configure.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert fleet.config.payloads.store == "local" and not fleet.config.payloads.endpoint_url
+    with pytest.raises(JobInputError) as caught:
+        submit(fleet.app(), JobSpec("tasks.aggregate.sum_by", "s3://data/in.jsonl", 2))
+    message = str(caught.value)
+    assert message.startswith("s3://data/in.jsonl: cannot read input: "), message
+    assert "queues.yaml configures no S3: payloads.store is local" in message
+    assert fleet_keys(redis_client, fleet.prefix) == []
+
+
 def test_cli_bad_input_exits_2_without_traceback(fleet, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"a": 1}\nnot json\n')

@@ -165,9 +165,19 @@ def _spooled_s3(url: str, payloads: Payloads) -> Iterator[tuple[Path, str]]:
             code = getattr(exc, "response", {}).get("Error", {}).get("Code")
             if code in ("404", "NoSuchKey", "NoSuchBucket"):
                 raise JobInputError(f"{url}: no such object in S3") from None
-            raise JobInputError(f"{url}: cannot read input: {exc}") from None
+            raise JobInputError(f"{url}: cannot read input: {exc}{_s3_hint(payloads)}") from None
         tmp.flush()
         yield Path(tmp.name), etag
+
+
+def _s3_hint(payloads: Payloads) -> str:
+    """Why S3 may be unreachable: queues.yaml names no S3 at all (boto3 then tries AWS's
+    own, with whatever credentials the environment has)."""
+    if payloads.store == "s3" or payloads.endpoint_url or payloads.region:
+        return ""
+    return (" (queues.yaml configures no S3: payloads.store is local and there is no "
+            "payloads.endpoint_url or region; set them, or payloads.store: s3 with its "
+            "bucket, or AWS credentials in the environment)")
 
 
 def keep_copy(payloads: Payloads, job_id: str, checked: CheckedInput) -> str:
