@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -27,6 +28,28 @@ from fleet.yamlfile import load_yaml
 Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
 RateLimit = Annotated[Rate, BeforeValidator(parse_rate), PlainSerializer(str)]
+
+#: What redis-py (and so kombu's Redis transport) can open.
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why ``url`` is no Redis URL, or None. redis-py says so only at the first connect,
+    as a ValueError traceback; the scheme alone is named, never the URL (a password)."""
+    scheme, sep, _ = url.partition("://")
+    if sep and scheme.lower() in REDIS_SCHEMES:
+        return None
+    got = f"{scheme}://" if sep else "no scheme"
+    return f"must be a redis://, rediss:// or unix:// URL, got {got}"
+
+
+def _redis_url(url: str) -> str:
+    if problem := redis_url_problem(url):
+        raise ValueError(problem)
+    return url
+
+
+RedisUrl = Annotated[str, AfterValidator(_redis_url)]
 
 #: Environment variables read at the edge, by ``load_config`` only.
 ENV_CONFIG = "FLEET_CONFIG"
@@ -50,7 +73,7 @@ class Lease(Model):
 
 
 class Broker(Model):
-    url: str = "redis://127.0.0.1:6379/0"
+    url: RedisUrl = "redis://127.0.0.1:6379/0"
     #: kombu's global_keyprefix: every broker, result and fleet key starts with it.
     key_prefix: str = ""
     #: With acks_late on Redis, a message unacked for this long is delivered again.
@@ -80,7 +103,7 @@ class EventStream(Model):
 
 class Results(Model):
     #: Defaults to the broker URL.
-    url: str | None = None
+    url: RedisUrl | None = None
     expires: Duration = 86400.0
 
 
@@ -390,6 +413,10 @@ def load_config(
         raise ConfigError(duplicates)
     config = parse_config(data, str(path), lines)
     url = broker_url or os.environ.get(ENV_BROKER_URL)
+    if url and (problem := redis_url_problem(url)):
+        where = "environment" if not broker_url else "argument"
+        raise ConfigError([Problem(where, ENV_BROKER_URL if not broker_url else "broker_url",
+                                   problem)])
     prefix = key_prefix if key_prefix is not None else os.environ.get(ENV_KEY_PREFIX)
     config = with_broker(config, url=url, key_prefix=prefix)
     ledger = os.environ.get(ENV_LEDGER_URL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,39 @@ def test_a_long_problem_list_shows_the_first_twenty_and_counts_the_rest(tmp_path
         load_config(path)
     assert len(caught.value.problems) == 30  # all kept for code; only the text is capped
     assert str(caught.value).endswith("... and 10 more")
+
+
+@pytest.mark.parametrize("url", ["amqp://guest:s3cret@127.0.0.1//", "http://u:s3cret@h/0",
+                                 "127.0.0.1:6379"])
+def test_a_broker_url_redis_cannot_open_is_a_config_error(tmp_path, url):
+    scheme = url.split("://")[0] + "://" if "://" in url else "no scheme"
+    reason = f"must be a redis://, rediss:// or unix:// URL, got {scheme}"
+    assert problems(tmp_path, {"broker": {"url": url}}) == [f"broker.url: {reason}"]
+    assert problems(tmp_path, {"results": {"url": url}}) == [f"results.url: {reason}"]
+    # From the environment, for every command (not a ValueError at the first connect).
+    env = {**os.environ, "FLEET_BROKER_URL": url}
+    shipped = str(ROOT / "queues.yaml")
+    for args in (["validate", shipped], ["probe", "--queue", "default", "--config", shipped],
+                 ["jobs", "list", "--config", shipped]):
+        done = subprocess.run([sys.executable, "-m", "fleet.cli", *args], capture_output=True,
+                              text=True, env=env, timeout=60, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert f"environment: FLEET_BROKER_URL: {reason}" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and "s3cret" not in done.stderr
+
+
+def test_redis_urls_of_every_kind_are_accepted(tmp_path):
+    for url in ("redis://127.0.0.1:6379/0", "rediss://:pw@cache.example:6380/1",
+                "unix:///run/redis.sock?db=2", "REDIS://h/0"):
+        assert problems_or_none(tmp_path, {"broker": {"url": url}}) == [], url
+
+
+def problems_or_none(tmp_path: Path, overrides: dict) -> list[str]:
+    try:
+        load_config(write(tmp_path, deep_merge(shipped_config(), overrides)))
+    except ConfigError as exc:
+        return [str(p) for p in exc.problems]
+    return []
 
 
 def test_cli_validate_missing_file_exits_2(tmp_path):
