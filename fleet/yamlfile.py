@@ -39,26 +39,52 @@ def load_yaml(path: Path) -> tuple[Any, dict[KeyPath, int], list[Problem]]:
     lines: dict[KeyPath, int] = {}
     problems: list[Problem] = []
     if node is not None:
-        _walk(node, (), lines, problems, name)
+        _Walk(name, lines, problems).visit(node, (), set(), 1)
     return data, lines, problems
 
 
-def _walk(node: yaml.Node, path: KeyPath, lines: dict, problems: list, name: str) -> None:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
+#: A config has hundreds of nodes; aliases of aliases can expand to billions ("billion
+#: laughs"), which would hang every command reading the file.
+MAX_NODES = 100_000
+
+
+class _Walk:
+    """Records each key path's line and the duplicate keys, refusing the two shapes
+    of alias that would otherwise end in a RecursionError or never end at all."""
+
+    def __init__(self, name: str, lines: dict, problems: list):
+        self.name, self.lines, self.problems = name, lines, problems
+        self.visited = 0
+
+    def refuse(self, reason: str, line: int) -> None:
+        raise ConfigError([Problem(self.name, "", f"not valid YAML: {reason}", line)])
+
+    def visit(self, node: yaml.Node, path: KeyPath, above: set[int], line: int) -> None:
+        """``above``: the nodes on the way here (an alias to one of them is a cycle);
+        ``line``: where this node is used (an alias node's own mark is its anchor's)."""
+        if id(node) in above:
+            self.refuse("recursive alias (a node that contains itself)", line)
+        self.visited += 1
+        if self.visited > MAX_NODES:
+            self.refuse(f"aliases expand to more than {MAX_NODES:,} nodes", line)
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if not isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            return
+        above = above | {id(node)}
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self.lines[(*path, index)] = item.start_mark.line + 1
+                self.visit(item, (*path, index), above, line)
+            return
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
             key = key_node.value
-            line = key_node.start_mark.line + 1
+            key_line = key_node.start_mark.line + 1
             if key in seen:
                 dotted = ".".join(str(p) for p in (*path, key))
                 reason = f"duplicate key (first defined on line {seen[key]})"
-                problems.append(Problem(name, dotted, reason, line))
+                self.problems.append(Problem(self.name, dotted, reason, key_line))
                 continue
-            seen[key] = line
-            lines[(*path, key)] = line
-            _walk(value_node, (*path, key), lines, problems, name)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            lines[(*path, index)] = item.start_mark.line + 1
-            _walk(item, (*path, index), lines, problems, name)
+            seen[key] = key_line
+            self.lines[(*path, key)] = key_line
+            self.visit(value_node, (*path, key), above, key_line)

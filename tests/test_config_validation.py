@@ -302,6 +302,28 @@ def problems_or_none(tmp_path: Path, overrides: dict) -> list[str]:
     return []
 
 
+@pytest.mark.parametrize(("text", "line"), [
+    ("version: 1\nbroker: &b\n  url: redis://127.0.0.1:6379/0\n  again: *b\n", 4),
+    ("version: 1\nqueues: &q [1, *q]\n", 2),
+])
+def test_a_recursive_alias_is_invalid_yaml_not_a_recursion_error(tmp_path, text, line):
+    path = write(tmp_path, text)
+    result = run_cli("validate", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{path}:{line}: (top level): not valid YAML: recursive alias" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_aliases_that_expand_exponentially_are_refused_not_walked(tmp_path):
+    # "Billion laughs": 9 levels of 9 aliases each, 387 million nodes once expanded.
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = write(tmp_path, "\n".join(["version: 1", "bomb:", *("  " + lv for lv in levels)]))
+    result = run_cli("validate", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "not valid YAML: aliases expand to more than 100,000 nodes" in result.stderr
+
+
 def test_cli_validate_missing_file_exits_2(tmp_path):
     result = run_cli("validate", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2
