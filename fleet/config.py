@@ -29,6 +29,20 @@ Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
 RateLimit = Annotated[Rate, BeforeValidator(parse_rate), PlainSerializer(str)]
 
+
+def _more_than_zero(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be more than 0 (leave the key out where none is meant)")
+    return value
+
+
+#: Where 0 means nothing (a memory limit every task exceeds, a time limit no task
+#: meets, a poll that never sleeps), it is an error rather than taken at its word.
+PositiveSize = Annotated[int, BeforeValidator(parse_size), AfterValidator(_more_than_zero),
+                         PlainSerializer(format_size)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration),
+                             AfterValidator(_more_than_zero), PlainSerializer(format_duration)]
+
 #: What redis-py (and so kombu's Redis transport) can open.
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -69,7 +83,7 @@ class Lease(Model):
     """Workers refresh the delivery time of every message they hold (see fleet.lease)."""
 
     enabled: bool = True
-    interval: Duration = 10.0
+    interval: PositiveDuration = 10.0
 
 
 class Broker(Model):
@@ -77,7 +91,7 @@ class Broker(Model):
     #: kombu's global_keyprefix: every broker, result and fleet key starts with it.
     key_prefix: str = ""
     #: With acks_late on Redis, a message unacked for this long is delivered again.
-    visibility_timeout: Duration = 60.0
+    visibility_timeout: PositiveDuration = 60.0
     lease: Lease = Lease()
 
 
@@ -104,7 +118,7 @@ class EventStream(Model):
 class Results(Model):
     #: Defaults to the broker URL.
     url: RedisUrl | None = None
-    expires: Duration = 86400.0
+    expires: PositiveDuration = 86400.0
 
 
 class Payloads(Model):
@@ -132,7 +146,7 @@ class Reconciler(Model):
     grace: Duration = 10.0
     #: Redis's lists are scanned for the chunks' ids when the counts do not add up, and
     #: at least this often while chunks are pending (a lost one hidden by a surplus).
-    full_scan_every: Duration = 30.0
+    full_scan_every: PositiveDuration = 30.0
 
 
 class Jobs(Model):
@@ -142,7 +156,7 @@ class Jobs(Model):
     #: SQLite on one machine; PostgreSQL when workers run on several (Kubernetes).
     ledger: str = "sqlite:///.fleet/jobs.sqlite"
     #: How long a job stays in the ledger after its last change.
-    ttl: Duration = 7 * 86400.0
+    ttl: PositiveDuration = 7 * 86400.0
     #: Messages per Redis pipeline when fanning out a job.
     publish_batch: int = Field(500, ge=1)
     reconciler: Reconciler = Reconciler()
@@ -157,8 +171,8 @@ class SizeRule(Model):
 
 
 class TimeLimit(Model):
-    soft: Duration | None = None
-    hard: Duration | None = None
+    soft: PositiveDuration | None = None
+    hard: PositiveDuration | None = None
 
 
 class Retry(Model):
@@ -180,7 +194,7 @@ class OnMemoryExceeded(Model):
 
 class ResourceList(Model):
     cpu: str | None = Field(None, pattern=r"^\d+(\.\d+)?m?$")
-    memory: Size | None = None
+    memory: PositiveSize | None = None
 
 
 class Resources(Model):
@@ -198,7 +212,7 @@ class Autoscaling(Model):
     min_replicas: int = Field(0, ge=0)
     max_replicas: int = Field(4, ge=0)
     #: Drain the backlog within this time.
-    target_wait: Duration = 30.0
+    target_wait: PositiveDuration = 30.0
     #: Waiting messages below this keep a queue at zero replicas.
     activation_threshold: int = Field(1, ge=0)
     scale_up_stabilization: Duration = 0.0
@@ -211,7 +225,7 @@ class Capacity(Model):
     """What all worker replicas together may request (the autoscaler's budget)."""
 
     cpu: str | None = Field(None, pattern=r"^\d+(\.\d+)?m?$")
-    memory: Size | None = None
+    memory: PositiveSize | None = None
 
 
 class KubernetesTarget(Model):
@@ -223,13 +237,13 @@ class KubernetesTarget(Model):
 
 
 class Autoscaler(Model):
-    interval: Duration = 2.0
+    interval: PositiveDuration = 2.0
     backend: Literal["local", "kubernetes"] = "local"
     #: Total for all queues; on Kubernetes, the nodes' allocatable when left out.
     capacity: Capacity = Capacity()
     kubernetes: KubernetesTarget = KubernetesTarget()
     #: How often each worker publishes its CPU and memory (psutil).
-    worker_metrics_interval: Duration = 2.0
+    worker_metrics_interval: PositiveDuration = 2.0
 
 
 Role = Literal["viewer", "operator", "admin"]
@@ -278,17 +292,17 @@ class Dashboard(Model):
     database: str = "sqlite:///.fleet/dashboard.sqlite"
     #: Stored tasks are capped by count and by age; the oldest go first.
     max_tasks: int = Field(100_000, ge=1)
-    max_task_age: Duration = 7 * 86400.0
+    max_task_age: PositiveDuration = 7 * 86400.0
     #: A worker silent this long is shown offline (Celery's heartbeat window is 2x freq).
-    offline_after: Duration = 10.0
+    offline_after: PositiveDuration = 10.0
     #: An offline worker leaves pages and metrics after this long.
     purge_offline_after: Duration = 600.0
     #: Events are written in batches at least this often.
-    flush_interval: Duration = 0.5
+    flush_interval: PositiveDuration = 0.5
     #: Queue depth, rates, replicas and worker memory are sampled this often for plots.
-    sample_interval: Duration = 5.0
+    sample_interval: PositiveDuration = 5.0
     #: Samples, decisions and the audit log are kept this long.
-    history: Duration = 7 * 86400.0
+    history: PositiveDuration = 7 * 86400.0
     users: list[DashboardUser] = []
     tokens: list[DashboardToken] = []
     oidc: Oidc | None = None
@@ -313,7 +327,7 @@ class QueueClass(Model):
     acks_late: bool = True
     reject_on_worker_lost: bool = False
     #: RSS of one pool process above which the guard stops its task mid-flight.
-    memory_limit: Size | None = None
+    memory_limit: PositiveSize | None = None
     on_memory_exceeded: OnMemoryExceeded = OnMemoryExceeded()
     time_limit: TimeLimit = TimeLimit()
     max_tasks_per_child: int | None = Field(None, ge=1)

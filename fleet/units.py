@@ -9,13 +9,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+#: Case matters, as in Kubernetes quantities: ``m`` is milli there and ``b`` is a bit,
+#: so ``512mb`` or ``512Mb`` is refused rather than read as 512 MB.
 _SIZE_FACTORS = {
-    "": 1,
-    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-    "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "": 1, "B": 1,
+    "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+    "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
 }
+SIZE_UNITS = "Ki, Mi, Gi, Ti (x1024), k, M, G, T (x1000), the same with B (MiB, MB), or none"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 _DURATION_FACTORS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -35,8 +38,11 @@ def parse_size(value: object) -> int:
         return value
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
-        if match and match.group(2).lower() in _SIZE_FACTORS:
-            return int(float(match.group(1)) * _SIZE_FACTORS[match.group(2).lower()])
+        if match and match.group(2) in _SIZE_FACTORS:
+            return int(float(match.group(1)) * _SIZE_FACTORS[match.group(2)])
+        if match:
+            raise ValueError(f"unknown size unit {match.group(2)!r} in {value!r}: use "
+                             f"{SIZE_UNITS} (units are case-sensitive: b is a bit, m milli)")
     raise ValueError(f"expected a size like 512Mi, 2Gi or 100M, got {value!r}")
 
 

@@ -67,6 +67,10 @@ def test_wrong_choice(tmp_path):
 
 @pytest.mark.parametrize(("overrides", "expected"), [
     ({"queues": {"heavy": {"memory_limit": "1 gigabyte"}}},
+     "queues.heavy.memory_limit: unknown size unit 'gigabyte' in '1 gigabyte': use Ki, Mi"),
+    ({"queues": {"heavy": {"memory_limit": "512Mb"}}},
+     "queues.heavy.memory_limit: unknown size unit 'Mb' in '512Mb'"),
+    ({"queues": {"heavy": {"memory_limit": [512]}}},
      "queues.heavy.memory_limit: expected a size like 512Mi"),
     ({"broker": {"visibility_timeout": "a while"}},
      "broker.visibility_timeout: expected a duration like 30s"),
@@ -77,6 +81,27 @@ def test_wrong_choice(tmp_path):
 ])
 def test_bad_units(tmp_path, overrides, expected):
     assert only(problems(tmp_path, overrides)).startswith(expected)
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    ({"queues": {"heavy": {"memory_limit": 0}}}, "queues.heavy.memory_limit"),
+    ({"queues": {"heavy": {"memory_limit": "0Mi"}}}, "queues.heavy.memory_limit"),
+    ({"queues": {"heavy": {"time_limit": {"hard": "0s"}}}}, "queues.heavy.time_limit.hard"),
+    ({"queues": {"io": {"time_limit": {"soft": 0}}}}, "queues.io.time_limit.soft"),
+    ({"queues": {"xl": {"kubernetes": {"resources": {"limits": {"memory": "0Gi"}}}}}},
+     "queues.xl.kubernetes.resources.limits.memory"),
+    ({"queues": {"io": {"autoscaling": {"target_wait": "0s"}}}},
+     "queues.io.autoscaling.target_wait"),
+    ({"autoscaler": {"interval": 0}}, "autoscaler.interval"),
+    ({"autoscaler": {"worker_metrics_interval": "0ms"}}, "autoscaler.worker_metrics_interval"),
+    ({"broker": {"visibility_timeout": 0}}, "broker.visibility_timeout"),
+    ({"broker": {"lease": {"interval": "0s"}}}, "broker.lease.interval"),
+    ({"results": {"expires": 0}}, "results.expires"),
+])
+def test_a_zero_that_means_nothing_is_an_error(tmp_path, overrides, key):
+    found = problems(tmp_path, overrides)
+    assert f"{key}: must be more than 0 (leave the key out where none is meant)" in found, \
+        found
 
 
 def test_size_rule_to_undefined_queue(tmp_path):

@@ -17,6 +17,22 @@ def test_bad_sizes_name_the_accepted_forms(bad):
         parse_size(bad)
 
 
+@pytest.mark.parametrize("typo", ["512Mb", "512mb", "512mi", "2gi", "1m", "100kb", "2GIB"])
+def test_a_unit_in_the_wrong_case_is_refused_naming_the_units(typo):
+    with pytest.raises(ValueError) as caught:
+        parse_size(typo)
+    assert f"in {typo!r}: use Ki, Mi, Gi, Ti (x1024), k, M, G, T (x1000)" in str(caught.value)
+    assert "case-sensitive" in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("1k", 1000), ("1K", 1000), ("1kB", 1000), ("1KiB", 1024), ("5MB", 5 * 10**6),
+    ("2TiB", 2 * 2**40), ("12B", 12), ("7", 7),
+])
+def test_every_documented_unit_parses(text, expected):
+    assert parse_size(text) == expected
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("30s", 30), ("10m", 600), ("1h30m", 5400), ("500ms", 0.5), (45, 45.0), ("2h", 7200),
     ("1d", 86400), (1.5, 1.5),
