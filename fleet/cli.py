@@ -88,8 +88,10 @@ def worker(queue: str, print_config: bool, loglevel: str, hostname: str | None,
               help="Records per chunk (default: jobs.default_chunk_size).")
 @click.option("--aggregate", "-a", default=None, help="Task that folds the chunk results.")
 @click.option("--kwarg", "-k", "kwargs", multiple=True, metavar="KEY=VALUE",
-              help="Keyword argument for TASK (VALUE is JSON, else a string). Repeatable.")
-@click.option("--aggregate-kwarg", "aggregate_kwargs", multiple=True, metavar="KEY=VALUE")
+              help="Keyword argument for TASK: VALUE is JSON if it parses (64, true, "
+                   "[\"a\"]), else a string; KEY:=JSON is always JSON. Repeatable.")
+@click.option("--aggregate-kwarg", "aggregate_kwargs", multiple=True, metavar="KEY=VALUE",
+              help="Keyword argument for the aggregate task, as --kwarg.")
 @click.option("--watch", "-w", is_flag=True, help="Show a live progress bar until the job ends.")
 @pass_config_path
 def submit(task: str, input_spec: str, chunk_size: int | None, aggregate: str | None,
@@ -116,16 +118,12 @@ def submit(task: str, input_spec: str, chunk_size: int | None, aggregate: str | 
 
 
 def _parse_kwargs(pairs: tuple[str, ...], option: str) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.isidentifier():
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=option)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    from fleet.jobs.arguments import ArgumentError, parse_kwargs
+
+    try:
+        return parse_kwargs(pairs)
+    except ArgumentError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 @cli.group()
