@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,17 @@ def cli(fleet, *args, stdin: str | None = None, env_extra: dict | None = None):
     (dict(task="tasks.aggregate.sum_by", input="{bad}"), "bad.jsonl: line 3: malformed JSON"),
     (dict(task="tasks.aggregate.sum_by", input="{empty}"), "no records in the input"),
     (dict(task="tasks.aggregate.sum_by", input="{txt}"), "unknown input format"),
+    (dict(task="tasks.aggregate.sum_by", input="{good}", kwargs={"group_bye": "region"}),
+     "task 'tasks.aggregate.sum_by' cannot be called with group_bye: got an unexpected "
+     "keyword argument 'group_bye' (it takes sum_by(records: list[dict], group_by: str"),
+    (dict(task="tasks.aggregate.sum_by", input="{good}", aggregate="tasks.aggregate.merge_sums",
+          aggregate_kwargs={"fields": ["x"]}),
+     "aggregate task 'tasks.aggregate.merge_sums' cannot be called with fields"),
+    (dict(task="tasks.aggregate.sum_by", input="{lists}"),
+     "lists.jsonl: line 3: a JSON list, not an object, and tasks.aggregate.sum_by takes "
+     "objects (records: list[dict])"),
+    (dict(task="tasks.aggregate.sum_by", input="{scalars}"),
+     "scalars.jsonl: line 1: a JSON number, not an object"),
 ])
 def test_bad_job_input_is_refused_before_anything_is_enqueued(fleet, redis_client, tmp_path,
                                                               spec, message):
@@ -68,13 +80,17 @@ def test_bad_job_input_is_refused_before_anything_is_enqueued(fleet, redis_clien
         "bad": str(tmp_path / "bad.jsonl"),
         "empty": str(tmp_path / "empty.jsonl"),
         "txt": str(tmp_path / "data.txt"),
+        "lists": str(tmp_path / "lists.jsonl"),
+        "scalars": str(tmp_path / "scalars.jsonl"),
     }
+    Path(files["lists"]).write_text('{"a": 1}\n\n[1, 2]\n')
+    Path(files["scalars"]).write_text('7\n')
     Path(files["bad"]).write_text('{"a": 1}\n{"a": 2}\n{"a": 3,,}\n{"a": 4}\n')
     Path(files["empty"]).write_text("\n\n")
     Path(files["txt"]).write_text('{"a": 1}\n')
     spec = {**spec, "input": spec["input"].format(**files)}
     spec.setdefault("chunk_size", 2)
-    with pytest.raises(JobInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(JobInputError, match=re.escape(message)):
         submit(fleet.app(), JobSpec(**spec))
     assert fleet_keys(redis_client, fleet.prefix) == []
 
@@ -95,6 +111,14 @@ def test_s3_input_with_no_s3_configured_says_so(fleet, redis_client, tmp_path, m
     assert message.startswith("s3://data/in.jsonl: cannot read input: "), message
     assert "queues.yaml configures no S3: payloads.store is local" in message
     assert fleet_keys(redis_client, fleet.prefix) == []
+
+
+def test_records_that_are_not_objects_go_to_a_task_that_takes_any(fleet, tmp_path):
+    # tasks.heavy.crunch's records are `list | None`: lists and numbers are its business.
+    data = tmp_path / "mixed.jsonl"
+    data.write_text('[1, 2]\n7\n"x"\n')
+    done = submit(fleet.app(), JobSpec("tasks.heavy.crunch", str(data), 2, kwargs={"mb": 1}))
+    assert (done.records, done.chunks) == (3, 2)
 
 
 def test_cli_bad_input_exits_2_without_traceback(fleet, tmp_path):

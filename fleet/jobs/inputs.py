@@ -57,7 +57,7 @@ class CheckedInput:
         size = 0
         index = 0
         with self.path.open("rb") as fh:
-            for nbytes, record in _parse(fh, self.fmt, self.description):
+            for _line, nbytes, record in _parse(fh, self.fmt, self.description):
                 records.append(record)
                 size += nbytes
                 if len(records) == chunk_size:
@@ -67,8 +67,9 @@ class CheckedInput:
             yield Chunk(index, records, size)
 
 
-def _parse(fh: IO[bytes], fmt: str, description: str) -> Iterator[tuple[int, object]]:
-    """(bytes of input, record) for each record; JobInputError names the bad line."""
+def _parse(fh: IO[bytes], fmt: str, description: str
+           ) -> Iterator[tuple[int, int, object]]:
+    """(line, bytes of input, record) for each record; JobInputError names the bad line."""
     if fmt == "csv":
         text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
         reader = csv.DictReader(text)
@@ -78,13 +79,13 @@ def _parse(fh: IO[bytes], fmt: str, description: str) -> Iterator[tuple[int, obj
             if None in row:
                 raise JobInputError(f"{description}: line {reader.line_num}: more fields "
                                     f"than the header's {len(reader.fieldnames)}")
-            yield sum(len(v or "") + 1 for v in row.values()), row
+            yield reader.line_num, sum(len(v or "") + 1 for v in row.values()), row
         return
     for number, raw in enumerate(fh, start=1):
         if not raw.strip():
             continue
         try:
-            yield len(raw), json.loads(raw)
+            yield number, len(raw), json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
             raise JobInputError(f"{description}: line {number}: malformed JSON ({reason})"
@@ -101,12 +102,18 @@ def _format_of(name: str) -> str:
 
 
 def _check(path: Path, fmt: str, description: str, source: str | None = None,
-           fingerprint: str | None = None) -> CheckedInput:
+           fingerprint: str | None = None, mappings: str | None = None) -> CheckedInput:
+    """Every record parses; with ``mappings`` (why the task needs them), every one is an
+    object too."""
     records = 0
     try:
         with path.open("rb") as fh:
-            for _size, _record in _parse(fh, fmt, description):
+            for line, _size, record in _parse(fh, fmt, description):
                 records += 1
+                if mappings and not isinstance(record, dict):
+                    raise JobInputError(
+                        f"{description}: line {line}: a JSON {_kind(record)}, not an object, "
+                        f"and {mappings}")
     except UnicodeDecodeError:
         raise JobInputError(f"{description}: not UTF-8 text") from None
     except csv.Error as exc:
@@ -117,30 +124,37 @@ def _check(path: Path, fmt: str, description: str, source: str | None = None,
                         fingerprint)
 
 
+def _kind(value: object) -> str:
+    names = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def file_fingerprint(path: Path) -> str:
     stat = path.stat()
     return f"file:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 @contextmanager
-def checked_input(spec: str, payloads: Payloads, stdin: IO[bytes] | None = None
-                  ) -> Iterator[CheckedInput]:
-    """Open ``spec`` (a path, ``s3://bucket/key`` or ``-``) and check every record."""
+def checked_input(spec: str, payloads: Payloads, stdin: IO[bytes] | None = None,
+                  mappings: str | None = None) -> Iterator[CheckedInput]:
+    """Open ``spec`` (a path, ``s3://bucket/key`` or ``-``) and check every record (and,
+    with ``mappings``, that each is an object: see ``_check``)."""
     if spec == "-":
         with _spooled(stdin or sys.stdin.buffer) as path:
-            yield _check(path, "jsonl", "stdin")
+            yield _check(path, "jsonl", "stdin", mappings=mappings)
         return
     if spec.startswith("s3://"):
         fmt = _format_of(spec)
         with _spooled_s3(spec, payloads) as (path, etag):
-            yield _check(path, fmt, spec, spec, f"s3:{etag}")
+            yield _check(path, fmt, spec, spec, f"s3:{etag}", mappings)
         return
     path = Path(spec)
     if not path.exists():
         raise JobInputError(f"{spec}: input file not found")
     if not path.is_file():
         raise JobInputError(f"{spec}: not a regular file")
-    yield _check(path, _format_of(spec), spec, str(path.resolve()), file_fingerprint(path))
+    yield _check(path, _format_of(spec), spec, str(path.resolve()), file_fingerprint(path),
+                 mappings)
 
 
 @contextmanager

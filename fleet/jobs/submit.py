@@ -25,6 +25,7 @@ from fleet.jobs.inputs import checked_input, keep_copy
 from fleet.jobs.lifecycle import BROKER_ERRORS, result_key, send_collect
 from fleet.jobs.publish import send_chunks
 from fleet.jobs.resend import lost_chunks, resend
+from fleet.jobs.signature import check_arguments, mapping_records
 from fleet.jobs.state import AGGREGATING, FAILED, RUNNING, JobStore
 from fleet.keys import broker_client
 from fleet.payloads import open_store
@@ -64,11 +65,15 @@ def submit(app: Celery, spec: JobSpec, stdin: IO[bytes] | None = None) -> Submit
     config = app.fleet_config
     if spec.chunk_size < 1:
         raise JobInputError(f"chunk size must be at least 1, got {spec.chunk_size}")
-    registered_task(app, spec.task)
+    task = registered_task(app, spec.task)
+    check_arguments(task, "task", spec.kwargs)
     if spec.aggregate:
-        registered_task(app, spec.aggregate, "aggregate task")
+        check_arguments(registered_task(app, spec.aggregate, "aggregate task"),
+                        "aggregate task", spec.aggregate_kwargs)
+    mappings = mapping_records(task)
+    need = f"{spec.task} takes objects ({mappings})" if mappings else None
     store = JobStore(config)
-    with checked_input(spec.input, config.payloads, stdin) as source:
+    with checked_input(spec.input, config.payloads, stdin, need) as source:
         _ping(config)  # a broker down now: no job, nothing kept, the input was checked
         job_id = new_job_id()
         total = math.ceil(source.records / spec.chunk_size)
