@@ -41,7 +41,11 @@ def cli() -> None:
 def validate(file: str | None) -> None:
     """Check FILE (default: the active queues.yaml); exit 2 listing its problems (the
     first 20, then how many more)."""
+    from fleet.imports import import_problems
+
     config = load_config(file)
+    if problems := import_problems(config):
+        raise ConfigError(problems)
     click.echo(f"{config.source}: OK ({len(config.queues)} queues: "
                f"{', '.join(config.queues)})")
 
@@ -70,6 +74,9 @@ def worker(queue: str, print_config: bool, loglevel: str, hostname: str | None,
             click.echo(f"{name:<{width}}  {value}")
         click.echo(f"\n# equivalent: celery -A fleet.app {' '.join(argv)}")
         return
+    from fleet.imports import import_modules
+
+    import_modules(config)  # else Celery's loader raises it as a traceback
     app = _app(config, queue)
     # Set by fleet up / fleet autoscale: the worker stops warm when they are gone.
     if os.environ.get(ENV_SUPERVISOR):
@@ -560,7 +567,9 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
             import os
 
             from autoscale.backends.local import LocalBackend
+            from fleet.imports import import_modules
 
+            import_modules(config)  # the workers it starts would die of a bad one
             if not dry_run:
                 registry = claim_workdir(Path(workdir), signals, click.echo, "fleet autoscale")
             target = LocalBackend(config, config.source, dict(os.environ),

@@ -62,6 +62,9 @@ def write_demo_input(path: Path, records: int, seed: int = 7) -> Path:
 
 def run_up(config: FleetConfig, workdir: Path, *, demo: bool = False, records: int = 50_000,
            exit_when_done: bool = False, dashboard_port: int | None = 5555) -> None:
+    from fleet.imports import import_modules
+
+    import_modules(config)  # a typo in imports: is exit 2 now, not workers dying forever
     # soft_wrap: long lines (paths, URLs) stay whole when the output is not a terminal.
     console = Console(highlight=False, soft_wrap=True)
     with StopSignals() as signals:

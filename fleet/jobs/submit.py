@@ -51,6 +51,9 @@ class Submitted:
 
 def registered_task(app: Celery, name: str, what: str = "task"):
     """The task called ``name``, or a JobInputError that suggests near names."""
+    from fleet.imports import import_modules
+
+    import_modules(app.fleet_config)  # ConfigError, exit 2, for a module that fails
     app.loader.import_default_modules()
     tasks = app.tasks
     if name in tasks:
