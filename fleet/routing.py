@@ -45,7 +45,7 @@ class RoutingTable:
                     globs.append((pattern, name))
                 else:
                     exact[pattern] = name
-        globs.sort(key=lambda pq: (-_specificity(pq[0]), pq[0]))
+        globs.sort(key=lambda pq: (-specificity(pq[0]), pq[0]))
         by_size = sorted(
             (SizeRoute(r.over, r.queue, tuple(r.tasks)) for r in config.size_rules),
             key=lambda r: -r.over,
@@ -55,9 +55,64 @@ class RoutingTable:
         return cls(exact, tuple(globs), tuple(by_size), config.default_queue, priorities)
 
 
-def _specificity(pattern: str) -> int:
+def specificity(pattern: str) -> int:
     """Characters that are not wildcards: ``tasks.heavy.*`` beats ``tasks.*``."""
     return sum(1 for ch in pattern if ch not in "*?[]")
+
+
+def _tokens(pattern: str) -> tuple[str, ...]:
+    """``*``, ``?``, a ``[...]`` class or one literal character each."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern[i] == "[" and (end := pattern.find("]", i + 2)) != -1:
+            out.append(pattern[i:end + 1])
+            i = end + 1
+        else:
+            out.append(pattern[i])
+            i += 1
+    return tuple(out)
+
+
+_PRINTABLE = [chr(code) for code in range(33, 127)]
+
+
+def _one_char_overlap(a: str, b: str) -> bool:
+    if a == "?" or b == "?":
+        return True
+    if a.startswith("[") and b.startswith("["):  # task names are printable ASCII
+        return any(fnmatchcase(ch, a) and fnmatchcase(ch, b) for ch in _PRINTABLE)
+    if a.startswith("["):
+        return fnmatchcase(b, a)
+    if b.startswith("["):
+        return fnmatchcase(a, b)
+    return a == b
+
+
+def globs_overlap(a: str, b: str) -> bool:
+    """Whether some task name matches both globs (fnmatch's ``*``, ``?``, ``[...]``).
+
+    The two patterns are walked together: a ``*`` may match nothing, or one more
+    character matched by the other side's token (memoized: O(len(a) x len(b)))."""
+    p, q = _tokens(a), _tokens(b)
+    seen: dict[tuple[int, int], bool] = {}
+
+    def both(i: int, j: int) -> bool:
+        if (i, j) in seen:
+            return seen[(i, j)]
+        if i == len(p) and j == len(q):
+            found = True
+        elif i < len(p) and p[i] == "*":
+            found = both(i + 1, j) or (j < len(q) and both(i, j + 1))
+        elif j < len(q) and q[j] == "*":
+            found = both(i, j + 1) or (i < len(p) and both(i + 1, j))
+        elif i == len(p) or j == len(q):
+            found = False
+        else:
+            found = _one_char_overlap(p[i], q[j]) and both(i + 1, j + 1)
+        seen[(i, j)] = found
+        return found
+
+    return both(0, 0)
 
 
 def queue_for_name(table: RoutingTable, task_name: str) -> str:

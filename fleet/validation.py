@@ -166,6 +166,31 @@ def one_queue_per_task(config: FleetConfig) -> Iterator[Found]:
             owners.setdefault(pattern, name)
 
 
+def globs_do_not_tie(config: FleetConfig) -> Iterator[Found]:
+    """Routing by name: an exact name beats every glob, and of two globs that match, the
+    one with more literal characters wins (``tasks.heavy.*`` over ``tasks.*``). Two
+    globs of different queues that can match the same name with as many literal
+    characters each would be settled by their alphabetical order: no one means that."""
+    from fleet.routing import globs_overlap, specificity
+
+    seen: list[tuple[str, str]] = []
+    for name, queue in _queues(config):
+        for index, pattern in enumerate(queue.tasks):
+            if not any(ch in pattern for ch in "*?["):
+                continue
+            for other, owner in seen:
+                # The very same glob twice is one_queue_per_task's to report.
+                if owner != name and other != pattern \
+                        and specificity(other) == specificity(pattern) \
+                        and globs_overlap(pattern, other):
+                    yield ("queues", name, "tasks", index), (
+                        f"{pattern!r} and {other!r} (queue {owner!r}) can match the same "
+                        "task name and neither is more specific (the glob with more "
+                        "literal characters wins, an exact name beats both): make one "
+                        "narrower, or list the names")
+            seen.append((pattern, name))
+
+
 def time_limits_need_prefork(config: FleetConfig) -> Iterator[Found]:
     """Celery enforces soft and hard time limits only in the prefork pool."""
     for name, queue in _queues(config):
@@ -244,6 +269,7 @@ RULES: list[Callable[[FleetConfig], Iterator[Found]]] = [
     time_limits_need_prefork,
     retry_goes_to_larger_class,
     one_queue_per_task,
+    globs_do_not_tie,
     replicas_ordered,
     requests_within_limits,
     retry_exceptions_known,

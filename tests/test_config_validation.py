@@ -176,6 +176,27 @@ def test_task_claimed_by_two_queues(tmp_path):
     assert found == "queues.heavy.tasks.0: 'tasks.heavy.*' is already claimed by queue 'io'"
 
 
+def test_two_globs_that_tie_on_some_name_are_an_error(tmp_path):
+    # 'tasks.*.io' and 'tasks.io.*' both take 'tasks.io.io', with 9 literal characters each.
+    found = only(problems(tmp_path, {"queues": {
+        "io": {"tasks": ["tasks.io.*"]}, "heavy": {"tasks": ["tasks.*.io"]}}}))
+    assert found == ("queues.heavy.tasks.0: 'tasks.*.io' and 'tasks.io.*' (queue 'io') can "
+                     "match the same task name and neither is more specific (the glob with "
+                     "more literal characters wins, an exact name beats both): make one "
+                     "narrower, or list the names")
+
+
+@pytest.mark.parametrize("tasks", [
+    {"io": ["tasks.*"], "heavy": ["tasks.heavy.*"]},         # the more specific one wins
+    {"io": ["tasks.io.*"], "heavy": ["tasks.heavy.*"]},      # disjoint
+    {"io": ["tasks.[ab]*"], "heavy": ["tasks.[cd]*"]},       # classes with nothing shared
+    {"io": ["tasks.io.*", "tasks.heavy.big"], "heavy": ["tasks.heavy.*"]},  # exact wins
+])
+def test_globs_that_cannot_tie_are_fine(tmp_path, tasks):
+    assert problems_or_none(
+        tmp_path, {"queues": {q: {"tasks": t} for q, t in tasks.items()}}) == []
+
+
 def test_memory_limit_needs_prefork(tmp_path):
     found = only(problems(tmp_path, {"queues": {"io": {"memory_limit": "128Mi"}}}))
     assert found.startswith("queues.io.memory_limit: needs pool: prefork")

@@ -1,5 +1,14 @@
+import pytest
+
 from fleet.config import parse_config
-from fleet.routing import SIZE_HEADER, FleetRouter, RoutingTable, queue_for_name, route
+from fleet.routing import (
+    SIZE_HEADER,
+    FleetRouter,
+    RoutingTable,
+    globs_overlap,
+    queue_for_name,
+    route,
+)
 
 from .conftest import shipped_config
 
@@ -55,3 +64,15 @@ def test_celery_router_reads_the_size_header_and_gives_the_queue_priority():
     assert router("tasks.heavy.crunch", (), {}, {}) == {"queue": "heavy", "priority": 5}
     big = {"headers": {SIZE_HEADER: 512 * 2**20}}
     assert router("tasks.heavy.crunch", (), {}, big) == {"queue": "xl"}
+
+
+@pytest.mark.parametrize(("a", "b", "overlap"), [
+    ("tasks.*", "tasks.heavy.*", True), ("tasks.a*", "tasks.b*", False),
+    ("*.heavy", "tasks.*", True), ("tasks.?x", "tasks.a?", True), ("a*b", "c*", False),
+    ("[ab]x", "cx", False), ("[ab]x", "bx", True), ("tasks.io.*", "tasks.heavy.*", False),
+    ("a*c*e", "*b*d*", True), ("abc", "a*", True), ("abc", "b*", False), ("*", "x", True),
+    ("t.[ab]*", "t.[cd]*", False), ("t.[a-c]x", "t.[c-e]?", True),
+])
+def test_globs_overlap_when_some_name_matches_both(a, b, overlap):
+    assert globs_overlap(a, b) is overlap
+    assert globs_overlap(b, a) is overlap
