@@ -53,25 +53,42 @@ def validate(file: str | None) -> None:
 @cli.command()
 @click.option("--queue", "-q", required=True, help="The queue (resource class) to serve.")
 @click.option("--print-config", is_flag=True, help="Show the worker's settings and exit.")
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=None,
+              help="Pool processes or threads (default: the queue's concurrency).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Node name (default: QUEUE@%h).")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- CELERY_ARGS]")
 @pass_config_path
-def worker(queue: str, print_config: bool, loglevel: str, hostname: str | None,
-           config_path: str | None) -> None:
-    """Start a Celery worker with exactly QUEUE's settings from queues.yaml."""
+def worker(queue: str, print_config: bool, concurrency: int | None, loglevel: str,
+           hostname: str | None, celery_args: tuple[str, ...], config_path: str | None) -> None:
+    """Start a Celery worker with exactly QUEUE's settings from queues.yaml.
+
+    Anything after -- goes to `celery worker` as it is (for example
+    -- --max-tasks-per-child 100 --without-heartbeat), except what queues.yaml or
+    these options decide (queue, app, pool, concurrency, hostname, log level)."""
+    import dataclasses
     import os
 
     from fleet.watchdog import ENV_SUPERVISOR, SupervisorRef
-    from fleet.worker import celery_argv, describe, worker_settings
+    from fleet.worker import celery_argv, describe, passthrough_problem, worker_settings
 
+    if problem := passthrough_problem(celery_args):
+        raise click.BadParameter(problem, param_hint="CELERY_ARGS")
     config = _load(config_path)
-    settings = worker_settings(config, queue)
-    argv = celery_argv(settings, loglevel=loglevel, hostname=hostname)
+    declared = worker_settings(config, queue)
+    settings = declared
+    if concurrency is not None:
+        settings = dataclasses.replace(declared, concurrency=concurrency)
+    argv = [*celery_argv(settings, loglevel=loglevel, hostname=hostname), *celery_args]
     if print_config:
         width = max(len(k) for k, _ in describe(settings))
         click.echo(f"# worker for queue {queue!r} ({config.source})")
         for name, value in describe(settings):
-            click.echo(f"{name:<{width}}  {value}")
+            note = (f"  (--concurrency; queues.yaml: {declared.concurrency})"
+                    if name == "concurrency" and settings != declared else "")
+            click.echo(f"{name:<{width}}  {value}{note}")
+        if celery_args:
+            click.echo(f"{'passed through':<{width}}  {' '.join(celery_args)}")
         click.echo(f"\n# equivalent: celery -A fleet.app {' '.join(argv)}")
         return
     from fleet.imports import import_modules

@@ -21,13 +21,15 @@ class WorkerProcess:
     """One ``fleet worker --queue Q`` process and its log file."""
 
     def __init__(self, queue: str, config_path: str, log: Path, env: dict[str, str] | None = None,
-                 hostname: str | None = None, loglevel: str = "INFO"):
+                 hostname: str | None = None, loglevel: str = "INFO",
+                 extra: tuple[str, ...] = ()):
         self.queue = queue
         self.hostname = hostname or f"{queue}@%h"
         self.log = log
         self.argv = argv = [
             sys.executable, "-m", "fleet.cli", "worker", "--queue", queue,
-            "--config", config_path, "--loglevel", loglevel, "--hostname", self.hostname]
+            "--config", config_path, "--loglevel", loglevel, "--hostname", self.hostname,
+            *extra]
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,

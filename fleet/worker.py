@@ -111,6 +111,30 @@ def celery_argv(settings: WorkerSettings, *, loglevel: str = "INFO",
     return argv
 
 
+#: Options a pass-through (``fleet worker -q Q -- ...``) may not set: what the worker
+#: serves and how comes from queues.yaml, or from fleet worker's own options.
+FIXED_OPTIONS = {
+    "-Q": "the queue is --queue's", "--queues": "the queue is --queue's",
+    "-X": "a fleet worker serves one queue", "--exclude-queues": "a fleet worker serves one queue",
+    "--include-queues": "a fleet worker serves one queue",
+    "-A": "the app is fleet's", "--app": "the app is fleet's",
+    "-P": "the pool is the queue's (queues.yaml pool)",
+    "--pool": "the pool is the queue's (queues.yaml pool)",
+    "-c": "use fleet worker --concurrency", "--concurrency": "use fleet worker --concurrency",
+    "-n": "use fleet worker --hostname", "--hostname": "use fleet worker --hostname",
+    "-l": "use fleet worker --loglevel", "--loglevel": "use fleet worker --loglevel",
+}
+
+
+def passthrough_problem(args: tuple[str, ...] | list[str]) -> str | None:
+    """Why ``args`` cannot be handed to ``celery worker`` as they are, or None."""
+    for arg in args:
+        option = arg.split("=", 1)[0]
+        if option in FIXED_OPTIONS:
+            return f"{option} cannot be passed through: {FIXED_OPTIONS[option]}"
+    return None
+
+
 def describe(settings: WorkerSettings) -> list[tuple[str, str]]:
     """Readable (name, value) pairs for ``fleet worker --print-config``."""
     rows = []

@@ -128,10 +128,11 @@ class Fleet:
         return app
 
     def start_worker(self, queue: str, *, wait: bool = True, name: str | None = None,
-                     timeout: float = 60.0) -> WorkerProcess:
+                     timeout: float = 60.0, extra: tuple[str, ...] = ()) -> WorkerProcess:
         node = f"{name or queue}-{len(self.workers)}@{self.prefix.rstrip(':')}"
         log = self.tmp_path / "logs" / f"{node.replace('@', '_')}.log"
-        worker = WorkerProcess(queue, str(self.config_path), log, self.env, hostname=node)
+        worker = WorkerProcess(queue, str(self.config_path), log, self.env, hostname=node,
+                               extra=extra)
         self.workers.append(worker)
         if wait:
             self.wait_ready(worker, timeout)

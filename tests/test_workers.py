@@ -50,6 +50,36 @@ def test_io_worker_uses_threads_and_high_concurrency(fleet):
     assert stats["prefetch_count"] == 64  # 32 x prefetch_multiplier 2
 
 
+def test_concurrency_and_celery_options_can_be_given_on_the_command_line(fleet):
+    worker = fleet.start_worker("heavy", extra=("--concurrency", "3", "--",
+                                                "--max-tasks-per-child", "7"))
+    stats, _conf = stats_and_conf(fleet.app(), worker.hostname)
+    assert stats["pool"]["max-concurrency"] == 3  # queues.yaml says 1
+    assert stats["pool"]["max-tasks-per-child"] == 7  # queues.yaml says 20
+    shown = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "worker", "--queue", "heavy", "-c", "3",
+         "--print-config", "--config", str(fleet.config_path), "--",
+         "--max-tasks-per-child", "7"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "concurrency               3  (--concurrency; queues.yaml: 1)" in shown.stdout
+    assert "passed through            --max-tasks-per-child 7" in shown.stdout
+    assert shown.stdout.rstrip().endswith("--max-tasks-per-child 7")
+
+
+@pytest.mark.parametrize(("args", "reason"), [
+    (["--", "-Q", "io"], "-Q cannot be passed through: the queue is --queue's"),
+    (["--", "--pool=solo"], "--pool cannot be passed through: the pool is the queue's"),
+    (["--", "-c", "9"], "-c cannot be passed through: use fleet worker --concurrency"),
+    (["-c", "0"], "Invalid value for '--concurrency' / '-c': 0 is not in the range x>=1"),
+])
+def test_what_queues_yaml_decides_cannot_be_overridden_behind_its_back(fleet, args, reason):
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "worker", "--queue", "heavy", "--config",
+         str(fleet.config_path), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and reason in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_print_config_shows_the_settings_and_the_celery_command(fleet):
     result = subprocess.run(
         [sys.executable, "-m", "fleet.cli", "worker", "--queue", "heavy", "--print-config",
