@@ -199,3 +199,32 @@ def test_task_events_follow_the_config(fleet):
     quiet = fleet.configure({"events": False})
     assert "--task-events" not in celery_argv(worker_settings(quiet, "default"))
     assert celery_settings(quiet)["worker_send_task_events"] is False
+
+
+SCRIPT = """
+import os, warnings
+import fleet, fleet.app
+first = fleet.app.app
+os.environ["FLEET_KEY_PREFIX"] = os.environ["FLEET_KEY_PREFIX"] + "other:"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    first.send_task("tests.nothing.here")  # still on the prefix of import time
+    first.send_task("tests.nothing.here")
+print("warnings", len(caught))
+print("message", caught[0].message if caught else "")
+print("old", first.fleet_config.broker.key_prefix)
+print("new", fleet.app_for().fleet_config.broker.key_prefix)
+"""
+
+
+def test_fleet_app_says_when_the_environment_changed_and_app_for_follows_it(fleet):
+    env = {**fleet.env, "FLEET_CONFIG": str(fleet.config_path)}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert out["warnings"] == "1"  # once, not per task
+    assert out["message"].startswith("fleet.app.app was made when fleet.app was first "
+                                     "imported; FLEET_KEY_PREFIX changed since")
+    assert "call fleet.app_for()" in out["message"]
+    assert out["old"] == fleet.prefix and out["new"] == fleet.prefix + "other:"
