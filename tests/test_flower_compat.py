@@ -48,6 +48,26 @@ def test_flower_sees_fleet_workers_and_tasks(fleet):
         info = wait_for(task_seen, 30, interval=0.5, what="Flower to see the task succeed")
         assert info["name"] == "tasks.aggregate.sum_by"
         assert info["worker"] == worker.hostname
+        # The broker is Redis to Flower (it reads the URI's scheme): queue lengths, under
+        # the fleet's key prefix, and the broker page both work.
+        fleet.app().control.cancel_consumer("default", destination=[worker.hostname],
+                                            reply=True, timeout=5)
+        waiting = [fleet.app().send_task("tasks.aggregate.sum_by", args=[[{"key": "b"}]])
+                   for _ in range(3)]
+
+        def default_length():
+            reply = requests.get(f"{base}/api/queues/length", timeout=10)
+            assert reply.status_code == 200, reply.text  # was 404: broker not supported
+            return {q["name"]: q["messages"] for q in reply.json()["active_queues"]
+                    }.get("default") == 3
+
+        wait_for(default_length, 20, interval=0.5, what="Flower to count 3 waiting")
+        fleet.app().control.add_consumer("default", destination=[worker.hostname],
+                                         reply=True, timeout=5)
+        page = requests.get(f"{base}/broker", timeout=10)
+        assert page.status_code == 200 and "not supported" not in page.text
+        assert "redis://" in page.text and "fleet.transport" not in page.text
+        assert [r.get(timeout=30) for r in waiting] == [{"b": {"count": 1, "value": 0.0}}] * 3
     finally:
         flower.terminate()
         try:
