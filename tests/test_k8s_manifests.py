@@ -795,3 +795,7 @@ def test_the_ledgers_postgres_is_persistent_and_where_its_url_says():
     assert (env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"]) == (
         url.username, url.path.lstrip("/"))
     assert server["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+
+
+def test_kubectl_apply_k_k8s_applies_the_base():
+    assert kustomize(".") == kustomize("base")
