@@ -8,6 +8,7 @@ raw YAML or the environment: ``load_config`` is the only door.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -64,6 +65,10 @@ def _redis_url(url: str) -> str:
 
 
 RedisUrl = Annotated[str, AfterValidator(_redis_url)]
+
+#: Records in one chunk at most: a chunk is one task message, and the ledger's integers
+#: are 64-bit (a chunk size of 2**63 was a traceback from SQLite).
+MAX_CHUNK_SIZE = 10_000_000
 
 #: Environment variables read at the edge, by ``load_config`` only.
 ENV_CONFIG = "FLEET_CONFIG"
@@ -150,7 +155,7 @@ class Reconciler(Model):
 
 
 class Jobs(Model):
-    default_chunk_size: int = Field(1000, ge=1)
+    default_chunk_size: int = Field(1000, ge=1, le=MAX_CHUNK_SIZE)
     #: The job ledger (SQLAlchemy URL): what each job is, its chunks and which of them
     #: completed, outside the broker, so a Redis that restarts empty loses no job.
     #: SQLite on one machine; PostgreSQL when workers run on several (Kubernetes).
@@ -475,8 +480,14 @@ def _problems_from(exc: ValidationError, source: str, lines: dict) -> list[Probl
     return problems
 
 
+_PLAIN_KEY = re.compile(r"[\w*?\[\]{}@/+-]+")
+
+
 def _dotted(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc)
+    """``queues.heavy.memory_limit``; a key with spaces, dots, control or no characters
+    is quoted (``queues.'a b'``, ``'\\r'``) so the message shows what the file holds."""
+    return ".".join(str(part) if _PLAIN_KEY.fullmatch(str(part)) else repr(str(part))
+                    for part in loc)
 
 
 def _line_for(loc: tuple, lines: dict) -> int | None:

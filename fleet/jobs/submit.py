@@ -19,6 +19,7 @@ from typing import IO
 import redis
 from celery import Celery
 
+from fleet.config import MAX_CHUNK_SIZE
 from fleet.errors import BrokerUnavailableError, FleetError, JobInputError
 from fleet.jobs.ids import new_job_id
 from fleet.jobs.inputs import checked_input, keep_copy
@@ -66,8 +67,9 @@ def registered_task(app: Celery, name: str, what: str = "task"):
 
 def submit(app: Celery, spec: JobSpec, stdin: IO[bytes] | None = None) -> Submitted:
     config = app.fleet_config
-    if spec.chunk_size < 1:
-        raise JobInputError(f"chunk size must be at least 1, got {spec.chunk_size}")
+    if not 1 <= spec.chunk_size <= MAX_CHUNK_SIZE:
+        raise JobInputError(f"chunk size must be at least 1 and at most {MAX_CHUNK_SIZE:,} "
+                            f"records, got {spec.chunk_size}")
     task = registered_task(app, spec.task)
     check_arguments(task, "task", spec.kwargs)
     if spec.aggregate:
