@@ -521,19 +521,38 @@ def up(demo: bool, records: int, exit_when_done: bool, workdir: str, dashboard_p
 def dashboard(address: str, port: int, url_prefix: str, database: str | None,
               admin_token_env: str | None, insecure_no_auth: bool,
               config_path: str | None) -> None:
-    """The dashboard: workers, queues, tasks, jobs, autoscaler; REST API and /metrics."""
+    """The dashboard: workers, queues, tasks, jobs, autoscaler; REST API and /metrics.
+
+    SIGHUP re-reads the users, tokens and single sign-on settings of queues.yaml (and
+    their secrets from the environment): a user removed or demoted there loses access
+    at their next request, without a restart."""
+    import signal
+
     from fleet.config import DashboardToken
     from fleet.dashboard.server import DashboardServer
 
-    config = _load(config_path)
-    if admin_token_env:
-        board = config.dashboard
-        token = DashboardToken(name="admin-token", role="admin", token_env=admin_token_env)
-        config = config.model_copy(update={"dashboard": board.model_copy(
-            update={"tokens": [*board.tokens, token]})})
-    server = DashboardServer(config, address=address, port=port,
+    def load():
+        config = _load(config_path)
+        if admin_token_env:
+            board = config.dashboard
+            token = DashboardToken(name="admin-token", role="admin", token_env=admin_token_env)
+            config = config.model_copy(update={"dashboard": board.model_copy(
+                update={"tokens": [*board.tokens, token]})})
+        return config
+
+    server = DashboardServer(load(), address=address, port=port,
                              url_prefix=url_prefix, database=database,
                              insecure=insecure_no_auth, log_level="info")
+
+    def reload(_signum, _frame):
+        try:
+            server.svc.auth.load(load().dashboard)
+        except FleetError as exc:
+            click.echo(f"dashboard: not reloaded, the users it had stay: {exc}", err=True)
+            return
+        click.echo("dashboard: users, tokens and single sign-on re-read", err=True)
+
+    signal.signal(signal.SIGHUP, reload)
     click.echo(f"dashboard on {server.url} (API spec at {server.url}docs)")
     server.serve_forever()
 

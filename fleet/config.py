@@ -66,6 +66,19 @@ def _redis_url(url: str) -> str:
 
 RedisUrl = Annotated[str, AfterValidator(_redis_url)]
 
+def _ip_or_network(value: str) -> str:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"must be an IP address or CIDR range like 10.0.0.0/8, got {value!r}"
+                         ) from None
+    return value
+
+
+IpOrNetwork = Annotated[str, AfterValidator(_ip_or_network)]
+
 #: Records in one chunk at most: a chunk is one task message, and the ledger's integers
 #: are 64-bit (a chunk size of 2**63 was a traceback from SQLite).
 MAX_CHUNK_SIZE = 10_000_000
@@ -318,6 +331,10 @@ class Dashboard(Model):
     #: Environment variable with the key that signs session cookies (random if unset:
     #: sessions then end when the dashboard restarts).
     session_secret_env: str | None = None
+    #: Addresses (or CIDR ranges) of the proxies in front (an ingress): only their
+    #: X-Forwarded-For and X-Forwarded-Proto are believed, for the client address that
+    #: sign-in throttling counts and for Secure cookies behind a TLS-terminating proxy.
+    trusted_proxies: list[IpOrNetwork] = ["127.0.0.1"]
 
 
 class QueueClass(Model):

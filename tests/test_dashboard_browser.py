@@ -217,3 +217,81 @@ def test_a_gap_in_the_events_is_a_banner_on_every_page(fleet, tmp_path, browser,
     finally:
         page.close()
         board.stop()
+
+
+#: Markup that runs script if a page ever treats a value as HTML.
+HOSTILE = '<img src=x onerror="window.__xss=1">'
+#: Collects every CSP violation of a page (init scripts run before the page's own and
+#: are not subject to its policy).
+WATCH_CSP = ("window.__csp = []; document.addEventListener('securitypolicyviolation', "
+             "(e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
+
+
+def test_no_page_breaks_the_csp_and_hostile_values_render_as_text(fleet, tmp_path, browser):
+    fleet.configure(deep_merge(FAST, {"dashboard": {"users": [
+        {"name": HOSTILE, "role": "admin", "password_env": "T_HOSTILE"}]}}))
+    board = start_dashboard(fleet.config, f"sqlite:///{tmp_path / 'd.sqlite'}",
+                            auth=Authenticator(fleet.config.dashboard, env={"T_HOSTILE": "pw"}))
+    worker = fleet.start_worker("default")
+    app = fleet.app()
+    ok = app.send_task("tasks.aggregate.sum_by", args=[[{"key": HOSTILE, "v": 1}], "key", ["v"]])
+    bad = app.send_task("tasks.aggregate.sum_by", kwargs={
+        "records": [{"key": "k", "v": HOSTILE}], "group_by": "key", "fields": ["v"]})
+    assert ok.get(timeout=60) == {HOSTILE: {"count": 1, "v": 1.0}}
+    wait_for(lambda: (board.svc.views.task(bad.id) or {}).get("state") == "FAILURE", 30,
+             what="the failed task in the store")
+    page = browser.new_page()
+    page.add_init_script(WATCH_CSP)
+    console: list[str] = []
+    page.on("console", lambda m: console.append(m.text))
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+    visited = []
+
+    def visit(hash_: str, selector: str, expect: str | None = None):
+        page.goto(f"{board.base}/#/{hash_}")
+        page.wait_for_selector(selector, timeout=20_000)
+        if expect:
+            page.wait_for_selector(f"{selector} >> text={expect}", timeout=20_000)
+        visited.append((hash_, page.evaluate("window.__csp")))
+
+    try:
+        page.goto(board.base + "/login")
+        visited.append(("login", page.evaluate("window.__csp")))
+        page.fill("#username", HOSTILE)
+        page.fill("#password", "pw")
+        page.click("#signin")
+        page.wait_for_selector("#workers")
+        assert page.inner_text("#user") == f"{HOSTILE} (admin)"  # text, as typed
+        visit("workers", "#workers", worker.hostname)
+        visit(f"worker/{worker.hostname}", "#worker-info")
+        visit("queues", "#queues")
+        visit("tasks", "#tasks", "FAILURE")
+        assert HOSTILE in page.inner_text("#tasks")  # the args column, as text
+        visit(f"task/{ok.id}", "#task-info")
+        info = page.inner_text("#task-info")
+        assert HOSTILE in info  # args and result, as text
+        visit(f"task/{bad.id}", "#task-info", "ValueError")
+        assert f"not a number: '{HOSTILE}'" in page.inner_text("#task-info")  # exception
+        visit("failures", "#failures", "ValueError")
+        assert HOSTILE in page.inner_text("#failures")
+        visit("jobs", "#jobs")
+        visit("autoscaler", "#latest")
+        visit("broker", "#broker")
+        visit("audit", "#audit", "login")
+        assert HOSTILE in page.inner_text("#audit")  # the sign-in, under its user name
+        page.goto(board.base + "/docs")
+        page.wait_for_selector("#swagger-ui .opblock", timeout=20_000)
+        visited.append(("docs", page.evaluate("window.__csp")))
+        # nothing ran, nothing was parsed as markup, nothing was blocked
+        assert page.evaluate("window.__xss") is None
+        assert dialogs == []
+        for where, violations in visited:
+            assert violations == [], (where, violations)
+        assert not [c for c in console if "Content Security Policy" in c], console
+        page.goto(f"{board.base}/#/task/{ok.id}")
+        page.wait_for_selector("main h2 >> text=SUCCESS")
+        assert page.locator("img[src=x]").count() == 0
+    finally:
+        page.close()
+        board.stop()

@@ -121,7 +121,7 @@ def test_requeue_needs_an_operator_and_purge_an_admin_with_csrf(fleet, tmp_path)
         audit = requests.get(f"{base}/api/fleet/audit", auth=("ada", "a-pass"),
                              timeout=10).json()
         assert [(a["user"], a["action"]) for a in audit] == [
-            ("ada", "dead.purge"), ("otto", "dead.requeue")]
+            ("ada", "dead.purge"), ("otto", "dead.requeue"), ("ada", "login")]
     finally:
         board.stop()
 

@@ -63,7 +63,9 @@ def test_roles_decide_what_each_user_may_do(secured):
     r = requests.post(f"{base}/api/fleet/queues/heavy/resume", headers=headers, timeout=10)
     assert r.status_code == 403
     audit = requests.get(f"{base}/api/fleet/audit", headers=headers, timeout=10).json()
-    assert [(a["user"], a["action"]) for a in audit] == [("ada", "queue.pause")]
+    # newest first: the pause, and vera's wrong password before it
+    assert [(a["user"], a["action"], a["ok"]) for a in audit] == [
+        ("ada", "queue.pause", True), ("vera", "login.failed", False)]
     assert requests.get(f"{base}/metrics", timeout=10).status_code == 401
     assert requests.get(f"{base}/metrics", headers=headers, timeout=10).status_code == 200
 
@@ -88,7 +90,7 @@ def test_browser_sessions_need_the_csrf_token_and_same_origin(secured):
     assert r.status_code == 403 and "cross-origin" in r.json()["error"]
     r = s.post(url, headers={"X-CSRF-Token": csrf}, timeout=10)
     assert r.status_code == 200, r.text
-    s.get(f"{secured.base}/logout", timeout=10)
+    s.post(f"{secured.base}/logout", timeout=10)
     assert s.get(f"{secured.base}/api/fleet/queues", timeout=10).status_code == 401
 
 

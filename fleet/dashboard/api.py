@@ -10,31 +10,37 @@ from __future__ import annotations
 
 import redis
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import JSONResponse, RedirectResponse
 
 from fleet.dashboard.control import ControlError
 from fleet.dashboard.deadletters import dead_letter_routes
 from fleet.dashboard.fleet_api import fleet_routes
 from fleet.dashboard.flower_api import flower_routes
 from fleet.dashboard.gate import Denied, Gate
-from fleet.dashboard.pages import STATIC, page_routes
+from fleet.dashboard.pages import PAGES, base_of, page_routes, public_routes
 from fleet.dashboard.service import DashboardService
 from fleet.errors import FleetError, UnknownJobError
 
 
 def create_api(svc: DashboardService) -> FastAPI:
-    api = FastAPI(title="fleet dashboard", version="1",
+    # FastAPI's own /docs and /openapi.json are off: ours sit behind sign-in and the
+    # API page loads Swagger UI from /static (FastAPI's loads it from a CDN, inline).
+    api = FastAPI(title="fleet dashboard", version="1", docs_url=None, redoc_url=None,
+                  openapi_url=None,
                   description="Flower's API paths and shapes, plus the fleet's own "
                               "(/api/fleet/...). Errors are JSON: {\"error\": message}.")
     api.state.svc = svc
-    auth = svc.auth
 
     # -- errors: JSON with a clear message and the right status ----------------------
 
     @api.exception_handler(Denied)
-    async def _denied(_request: Request, exc: Denied):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    async def _denied(request: Request, exc: Denied):
+        base = base_of(request)
+        if (exc.status == 401 and request.method == "GET"
+                and request.url.path.removeprefix(base) in PAGES):
+            return RedirectResponse(f"{base}/login", status_code=303)
+        return JSONResponse({"error": exc.message}, status_code=exc.status,
+                            headers=exc.headers)
 
     @api.exception_handler(HTTPException)
     async def _http(_request: Request, exc: HTTPException):
@@ -66,13 +72,15 @@ def create_api(svc: DashboardService) -> FastAPI:
         return JSONResponse({"error": f"bad request: {problems}"}, status_code=400)
 
     gate = Gate(svc)
-    api.mount("/static", StaticFiles(directory=STATIC), name="static")
-    pages, signed_in = page_routes(auth)
-    api.include_router(pages)
-    if auth.oidc:
-        from fleet.dashboard.oidc import add_oidc_routes
+    public, signed_in = public_routes(gate)
+    api.include_router(public)
+    if svc.auth.oidc:
+        from fleet.dashboard.oidc import oidc_routes
 
-        add_oidc_routes(api, auth, signed_in)
+        api.include_router(oidc_routes(api, svc.auth, signed_in))
+    pages = gate.routers()
+    page_routes(pages, api)
+    api.include_router(pages.merged())
     api.include_router(flower_routes(svc, gate))
     api.include_router(fleet_routes(svc, gate))
     api.include_router(dead_letter_routes(svc, gate))

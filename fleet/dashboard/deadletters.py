@@ -53,17 +53,16 @@ def _row(entry: DeadLetter) -> dict:
 
 
 def dead_letter_routes(svc: DashboardService, gate: Gate) -> APIRouter:
-    router = APIRouter(tags=["fleet"])
+    routers = gate.routers(tags=["fleet"])
     queues = list(svc.config.queues)
 
     def _queue(name: str) -> None:
         if name not in svc.config.queues:
             raise Denied(404, f"Unknown queue '{name}' (known: {', '.join(queues)})")
 
-    @router.get("/api/fleet/dead", response_model=DeadLetterPage)
+    @routers.viewer.get("/api/fleet/dead", response_model=DeadLetterPage)
     def dead_letters(request: Request, queue: str | None = None,
                      limit: int = Query(50, ge=1, le=1000)):
-        gate.who(request)
         if queue is not None:
             _queue(queue)
         dead = DeadLetterList.for_config(svc.config)
@@ -71,9 +70,8 @@ def dead_letter_routes(svc: DashboardService, gate: Gate) -> APIRouter:
         return {"counts": dead.counts(queues),
                 "entries": [_row(e) for q in shown for e in dead.entries(q, limit)]}
 
-    @router.get("/api/fleet/dead/{entry_id}", response_model=DeadLetterDetail)
+    @routers.viewer.get("/api/fleet/dead/{entry_id}", response_model=DeadLetterDetail)
     def dead_letter(request: Request, entry_id: str):
-        gate.who(request)
         try:
             _, entry = DeadLetterList.for_config(svc.config).find(entry_id, queues)
         except UnknownDeadLetterError as exc:
@@ -81,24 +79,21 @@ def dead_letter_routes(svc: DashboardService, gate: Gate) -> APIRouter:
         return {**_row(entry), "message": entry.message, "raw": entry.raw,
                 "arguments": decoded_body(entry.message)}
 
-    @router.post("/api/fleet/dead/{entry_id}/requeue")
+    @routers.operator.post("/api/fleet/dead/{entry_id}/requeue")
     async def requeue(request: Request, entry_id: str):
-        principal = gate.acting(request, "operator")
-        return gate.act(principal, "dead.requeue", entry_id, {},
+        return gate.act(request, "dead.requeue", entry_id, {},
                         lambda: svc.control.requeue_dead(entry_id))
 
-    @router.post("/api/fleet/queues/{queue}/dead/requeue")
+    @routers.operator.post("/api/fleet/queues/{queue}/dead/requeue")
     async def requeue_queue(request: Request, queue: str):
-        principal = gate.acting(request, "operator")
         _queue(queue)
-        return gate.act(principal, "dead.requeue-all", queue, {},
+        return gate.act(request, "dead.requeue-all", queue, {},
                         lambda: svc.control.requeue_dead_queue(queue))
 
-    @router.post("/api/fleet/queues/{queue}/dead/purge")
+    @routers.admin.post("/api/fleet/queues/{queue}/dead/purge")
     async def purge(request: Request, queue: str):
-        principal = gate.acting(request, "admin")
         _queue(queue)
-        return gate.act(principal, "dead.purge", queue, {},
+        return gate.act(request, "dead.purge", queue, {},
                         lambda: svc.control.purge_dead(queue))
 
-    return router
+    return routers.merged()

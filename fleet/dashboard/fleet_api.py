@@ -24,22 +24,20 @@ GAPS_RECENT = 86400.0
 
 
 def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
-    router = APIRouter(tags=["fleet"])
+    routers = gate.routers(tags=["fleet"])
 
-    @router.get("/metrics", response_class=PlainTextResponse)
+    @routers.viewer.get("/metrics", response_class=PlainTextResponse)
     def metrics(request: Request):
-        gate.who(request)
         return Response(generate_latest(svc.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @router.get("/api/fleet/me")
+    @routers.viewer.get("/api/fleet/me")
     def me(request: Request):
-        p = gate.who(request)
+        p = gate.principal(request)
         return {"name": p.name, "role": p.role, "via": p.via,
                 "may": [r for r in LEVEL if p.may(r)]}
 
-    @router.get("/api/fleet/overview")
+    @routers.viewer.get("/api/fleet/overview")
     def overview(request: Request):
-        gate.who(request)
         snap = svc.sampler.snapshot
         ws = svc.views.workers()
         return {"workers_online": sum(w["status"] == "online" for w in ws),
@@ -51,24 +49,21 @@ def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
                 "queues": len(svc.config.queues), "sampled_at": snap.at,
                 "broker_error": snap.error}
 
-    @router.get("/api/fleet/events/gaps")
+    @routers.viewer.get("/api/fleet/events/gaps")
     def event_gaps(request: Request, limit: int = Query(100, ge=1, le=1000),
                    since: float | None = None):
         """Stretches of events the dashboard could not recover (Redis restarted empty,
         the stream trimmed past it, a worker's offline buffer full), newest first."""
-        gate.who(request)
         return svc.views.gaps(limit, since)
 
-    @router.get("/api/fleet/workers")
+    @routers.viewer.get("/api/fleet/workers")
     def fleet_workers(request: Request, include_offline: bool = True):
-        gate.who(request)
         samples = _samples()
         return [{**w, **samples.get(w["hostname"], {})}
                 for w in svc.views.workers(include_offline)]
 
-    @router.get("/api/fleet/workers/{name}")
+    @routers.viewer.get("/api/fleet/workers/{name}")
     def fleet_worker(request: Request, name: str, refresh: bool = False):
-        gate.who(request)
         stored = svc.views.worker(name)
         if stored is None:
             raise Denied(404, f"Unknown worker '{name}'")
@@ -86,9 +81,8 @@ def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
                              "reserved": w.reserved, "pod": w.pod}
                 for w in (obs.workers if obs else [])}
 
-    @router.get("/api/fleet/queues")
+    @routers.viewer.get("/api/fleet/queues")
     def fleet_queues(request: Request):
-        gate.who(request)
         snap = svc.sampler.poll()
         paused = snap.observation.overrides if snap.observation else {}
         out = []
@@ -111,29 +105,26 @@ def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
                         "memory_limit": q.memory_limit})
         return out
 
-    @router.post("/api/fleet/queues/{queue}/pause")
+    @routers.admin.post("/api/fleet/queues/{queue}/pause")
     async def pause(request: Request, queue: str):
-        principal = gate.acting(request, "admin")
         _queue(queue)
-        return gate.act(principal, "queue.pause", queue, {}, lambda: svc.control.pause(queue, True))
+        return gate.act(request, "queue.pause", queue, {}, lambda: svc.control.pause(queue, True))
 
-    @router.post("/api/fleet/queues/{queue}/resume")
+    @routers.admin.post("/api/fleet/queues/{queue}/resume")
     async def resume(request: Request, queue: str):
-        principal = gate.acting(request, "admin")
         _queue(queue)
-        return gate.act(principal, "queue.resume", queue, {},
+        return gate.act(request, "queue.resume", queue, {},
                         lambda: svc.control.pause(queue, False))
 
-    @router.post("/api/fleet/queues/{queue}/bounds")
+    @routers.admin.post("/api/fleet/queues/{queue}/bounds")
     async def bounds(request: Request, queue: str):
-        principal = gate.acting(request, "admin")
         _queue(queue)
         args = await gate.params(request)
         lo, hi = gate.number(args, "min_replicas"), gate.number(args, "max_replicas")
         for name, value in (("min_replicas", lo), ("max_replicas", hi)):
             if value is not None and value < 0:
                 raise Denied(400, f"{name} must be 0 or more (got {value})")
-        return gate.act(principal, "autoscaler.bounds", queue,
+        return gate.act(request, "autoscaler.bounds", queue,
                         {"min_replicas": lo, "max_replicas": hi},
                         lambda: svc.control.set_bounds(queue, lo, hi))
 
@@ -142,7 +133,7 @@ def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
             raise Denied(404, f"Unknown queue '{name}' (known: "
                               f"{', '.join(svc.config.queues)})")
 
-    @router.get("/api/fleet/tasks")
+    @routers.viewer.get("/api/fleet/tasks")
     def fleet_tasks(request: Request, state: Annotated[list[str] | None, Query()] = None,
                     name: str | None = None, worker: str | None = None,
                     queue: str | None = None, since: float | None = None,
@@ -150,7 +141,6 @@ def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
                     memory_kill: bool | None = None,
                     before: int | None = Query(None, ge=0, le=MAX_INT),
                     limit: int = Query(50, ge=1, le=500)):
-        gate.who(request)
         states = tuple(s for part in state or () for s in part.split(",") if s)
         f = TaskFilter(states=states, name=name, worker=worker, queue=queue,
                        received_from=since, received_to=until, search=search,
@@ -159,31 +149,27 @@ def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
         return {"tasks": rows,
                 "next": rows[-1]["seq"] if len(rows) == limit else None}
 
-    @router.get("/api/fleet/tasks/{task_id}")
+    @routers.viewer.get("/api/fleet/tasks/{task_id}")
     def fleet_task(request: Request, task_id: str):
-        gate.who(request)
         task = svc.views.task(task_id)
         if task is None:
             raise Denied(404, f"Unknown task '{task_id}'")
         return task
 
-    @router.get("/api/fleet/failures")
+    @routers.viewer.get("/api/fleet/failures")
     def failures(request: Request):
-        gate.who(request)
         return svc.views.failures()
 
-    @router.get("/api/fleet/jobs")
+    @routers.viewer.get("/api/fleet/jobs")
     def fleet_jobs(request: Request, limit: int = Query(100, ge=1, le=1000)):
         """Live from Redis, and from the store the jobs whose state Redis has let expire."""
-        gate.who(request)
         live = {j["id"]: j for j in svc.sampler.live_jobs(limit)}
         stored = [j for j in svc.views.jobs(limit) if j["id"] not in live]
         rows = [*live.values(), *stored]
         return sorted(rows, key=lambda j: -(j["created"] or 0))[:limit]
 
-    @router.get("/api/fleet/jobs/{job_id}")
+    @routers.viewer.get("/api/fleet/jobs/{job_id}")
     def fleet_job(request: Request, job_id: str):
-        gate.who(request)
         from fleet.jobs.state import JobStore
 
         status = JobStore(svc.config).status(job_id)
@@ -193,30 +179,27 @@ def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
                 "failed_chunks": [{"index": c.index, "error": c.error} for c in failed[:200]],
                 "tasks": svc.views.job_tasks(job_id, 50)}
 
-    @router.post("/api/fleet/jobs/{job_id}/retry")
+    @routers.operator.post("/api/fleet/jobs/{job_id}/retry")
     async def retry_job(request: Request, job_id: str):
-        principal = gate.acting(request, "operator")
-        return gate.act(principal, "job.retry", job_id, {}, lambda: svc.control.retry_job(job_id))
+        return gate.act(request, "job.retry", job_id, {}, lambda: svc.control.retry_job(job_id))
 
-    @router.post("/api/fleet/jobs/{job_id}/revoke")
+    @routers.operator.post("/api/fleet/jobs/{job_id}/revoke")
     async def revoke_job(request: Request, job_id: str):
-        principal = gate.acting(request, "operator")
-        return gate.act(principal, "job.revoke", job_id, {},
+        principal = gate.principal(request)
+        return gate.act(request, "job.revoke", job_id, {},
                         lambda: svc.control.revoke_job(job_id, principal.name))
 
-    @router.get("/api/fleet/autoscaler")
+    @routers.viewer.get("/api/fleet/autoscaler")
     def autoscaler(request: Request, queue: str | None = None,
                    limit: int = Query(100, ge=1, le=1000)):
-        gate.who(request)
         snap = svc.sampler.poll()
         return {"latest": snap.replicas,
                 "overrides": {q: o.__dict__ for q, o in (
                     snap.observation.overrides if snap.observation else {}).items()},
                 "decisions": svc.views.decisions(limit, queue)}
 
-    @router.get("/api/fleet/broker")
+    @routers.viewer.get("/api/fleet/broker")
     def broker(request: Request):
-        gate.who(request)
         snap = svc.sampler.poll()
         out = {"url": _redact(svc.config.broker.url), "transport": "redis",
                "queues": [{"name": q, "messages": m.waiting, "unacked": m.unacked,
@@ -230,20 +213,18 @@ def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
             out["rabbitmq"] = {"url": _redact(rabbit.url), "queues": queues, "error": error}
         return out
 
-    @router.get("/api/fleet/series")
+    @routers.viewer.get("/api/fleet/series")
     def series(request: Request, since: float | None = None, queue: str | None = None,
                what: Literal["queues", "workers", "all"] = "all"):
-        gate.who(request)
         kinds = ("queues", "workers") if what == "all" else (what,)
         return svc.views.series(since if since is not None else time.time() - 3600, queue,
                                 kinds)
 
-    @router.get("/api/fleet/audit")
+    @routers.operator.get("/api/fleet/audit")
     def audit_log(request: Request, limit: int = Query(200, ge=1, le=1000)):
-        gate.who(request, "operator")
         return svc.views.audit(limit)
 
-    return router
+    return routers.merged()
 
 
 def _redact(url: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import PlainTextResponse
 
 from fleet.dashboard.gate import MAX_INT, Denied, Gate, missing
 from fleet.dashboard.service import DashboardService
@@ -19,16 +18,11 @@ RESULT_WAIT_MAX = 10.0
 
 
 def flower_routes(svc: DashboardService, gate: Gate) -> APIRouter:
-    router = APIRouter(tags=["flower"])
+    routers = gate.routers(tags=["flower"])
 
-    @router.get("/healthcheck", response_class=PlainTextResponse)
-    async def healthcheck():
-        return "OK"
-
-    @router.get("/api/workers")
+    @routers.viewer.get("/api/workers")
     def workers(request: Request, refresh: bool = False, workername: str | None = None,
                 status: bool = False):
-        gate.who(request)
         stored = {w["hostname"]: w for w in svc.views.workers()}
         svc.inspector.forget(set(stored))
         if status:
@@ -70,24 +64,22 @@ def flower_routes(svc: DashboardService, gate: Gate) -> APIRouter:
         action = "worker." + path.removeprefix("queue/").replace("/", "_").replace("-", "_")
 
         async def handler(request: Request, name: str):
-            principal = gate.acting(request, role)
             args = parse(await gate.params(request)) if parse else {}
             gate.known_worker(name)
-            return gate.act(principal, action, name, args, lambda: call(name, args))
+            return gate.act(request, action, name, args, lambda: call(name, args))
 
-        router.post(f"/api/worker/{path}/{{name}}", name=action,
-                    operation_id=action.replace(".", "_"))(handler)
+        routers[role].post(f"/api/worker/{path}/{{name}}", name=action,
+                           operation_id=action.replace(".", "_"))(handler)
 
     for path, role, parse, call in worker_actions:
         worker_route(path, role, parse, call)
 
-    @router.get("/api/tasks")
+    @routers.viewer.get("/api/tasks")
     def flower_tasks(request: Request, limit: int | None = Query(None, ge=1, le=MAX_INT),
                      offset: int = Query(0, ge=0, le=MAX_INT), sort_by: str | None = None,
                      workername: str | None = None, taskname: str | None = None,
                      state: str | None = None, received_start: str | None = None,
                      received_end: str | None = None, search: str | None = None):
-        gate.who(request)
         f = TaskFilter(states=tuple(state.split(",")) if state else (), name=taskname,
                        worker=workername, search=search,
                        received_from=_when(received_start, "received_start"),
@@ -96,22 +88,19 @@ def flower_routes(svc: DashboardService, gate: Gate) -> APIRouter:
                                oldest_first=sort_by in ("received", "started"))
         return {t["uuid"]: flower_task(t) for t in rows}
 
-    @router.get("/api/task/types")
+    @routers.viewer.get("/api/task/types")
     def task_types(request: Request):
-        gate.who(request)
         return {"task-types": svc.views.task_names()}
 
-    @router.get("/api/task/info/{task_id}")
+    @routers.viewer.get("/api/task/info/{task_id}")
     def task_info(request: Request, task_id: str):
-        gate.who(request)
         task = svc.views.task(task_id)
         if task is None:
             raise Denied(404, f"Unknown task '{task_id}'")
         return flower_task(task)
 
-    @router.get("/api/task/result/{task_id}")
+    @routers.viewer.get("/api/task/result/{task_id}")
     def task_result(request: Request, task_id: str, timeout: float | None = None):
-        gate.who(request)
         result = svc.app.AsyncResult(task_id)
         if timeout:
             try:
@@ -128,7 +117,6 @@ def flower_routes(svc: DashboardService, gate: Gate) -> APIRouter:
 
     async def send(request: Request, name: str, action: str, known_only: bool) -> dict:
         """async-apply (a task this app registers) and send-task (any name, as Flower)."""
-        principal = gate.acting(request, "operator")
         body = await gate.params(request)
         if known_only:
             try:
@@ -146,56 +134,52 @@ def flower_routes(svc: DashboardService, gate: Gate) -> APIRouter:
             sent.append(svc.app.send_task(name, args=args, kwargs=kwargs, **options))
             return f"sent {name} as {sent[0].id}"
 
-        gate.act(principal, action, name, {"args": args, "kwargs": kwargs}, call)
+        gate.act(request, action, name, {"args": args, "kwargs": kwargs}, call)
         return {"task-id": sent[0].id, "state": "PENDING"}
 
-    @router.post("/api/task/async-apply/{name}")
+    @routers.operator.post("/api/task/async-apply/{name}")
     async def async_apply(request: Request, name: str):
         return await send(request, name, "task.apply", known_only=True)
 
-    @router.post("/api/task/send-task/{name}")
+    @routers.operator.post("/api/task/send-task/{name}")
     async def send_task(request: Request, name: str):
         return await send(request, name, "task.send", known_only=False)
 
-    @router.post("/api/task/revoke/{task_id}")
+    @routers.operator.post("/api/task/revoke/{task_id}")
     async def revoke(request: Request, task_id: str):
-        principal = gate.acting(request, "operator")
         args = await gate.params(request)
         terminate = str(args.get("terminate", "false")).lower() in ("1", "true", "yes")
         signal = args.get("signal", "SIGTERM")
         action = "task.terminate" if terminate else "task.revoke"
-        return gate.act(principal, action, task_id, {"terminate": terminate, "signal": signal},
+        return gate.act(request, action, task_id, {"terminate": terminate, "signal": signal},
                         lambda: svc.control.revoke(task_id, terminate, signal))
 
-    @router.post("/api/task/timeout/{name}")
+    @routers.operator.post("/api/task/timeout/{name}")
     async def time_limit(request: Request, name: str):
-        principal = gate.acting(request, "operator")
         args = await gate.params(request)
         worker = args.get("workername") or missing("workername")
         gate.known_worker(worker)
         soft, hard = gate.number(args, "soft", None, float), gate.number(args, "hard", None, float)
-        return gate.act(principal, "task.time_limit", name,
+        return gate.act(request, "task.time_limit", name,
                         {"workername": worker, "soft": soft, "hard": hard},
                         lambda: svc.control.time_limit(worker, name, soft, hard))
 
-    @router.post("/api/task/rate-limit/{name}")
+    @routers.operator.post("/api/task/rate-limit/{name}")
     async def rate_limit(request: Request, name: str):
-        principal = gate.acting(request, "operator")
         args = await gate.params(request)
         worker = args.get("workername") or missing("workername")
         gate.known_worker(worker)
         rate = args.get("ratelimit") or missing("ratelimit")
-        return gate.act(principal, "task.rate_limit", name, {"workername": worker, "rate": rate},
+        return gate.act(request, "task.rate_limit", name, {"workername": worker, "rate": rate},
                         lambda: svc.control.rate_limit(worker, name, rate))
 
-    @router.get("/api/queues/length")
+    @routers.viewer.get("/api/queues/length")
     def queues_length(request: Request):
-        gate.who(request)
         snap = svc.sampler.poll()
         return {"active_queues": [{"name": q, "messages": m.waiting}
                                   for q, m in snap.queues.items()]}
 
-    return router
+    return routers.merged()
 
 
 def _when(value: str | None, name: str) -> float | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -19,8 +19,9 @@ from fleet.dashboard.auth import Authenticator
 FLOW_COOKIE = "fleet_oidc_flow"
 
 
-def add_oidc_routes(api: FastAPI, auth: Authenticator,
-                    signed_in: Callable[[str, str, str], object]) -> None:
+def oidc_routes(api: FastAPI, auth: Authenticator,
+                signed_in: Callable[[Request, str, str, str], object]) -> APIRouter:
+    """The two public routes of the code flow (and the flow cookie's middleware)."""
     from authlib.integrations.starlette_client import OAuth, OAuthError
 
     settings = auth.oidc
@@ -33,7 +34,9 @@ def add_oidc_routes(api: FastAPI, auth: Authenticator,
         server_metadata_url=settings.issuer.rstrip("/") + "/.well-known/openid-configuration",
         client_kwargs={"scope": "openid email profile"})
 
-    @api.get("/login/oidc", include_in_schema=False)
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/login/oidc")
     async def login_oidc(request: Request):
         try:
             return await oauth.oidc.authorize_redirect(request,
@@ -43,7 +46,7 @@ def add_oidc_routes(api: FastAPI, auth: Authenticator,
                                           f"{settings.issuer}'s discovery document ({exc})"},
                                 status_code=502)
 
-    @api.get("/auth/oidc", name="oidc_callback", include_in_schema=False)
+    @router.get("/auth/oidc", name="oidc_callback")
     async def oidc_callback(request: Request):
         try:
             token = await oauth.oidc.authorize_access_token(request)
@@ -58,4 +61,6 @@ def add_oidc_routes(api: FastAPI, auth: Authenticator,
             return JSONResponse({"error": f"{name} signed in but has no dashboard role "
                                           f"(groups: {claims.get(settings.groups_claim)})"},
                                 status_code=403)
-        return signed_in(request.scope.get("root_path", ""), name, role)
+        return signed_in(request, name, role, "oidc")
+
+    return router

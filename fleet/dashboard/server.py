@@ -18,6 +18,7 @@ from starlette.routing import Mount, Route
 
 from fleet.config import FleetConfig
 from fleet.dashboard.auth import Authenticator, is_loopback
+from fleet.dashboard.headers import SecurityHeaders
 from fleet.dashboard.service import DashboardService
 from fleet.errors import FleetError
 
@@ -59,12 +60,12 @@ def build_asgi(svc: DashboardService, url_prefix: str = ""):
     api = create_api(svc)
     prefix = normalize_prefix(url_prefix)
     if not prefix:
-        return api
+        return SecurityHeaders(api)
 
     async def to_prefix(_request):
         return RedirectResponse(f"{prefix}/")
 
-    return Starlette(routes=[Route("/", to_prefix), Mount(prefix, app=api)])
+    return SecurityHeaders(Starlette(routes=[Route("/", to_prefix), Mount(prefix, app=api)]))
 
 
 def check_bind(address: str, svc: DashboardService, insecure: bool) -> None:
@@ -90,7 +91,8 @@ class DashboardServer:
         self.prefix = normalize_prefix(url_prefix)
         self.server = uvicorn.Server(uvicorn.Config(
             build_asgi(self.svc, self.prefix), host=address, port=self.port,
-            log_level=log_level, access_log=False, lifespan="off"))
+            log_level=log_level, access_log=False, lifespan="off", proxy_headers=True,
+            forwarded_allow_ips=list(config.dashboard.trusted_proxies)))
         self._thread: threading.Thread | None = None
 
     @property

@@ -17,7 +17,9 @@ from fleet.dashboard.ingest import Ingester
 from fleet.dashboard.inspect import WorkerInspector
 from fleet.dashboard.metrics import EventCounters, FleetCollector
 from fleet.dashboard.sampler import Sampler
+from fleet.dashboard.sessions import SessionStore
 from fleet.dashboard.store import Store
+from fleet.dashboard.throttle import LoginThrottle
 from fleet.dashboard.views import Views
 from fleet.heartbeat import workers_key
 from fleet.keys import broker_client
@@ -43,6 +45,8 @@ class DashboardService:
         self.control = Control(self.app)
         self.inspector = WorkerInspector(self.app)
         self.auth = auth or Authenticator(config.dashboard)
+        self.sessions = SessionStore(self.store.engine, self.auth.session_secret)
+        self.throttle = LoginThrottle()
         self.registry.register(FleetCollector(self))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -133,6 +133,18 @@ audit = Table(
 Index("audit_at", audit.c.at)
 
 
+#: Signed-in browser sessions (fleet.dashboard.sessions): the cookie holds only a random
+#: token; ``id`` is its keyed hash, so a copy of this table signs no one in.
+sessions = Table(
+    "sessions", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("user", String(255), nullable=False), Column("role", String(16), nullable=False),
+    Column("via", String(16), nullable=False), Column("fingerprint", String(64)),
+    Column("csrf", String(64), nullable=False), Column("address", String(64)),
+    Column("created", Float, nullable=False), Column("seen", Float, nullable=False),
+)
+Index("sessions_user", sessions.c.user)
+
 #: The newest event-stream entry written, per stream and consumer group, kept in the
 #: same transaction as the batch holding it: what is stored is exactly what is <= it.
 event_cursor = Table(
