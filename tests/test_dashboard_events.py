@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
-from fleet.dashboard.events import Batch, queue_of, wins
+from fleet.dashboard.events import EVENT_TYPES_MAX, HEARTBEATS_KEPT, Batch, queue_of, wins
 from fleet.dashboard.eventstream import decode
 
 QUEUES = frozenset({"default", "heavy"})
@@ -47,6 +47,24 @@ def test_worker_events_keep_the_newest():
     b.add({"type": "worker-heartbeat", "hostname": "w", "timestamp": 4.0, "active": 9})
     b.add({"type": "worker-offline", "hostname": "x", "timestamp": 6.0})
     assert b.workers["w"].active == 2 and b.workers["x"].status == "offline"
+
+
+def test_events_are_counted_by_type_and_the_newest_times_kept_as_flower_does():
+    b = Batch(QUEUES)
+    b.add({"type": "worker-online", "hostname": "w", "timestamp": 1.0, "clock": 4})
+    for at in (5.0, 3.0, 2.0, 4.0):  # out of order: counted, sorted in
+        b.add({"type": "worker-heartbeat", "hostname": "w", "timestamp": at, "clock": 9})
+    b.add({"type": "task-sent", "uuid": "a", "hostname": "client@h", "timestamp": 6.0})
+    b.add({"type": "task-received", "uuid": "a", "hostname": "w", "timestamp": 6.5})
+    w = b.workers["w"]
+    assert dict(w.events) == {"worker-online": 1, "worker-heartbeat": 4, "task-received": 1}
+    assert len(w.heartbeats) == HEARTBEATS_KEPT and w.heartbeats == [3.0, 4.0, 5.0, 6.5]
+    assert w.clock == 9
+    assert "client@h" not in b.workers  # task-sent is the client's, not a worker's
+    for i in range(EVENT_TYPES_MAX + 10):  # made-up types: the count stays bounded
+        b.add({"type": f"task-custom{i}", "uuid": "a", "hostname": "w", "timestamp": 7.0})
+        b.add({"type": "task-" + "x" * 80, "uuid": "a", "hostname": "w", "timestamp": 7.0})
+    assert len(w.events) == EVENT_TYPES_MAX and w.events["worker-heartbeat"] == 4
 
 
 def envelope(body, encoding="base64") -> bytes:

@@ -137,3 +137,82 @@ def test_flowers_api_calls_answer_alike(fleet, tmp_path, flower):
         assert problems == []
     finally:
         board.stop()
+
+
+def test_worker_lists_have_flowers_keys_and_types(fleet, tmp_path, flower):
+    """Flower's /workers?json=1 items (event counts by type, celery's Worker fields,
+    status) and /api/workers in each of its modes: the same keys and value types from
+    both, on one live worker; the counts grow as a task runs."""
+    fleet.configure(FAST)
+    board = start_dashboard(fleet.config, f"sqlite:///{tmp_path / 'd.sqlite'}")
+    try:
+        worker = fleet.start_worker("default")
+        name = worker.hostname
+        both = (flower, board.base)
+
+        def items(params=None) -> list:
+            out = []
+            for base in both:
+                reply = requests.get(f"{base}/workers", params=params or {"json": "1"},
+                                     timeout=15)
+                assert reply.status_code == 200, (base, reply.text)
+                assert list(reply.json()) == ["data"]
+                out.append({w["hostname"]: w for w in reply.json()["data"]}.get(name))
+            return out
+
+        def heard():
+            got = items()
+            return all(w and "worker-heartbeat" in w for w in got) and got
+        before = wait_for(heard, 30, interval=0.5, what="both to hear the worker's heartbeat")
+        result = fleet.app().send_task("tasks.aggregate.sum_by", args=[[{"key": "k"}]])
+        assert result.get(timeout=30) == {"k": {"count": 1, "value": 0.0}}
+
+        def counted():
+            got = items()
+            kinds = ("task-received", "task-started", "task-succeeded")
+            return all(w.get(k, 0) == b.get(k, 0) + 1
+                       for w, b in zip(got, before, strict=True) for k in kinds) and got
+        f, o = wait_for(counted, 30, interval=0.5, what="both to count the task's events")
+        assert sorted(f) == sorted(o)
+        assert same_shape(shape(f), shape(o)) == [] and same_shape(shape(o), shape(f)) == []
+        assert {k for k in o if "-" in k} >= {"worker-online", "worker-heartbeat",
+                                              "task-received", "task-started",
+                                              "task-succeeded"}
+        assert o["status"] is True and o["hostname"] == name
+        assert type(o["clock"]) is int and type(o["pid"]) is int
+        assert 1 <= len(o["heartbeats"]) <= 4 and all(type(t) is float
+                                                      for t in o["heartbeats"])
+        assert o["heartbeats"] == sorted(o["heartbeats"])
+        assert len(o["loadavg"]) == 3 and o["sw_ident"] == f["sw_ident"] == "py-celery"
+        assert (o["freq"], o["processed"]) == (f["freq"], f["processed"])
+        f_again, o_again = items({"json": "1", "refresh": "1"})
+        assert sorted(f_again) == sorted(o_again) == sorted(o)
+
+        # /api/workers: the same sequence to both (each keeps an inspect cache, Flower's
+        # way: the task lists only once the worker was refreshed on its own).
+        without_tasks = {"stats", "active_queues", "registered", "conf", "timestamp"}
+        every = without_tasks | {"scheduled", "active", "reserved", "revoked"}
+        for params, keys in (({"refresh": "1"}, without_tasks), ({}, without_tasks),
+                             ({"workername": name}, without_tasks),
+                             ({"refresh": "1", "workername": name}, every), ({}, every),
+                             ({"workername": name}, every)):
+            f, o = (requests.get(f"{base}/api/workers", params=params, timeout=15)
+                    for base in both)
+            assert f.status_code == o.status_code == 200, (params, f.text, o.text)
+            f, o = f.json(), o.json()
+            assert set(f) == set(o) == {name}, params
+            assert set(f[name]) == set(o[name]) == keys, params
+            assert set(f[name]["stats"]) == set(o[name]["stats"]), params
+            f_types = {k: type(v).__name__ for k, v in f[name].items()}
+            assert f_types == {k: type(v).__name__ for k, v in o[name].items()}, params
+        status = [requests.get(f"{base}/api/workers", params={"status": "1"}, timeout=15)
+                  for base in both]
+        assert status[0].json() == status[1].json() == {name: True}
+        unknown = [requests.get(f"{base}/api/workers", params={"workername": "no@body"},
+                                timeout=15) for base in both]
+        assert [r.status_code for r in unknown] == [404, 404]
+        # Without json Flower renders its page; the dashboard sends the browser to its own
+        page = requests.get(f"{board.base}/workers", allow_redirects=False, timeout=15)
+        assert page.status_code == 303 and page.headers["location"] == "/#/workers"
+    finally:
+        board.stop()

@@ -70,6 +70,23 @@ def test_roles_decide_what_each_user_may_do(secured):
     assert requests.get(f"{base}/metrics", headers=headers, timeout=10).status_code == 200
 
 
+def test_flowers_worker_list_refuses_anonymous_callers(secured):
+    base = secured.base
+    for params in ({"json": "1"}, {"json": "1", "refresh": "1"}, {}):
+        r = requests.get(f"{base}/workers", params=params, allow_redirects=False, timeout=10)
+        assert r.status_code == 401, (params, r.status_code, r.text)
+        assert "authentication required" in r.json()["error"]
+    r = requests.get(f"{base}/workers", params={"json": "1"}, auth=("vera", "wrong"),
+                     timeout=10)
+    assert r.status_code == 401
+    r = requests.get(f"{base}/workers", params={"json": "1"}, auth=("vera", "v-pass"),
+                     timeout=10)
+    assert r.status_code == 200 and r.json() == {"data": []}
+    r = requests.get(f"{base}/workers", auth=("vera", "v-pass"), allow_redirects=False,
+                     timeout=10)
+    assert r.status_code == 303 and r.headers["location"] == "/#/workers"
+
+
 def test_browser_sessions_need_the_csrf_token_and_same_origin(secured):
     s = requests.Session()
     r = s.get(f"{secured.base}/", allow_redirects=False, timeout=10)
@@ -115,6 +132,9 @@ def test_served_under_a_url_prefix_as_behind_an_ingress(fleet, tmp_path):
         assert 'content="/ops/fleet"' in page and 'src="/ops/fleet/static/app.js"' in page
         assert board.get("/static/app.js").status_code == 200
         assert board.get("/api/fleet/queues").status_code == 200
+        r = board.get("/workers", allow_redirects=False)  # Flower's page: ours, here
+        assert r.status_code == 303 and r.headers["location"] == "/ops/fleet/#/workers"
+        assert board.json("/workers", params={"json": "1"}) == {"data": []}
         spec = board.json("/openapi.json")
         assert "/api/task/info/{task_id}" in spec["paths"]
         assert requests.get(root + "/api/fleet/queues", timeout=10).status_code == 404

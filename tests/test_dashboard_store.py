@@ -106,6 +106,58 @@ def test_workers_go_offline_then_are_purged(store_url):
     store.close()
 
 
+def test_flowers_worker_fields_and_event_counts_add_up_across_batches(store_url):
+    from fleet.dashboard.views import Views
+
+    store = Store(store_url)
+    t = time.time()
+    write(store, {"type": "worker-online", "hostname": "default@a", "timestamp": t,
+                  "clock": 3, "freq": 2.0, "pid": 7, "loadavg": [0.5, 0.25, 0.0],
+                  "sw_ident": "py-celery", "sw_ver": "5.7.0", "sw_sys": "Linux",
+                  "active": 0, "processed": 0})
+    write(store, {"type": "task-received", "uuid": "x", "hostname": "default@a",
+                  "timestamp": t + 1})
+    write(store, *[{"type": "worker-heartbeat", "hostname": "default@a", "timestamp": t + i,
+                    "clock": 10 + i, "active": 1, "processed": 1} for i in (2, 3, 4)])
+    write(store, {"type": "worker-heartbeat", "hostname": "default@a", "timestamp": t + 1.5,
+                  "clock": 99, "active": 5})  # late: counted and heard, fields kept
+    [w] = Views(store).flower_workers()
+    assert w == {"worker-online": 1, "task-received": 1, "worker-heartbeat": 4,
+                 "hostname": "default@a", "pid": 7, "freq": 2.0,
+                 "heartbeats": [t + 1.5, t + 2, t + 3, t + 4], "clock": 14, "active": 1,
+                 "processed": 1, "loadavg": [0.5, 0.25, 0.0], "sw_ident": "py-celery",
+                 "sw_ver": "5.7.0", "sw_sys": "Linux", "status": True}
+    assert store.mark_offline(t + 60, silent_for=10) == ["default@a"]
+    assert Views(store).flower_workers()[0]["status"] is False
+    assert store.purge_offline(t + 600, after=10) == 1
+    with store.engine.connect() as conn:
+        from fleet.dashboard.store import worker_events
+
+        assert conn.execute(select(func.count()).select_from(worker_events)).scalar() == 0
+    store.close()
+
+
+def test_a_database_from_before_the_flower_worker_fields_is_upgraded(store_url):
+    from sqlalchemy import text
+
+    from fleet.dashboard.views import Views
+
+    store = Store(store_url)
+    with store.engine.begin() as conn:  # as an older fleet made it
+        conn.execute(text("ALTER TABLE workers DROP COLUMN clock"))
+        conn.execute(text("ALTER TABLE workers DROP COLUMN heartbeats"))
+        conn.execute(text("INSERT INTO workers (hostname, status, seen, succeeded, failed, "
+                          "retried, memory_kills) VALUES ('old@h', 'online', 1, 2, 0, 0, 0)"))
+    store.close()
+    store = Store(store_url)
+    write(store, {"type": "worker-heartbeat", "hostname": "new@h", "timestamp": 5.0,
+                  "clock": 2})
+    new, old = Views(store).flower_workers()  # by hostname
+    assert (old["hostname"], old["heartbeats"], old["clock"]) == ("old@h", [], 0)
+    assert (new["heartbeats"], new["clock"], new["worker-heartbeat"]) == ([5.0], 2, 1)
+    store.close()
+
+
 def test_everything_survives_a_restart(store_url):
     store = Store(store_url)
     write(store, {"type": "task-received", "uuid": "keep-me", "name": "n",

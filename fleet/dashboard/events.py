@@ -11,6 +11,8 @@ the worker's main process and from pool processes over separate connections).
 from __future__ import annotations
 
 import json
+from bisect import insort
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +45,12 @@ _EVENT_TIME = {"task-received": "received", "task-started": "started",
                "task-retried": "retried", "task-revoked": "revoked"}
 _COPIED = ("name", "args", "kwargs", "result", "exception", "traceback", "runtime",
            "eta", "expires", "parent_id", "root_id")
+#: Heartbeat times kept per worker, as Flower (celery.events.state.Worker.heartbeat_max).
+HEARTBEATS_KEPT = 4
+#: Event types counted per worker and batch (Flower's per-worker counter); a type longer
+#: than EVENT_TYPE_MAX, or new past this many in one batch, is not counted.
+EVENT_TYPES_MAX = 32
+EVENT_TYPE_MAX = 64
 MEMORY_ERROR = "MemoryLimitExceeded"
 #: The guard's own event (fleet.guard): rss, limit, child_pid, queue, retry_on.
 MEMORY_EVENT = "task-memory-exceeded"
@@ -86,11 +94,29 @@ class WorkerUpdate:
     loadavg: str | None = None
     active: int | None = None
     processed: int | None = None
+    #: The worker's logical clock (Lamport) in its newest worker event.
+    clock: int | None = None
+    #: Newest event times heard from the worker in this batch (at most HEARTBEATS_KEPT),
+    #: merged with the stored ones: Flower's ``heartbeats``.
+    heartbeats: list[float] = field(default_factory=list)
+    #: Events in this batch by type (Flower's ``events.counter[hostname]``), added to the
+    #: stored counts.
+    events: Counter = field(default_factory=Counter)
     #: Counts from task events in this batch, added to the stored totals.
     succeeded: int = 0
     failed: int = 0
     retried: int = 0
     memory_kills: int = 0
+
+    def heard(self, kind: str, at: float) -> None:
+        """One event from this worker: counted by type, its time kept as a heartbeat
+        (Celery's State, which Flower shows, appends task events' times too)."""
+        if len(kind) <= EVENT_TYPE_MAX and (kind in self.events
+                                            or len(self.events) < EVENT_TYPES_MAX):
+            self.events[kind] += 1
+        if at:
+            insort(self.heartbeats, at)
+            del self.heartbeats[:-HEARTBEATS_KEPT]
 
 
 @dataclass
@@ -137,6 +163,7 @@ class Batch:
             return
         row = self._worker_row(hostname)
         at = float(event.get("timestamp") or 0.0)
+        row.heard(kind, at)
         if at < row.seen:
             return
         row.seen = at
@@ -150,6 +177,7 @@ class Batch:
             row.loadavg = json.dumps(event["loadavg"])
         row.active = event.get("active", row.active)
         row.processed = event.get("processed", row.processed)
+        row.clock = event.get("clock", row.clock)
 
     def _new_task(self, uuid: str, at: float) -> dict:
         row = self.tasks[uuid] = dict.fromkeys(TASK_FIELDS)
@@ -169,9 +197,11 @@ class Batch:
         row["memory_kill"] = True
         row["updated"] = max(row["updated"], at)
         row["first_seen"] = min(row["first_seen"], at)
+        hostname = event.get("hostname")
+        if hostname:
+            self._worker_row(hostname).heard(MEMORY_EVENT, at)
         if event.get("retry_on"):
             self.outcomes.append((MEMORY_EVENT, uuid, None))
-            hostname = event.get("hostname")
             if hostname:
                 self._worker_row(hostname).memory_kills += 1
 
@@ -202,6 +232,8 @@ class Batch:
         row["updated"] = max(row["updated"], at)
         row["first_seen"] = min(row["first_seen"], at)
         hostname = event.get("hostname")
+        if hostname and kind != "task-sent":  # task-sent comes from the client, not a worker
+            self._worker_row(hostname).heard(kind, at)
         if hostname and (kind in ("task-received", "task-started") or not row["worker"]):
             row["worker"] = hostname
         if hostname and not row["queue"]:

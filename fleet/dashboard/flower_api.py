@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import RedirectResponse
 
 from fleet.dashboard.gate import MAX_INT, Denied, Gate, missing
 from fleet.dashboard.service import DashboardService
@@ -23,18 +24,34 @@ def flower_routes(svc: DashboardService, gate: Gate) -> APIRouter:
     @routers.viewer.get("/api/workers")
     def workers(request: Request, refresh: bool = False, workername: str | None = None,
                 status: bool = False):
+        """Flower's ListWorkers: the inspect cache per worker (stats, active_queues,
+        registered, conf, timestamp; the task lists once the worker was refreshed on its
+        own), or with ``status`` every stored worker's liveness (``workername`` aside)."""
         stored = {w["hostname"]: w for w in svc.views.workers()}
         svc.inspector.forget(set(stored))
+        if refresh:
+            svc.inspector.refresh(workername)
         if status:
-            return {h: w["status"] == "online" for h, w in stored.items()
-                    if not workername or h == workername}
-        if refresh or not svc.inspector.cached():
-            info = svc.inspector.refresh(workername)
-        else:
-            info = svc.inspector.cached(workername)
-        if workername and workername not in info and workername not in stored:
+            return {h: w["status"] == "online" for h, w in stored.items()}
+        info = svc.inspector.cached(workername)
+        if not refresh and not info and (workername in stored or not workername):
+            # Nothing asked yet: what Flower's own inspection at its start would have
+            info = svc.inspector.refresh(workername, tasks=False)
+        if workername and workername not in info:
             raise Denied(404, f"Unknown worker '{workername}'")
         return info
+
+    @routers.viewer.get("/workers", response_model=None)
+    def workers_page(request: Request, as_json: bool = Query(False, alias="json"),
+                     refresh: bool = False):
+        """Flower's WorkersView: with ``json`` its ``{"data": [...]}`` (counts of events
+        by type, the worker's fields, ``status``); without, the dashboard's workers page."""
+        if refresh:
+            svc.inspector.refresh_soon()
+        if not as_json:
+            return RedirectResponse(f"{request.scope.get('root_path', '')}/#/workers",
+                                    status_code=303)
+        return {"data": svc.views.flower_workers()}
 
     # Flower's worker controls: (path, role, arguments, call). One handler shape for all:
     # role and CSRF, Flower-style arguments, a known worker, the audited call.

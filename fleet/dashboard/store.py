@@ -32,14 +32,16 @@ from sqlalchemy import (
     case,
     delete,
     func,
+    inspect,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
-from fleet.dashboard.events import TASK_FIELDS, WorkerUpdate
+from fleet.dashboard.events import HEARTBEATS_KEPT, TASK_FIELDS, WorkerUpdate
 from fleet.database import DatabaseUrlError, open_engine, safe_url
 from fleet.errors import FleetError
 
@@ -83,6 +85,18 @@ workers = Table(
     Column("active", Integer), Column("processed", Integer),
     Column("succeeded", BigInteger, default=0), Column("failed", BigInteger, default=0),
     Column("retried", BigInteger, default=0), Column("memory_kills", BigInteger, default=0),
+    # Flower's Worker fields: the logical clock of the newest worker event, and the newest
+    # HEARTBEATS_KEPT event times heard (a JSON list).
+    Column("clock", BigInteger), Column("heartbeats", String(255)),
+)
+
+#: Events heard from each worker, by type: Flower's per-worker counter (/workers?json=1).
+#: Rows go with their worker when it is purged.
+worker_events = Table(
+    "worker_events", metadata,
+    Column("hostname", String(255), primary_key=True),
+    Column("type", String(64), primary_key=True),
+    Column("count", BigInteger, nullable=False),
 )
 
 queue_samples = Table(
@@ -193,6 +207,7 @@ class Store:
         self.engine = engine_for(url)
         try:
             metadata.create_all(self.engine)
+            _add_new_columns(self.engine)
         except OperationalError as exc:
             raise StoreError(f"cannot open the dashboard database {_safe(url)}: "
                              f"{exc.orig}") from None
@@ -222,18 +237,26 @@ class Store:
         counters = ("succeeded", "failed", "retried", "memory_kills")
         newer_w = or_(workers.c.seen.is_(None), wx.seen >= workers.c.seen)
         fields = ("status", "freq", "sw_ident", "sw_ver", "sw_sys", "pid", "loadavg",
-                  "active", "processed")
+                  "active", "processed", "clock")
         self._upsert_workers = wi.on_conflict_do_update(
             index_elements=[workers.c.hostname],
             set_={**{f: case((and_(newer_w, getattr(wx, f).is_not(None)), getattr(wx, f)),
                              else_=getattr(workers.c, f)) for f in fields},
                   "seen": case((newer_w, wx.seen), else_=workers.c.seen),
+                  # a row made by task events alone has none until its first worker event
+                  "first_seen": func.coalesce(workers.c.first_seen, wx.first_seen),
                   "offline_since": case(
                       (and_(newer_w, wx.status == "online"), None),
                       (and_(newer_w, wx.status == "offline",
                             workers.c.offline_since.is_(None)), wx.seen),
                       else_=workers.c.offline_since),
+                  # merged with the stored ones before the write (_heartbeats)
+                  "heartbeats": func.coalesce(wx.heartbeats, workers.c.heartbeats),
                   **{c: getattr(workers.c, c) + getattr(wx, c) for c in counters}})
+        ei = insert(worker_events)
+        self._upsert_events = ei.on_conflict_do_update(
+            index_elements=[worker_events.c.hostname, worker_events.c.type],
+            set_={"count": worker_events.c.count + ei.excluded.count})
         ci = insert(event_cursor)
         self._upsert_cursor = ci.on_conflict_do_update(
             index_elements=[event_cursor.c.stream, event_cursor.c.consumer_group],
@@ -248,18 +271,31 @@ class Store:
               ) -> None:
         """One transaction for a whole batch of folded events, with the gaps found and
         the newest stream entry (stream, group, id) it holds."""
-        wrows = [{**w.__dict__, "first_seen": w.seen,
-                  "offline_since": w.seen if w.status == "offline" else None}
-                 for w in worker_rows if w.seen or w.succeeded or w.failed or w.retried]
-        for row in wrows:
+        wrows, erows, beats = [], [], {}
+        for w in worker_rows:
+            if not (w.seen or w.succeeded or w.failed or w.retried or w.events):
+                continue
+            row = {**w.__dict__, "first_seen": w.seen or None,
+                   "heartbeats": w.heartbeats or None,
+                   "offline_since": w.seen if w.status == "offline" else None}
+            del row["events"]
             if not row["seen"]:
                 row["seen"] = None
                 row["status"] = None
+            if w.heartbeats:
+                beats[w.hostname] = row
+            wrows.append(row)
+            erows += [{"hostname": w.hostname, "type": kind, "count": n}
+                      for kind, n in w.events.items()]
         with self.engine.begin() as conn:
             if task_rows:
                 conn.execute(self._upsert_tasks, list(task_rows))
+            if beats:
+                _heartbeats(conn, beats)
             if wrows:
                 conn.execute(self._upsert_workers, wrows)
+            if erows:
+                conn.execute(self._upsert_events, erows)
             if gaps:
                 conn.execute(event_gaps.insert(), list(gaps))
             if cursor is not None:
@@ -286,8 +322,12 @@ class Store:
 
     def purge_offline(self, now: float, after: float) -> int:
         with self.engine.begin() as conn:
-            return conn.execute(delete(workers).where(
+            gone = conn.execute(delete(workers).where(
                 workers.c.status == "offline", workers.c.offline_since < now - after)).rowcount
+            if gone:
+                conn.execute(delete(worker_events).where(
+                    worker_events.c.hostname.not_in(select(workers.c.hostname))))
+            return gone
 
     def prune_tasks(self, max_count: int, max_age: float, now: float | None = None,
                     chunk: int = 20_000) -> int:
@@ -353,6 +393,33 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _heartbeats(conn, rows: dict[str, dict]) -> None:
+    """The newest HEARTBEATS_KEPT times of each worker: the stored ones and this batch's,
+    read and written in the batch's transaction."""
+    stored = dict(conn.execute(select(workers.c.hostname, workers.c.heartbeats)
+                               .where(workers.c.hostname.in_(list(rows)))).all())
+    for hostname, row in rows.items():
+        old = loads(stored.get(hostname)) or []
+        times = sorted({*(t for t in old if isinstance(t, int | float)), *row["heartbeats"]})
+        row["heartbeats"] = json.dumps(times[-HEARTBEATS_KEPT:])
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """Columns added to a table since its database was made (create_all makes missing
+    tables only): ALTER TABLE ... ADD COLUMN, nullable, so older rows read as NULL."""
+    have = inspect(engine)
+    quote = engine.dialect.identifier_preparer.quote
+    exists = " IF NOT EXISTS" if engine.dialect.name == "postgresql" else ""
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            known = {c["name"] for c in have.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in known:
+                    conn.execute(text(
+                        f"ALTER TABLE {quote(table.name)} ADD COLUMN{exists} "
+                        f"{quote(column.name)} {column.type.compile(engine.dialect)}"))
 
 
 def _safe(url: str) -> str:

@@ -2,7 +2,8 @@
 
 Every list is paged by keyset (``seq`` below a cursor) or by a bounded offset on an
 index, so a page costs the same at 1M stored tasks as at 1k. Flower's own shapes
-(``flower_task``) are built here too, so its API paths answer exactly as Flower does.
+(``flower_task``, ``flower_worker``) are built here too, so its API paths answer exactly
+as Flower does.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fleet.dashboard.store import (
     loads,
     queue_samples,
     tasks,
+    worker_events,
     worker_samples,
     workers,
 )
@@ -97,6 +99,24 @@ def flower_task(t: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: celery.events.state.Worker._fields: what Flower's /workers?json=1 shows of a worker.
+WORKER_FIELDS = ("hostname", "pid", "freq", "heartbeats", "clock", "active", "processed",
+                 "loadavg", "sw_ident", "sw_ver", "sw_sys")
+
+
+def worker_dict(row) -> dict[str, Any]:
+    m = row._mapping
+    return {**m, "loadavg": loads(m["loadavg"]), "heartbeats": loads(m["heartbeats"]) or []}
+
+
+def flower_worker(w: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
+    """One item of Flower's /workers?json=1: its counter of events by type, the Worker's
+    fields (Celery's defaults where no event said: freq 60, clock 0) and ``status``."""
+    return {**counts, **{f: w[f] for f in WORKER_FIELDS},
+            "freq": 60 if w["freq"] is None else w["freq"], "clock": w["clock"] or 0,
+            "status": w["status"] == "online"}
+
+
 class Views:
     def __init__(self, store: Store):
         self.store = store
@@ -163,12 +183,21 @@ class Views:
         if not include_offline:
             q = q.where(workers.c.status == "online")
         with self.engine.connect() as conn:
-            return [{**r._mapping, "loadavg": loads(r.loadavg)} for r in conn.execute(q)]
+            return [worker_dict(r) for r in conn.execute(q)]
 
     def worker(self, hostname: str) -> dict | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(workers).where(workers.c.hostname == hostname)).first()
-        return {**row._mapping, "loadavg": loads(row.loadavg)} if row else None
+        return worker_dict(row) if row else None
+
+    def flower_workers(self) -> list[dict]:
+        """Flower's /workers?json=1 ``data``: every stored worker, with its event counts."""
+        counts: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            for hostname, kind, n in conn.execute(select(worker_events).order_by(
+                    worker_events.c.hostname, worker_events.c.type)):
+                counts.setdefault(hostname, {})[kind] = n
+        return [flower_worker(w, counts.get(w["hostname"], {})) for w in self.workers()]
 
     def decisions(self, limit: int = 100, queue: str | None = None) -> list[dict]:
         q = select(decisions).order_by(decisions.c.at.desc()).limit(min(limit, 1000))
