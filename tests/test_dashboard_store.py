@@ -253,3 +253,29 @@ def test_the_stream_cursor_and_gaps_go_in_the_batchs_transaction(store_url):
         assert Views(store).gaps() == []
     finally:
         store.close()
+
+
+def test_a_database_user_who_may_not_create_or_alter_tables_gets_a_clear_error(postgres_url):
+    """An existing dashboard database whose user may read and write but not change the
+    schema (a common DBA setup): the upgrade step says so, no driver traceback."""
+    import uuid
+
+    import psycopg
+
+    Store(postgres_url).close()  # the schema as the owner made it
+    role = f"fleet_ro_{uuid.uuid4().hex[:8]}"
+    name = postgres_url.rsplit("/", 1)[1]
+    with psycopg.connect(postgres_url, autocommit=True) as owner:
+        owner.execute(f'CREATE ROLE "{role}" LOGIN')
+        owner.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public '
+                      f'TO "{role}"')
+        owner.execute('ALTER TABLE workers DROP COLUMN clock')  # as made by an older fleet
+    try:
+        with pytest.raises(StoreError, match=r"cannot open the dashboard database .*"
+                                              r"must be owner of table workers"):
+            Store(f"postgresql://{role}@127.0.0.1/{name}")
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as owner:
+            owner.execute(f'REASSIGN OWNED BY "{role}" TO postgres')
+            owner.execute(f'DROP OWNED BY "{role}"')
+            owner.execute(f'DROP ROLE "{role}"')

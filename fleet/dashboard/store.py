@@ -39,7 +39,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from fleet.dashboard.events import HEARTBEATS_KEPT, TASK_FIELDS, WorkerUpdate
 from fleet.database import DatabaseUrlError, open_engine, safe_url
@@ -208,7 +208,7 @@ class Store:
         try:
             metadata.create_all(self.engine)
             _add_new_columns(self.engine)
-        except OperationalError as exc:
+        except DBAPIError as exc:  # unreachable, or no right to create or alter tables
             raise StoreError(f"cannot open the dashboard database {_safe(url)}: "
                              f"{exc.orig}") from None
         insert = _insert(self.engine)
