@@ -146,10 +146,10 @@ def main() -> None:
             pages = [
                 ("page HTML + app.js", "/", "/static/app.js"),
                 ("workers", "/api/fleet/workers",
-                 f"/api/fleet/series?what=workers&since={time.time() - 3600}"),
+                 "/api/fleet/series?what=workers&window=1h"),
                 ("worker detail", "/api/fleet/workers/default@bench-0", None),
                 ("queues (1,000 rows)", "/api/fleet/queues",
-                 f"/api/fleet/series?what=queues&since={time.time() - 3600}"),
+                 "/api/fleet/series?what=queues&window=1h"),
                 ("tasks: newest 50", "/api/fleet/tasks?limit=50", None),
                 ("tasks: next page", f"/api/fleet/tasks?limit=50&before={cursor}", None),
                 ("tasks: page 2,000 deep", f"/api/fleet/tasks?limit=50&before={cursor - 100_000}",

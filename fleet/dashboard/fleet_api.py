@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from fleet.dashboard.auth import LEVEL
+from fleet.dashboard.downsample import DEFAULT_WINDOW, TOP, WindowError, plan
 from fleet.dashboard.gate import MAX_INT, Denied, Gate
 from fleet.dashboard.rabbitmq import queue_depths
 from fleet.dashboard.service import DashboardService
@@ -214,11 +215,22 @@ def fleet_routes(svc: DashboardService, gate: Gate) -> APIRouter:
         return out
 
     @routers.viewer.get("/api/fleet/series")
-    def series(request: Request, since: float | None = None, queue: str | None = None,
-               what: Literal["queues", "workers", "all"] = "all"):
+    def series(request: Request, window: Literal["15m", "1h", "24h"] | None = None,
+               since: float | None = None, until: float | None = None,
+               queue: str | None = None,
+               what: Literal["queues", "workers", "all"] = "all",
+               top: int = Query(TOP, ge=1, le=50)):
+        """Queue depth, throughput, replicas and worker memory over ``window`` (ending
+        now) or ``since``..``until`` (default: the last hour), in at most 300 time
+        buckets per series, the ``top`` series per plot (``more``: the names not drawn)."""
+        try:
+            span = plan(time.time(), window, since, until,
+                        svc.config.dashboard.sample_interval)
+        except WindowError as exc:
+            raise Denied(400, str(exc)) from None
         kinds = ("queues", "workers") if what == "all" else (what,)
-        return svc.views.series(since if since is not None else time.time() - 3600, queue,
-                                kinds)
+        named = window or (DEFAULT_WINDOW if since is None else None)
+        return {"window": named, **svc.views.series(span, queue, kinds, top)}
 
     @routers.operator.get("/api/fleet/audit")
     def audit_log(request: Request, limit: int = Query(200, ge=1, le=1000)):

@@ -13,6 +13,8 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 
+from fleet.dashboard import series
+from fleet.dashboard.downsample import TOP, Window
 from fleet.dashboard.gaps import REASONS
 from fleet.dashboard.store import (
     Store,
@@ -21,10 +23,8 @@ from fleet.dashboard.store import (
     event_gaps,
     jobs,
     loads,
-    queue_samples,
     tasks,
     worker_events,
-    worker_samples,
     workers,
 )
 
@@ -234,20 +234,13 @@ class Views:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
-    def series(self, since: float, queue: str | None = None,
-               what: tuple[str, ...] = ("queues", "workers")) -> dict[str, list]:
-        """Plots over time: queue depth, throughput, replicas, worker memory (newest
-        20,000 samples of each at most)."""
-        out: dict[str, list] = {"queues": [], "workers": []}
+    def series(self, window: Window, queue: str | None = None,
+               what: tuple[str, ...] = ("queues", "workers"), top: int = TOP) -> dict:
+        """Plots over time, downsampled (fleet.dashboard.series): per figure its ``top``
+        series, one value per bucket of ``window``, on the shared bucket starts ``t``."""
+        out: dict[str, Any] = {"since": window.since, "until": window.until,
+                               "step": window.step, "t": window.starts()}
         with self.engine.connect() as conn:
-            if "queues" in what:
-                qq = select(queue_samples).where(queue_samples.c.at >= since)
-                if queue:
-                    qq = qq.where(queue_samples.c.queue == queue)
-                rows = conn.execute(qq.order_by(queue_samples.c.at.desc()).limit(20_000))
-                out["queues"] = [dict(r._mapping) for r in rows][::-1]
-            if "workers" in what:
-                wq = select(worker_samples).where(worker_samples.c.at >= since)
-                rows = conn.execute(wq.order_by(worker_samples.c.at.desc()).limit(20_000))
-                out["workers"] = [dict(r._mapping) for r in rows][::-1]
+            for kind in ("queues", "workers"):
+                out[kind] = series.read(conn, kind, window, top, queue) if kind in what else {}
         return out

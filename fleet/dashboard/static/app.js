@@ -68,28 +68,133 @@ function table(cols, rows, id) {
       : `<tr><td colspan="${cols.length}">none</td></tr>`) + "</tbody></table>";
 }
 
-// A small SVG line chart: series = {name: [[t, v], ...]}.
-function chart(title, series, fmt = (v) => num(v, 1)) {
-  const W = 420, H = 140, P = 28;
-  const all = Object.values(series).flat();
-  if (!all.length) return `<div class="chart"><h3>${esc(title)}</h3>no samples yet</div>`;
-  const t0 = Math.min(...all.map((p) => p[0])), t1 = Math.max(...all.map((p) => p[0])) || t0 + 1;
-  const vmax = Math.max(1e-9, ...all.map((p) => p[1]));
-  const x = (t) => P + (W - P - 4) * (t - t0) / Math.max(1, t1 - t0);
-  const y = (v) => H - 16 - (H - 24) * v / vmax;
-  const colors = ["#0b57d0", "#127a2c", "#b3261e", "#a15c00", "#6a1b9a", "#00838f"];
-  const lines = Object.entries(series).map(([name, pts], i) =>
-    `<polyline fill="none" stroke="${colors[i % colors.length]}" stroke-width="1.5" points="${pts.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ")}"><title>${esc(name)}</title></polyline>` +
-    `<text x="${P + 4 + 90 * i}" y="${H - 2}" font-size="10" fill="${colors[i % colors.length]}">${esc(name)}</text>`).join("");
-  return `<div class="chart"><h3>${esc(title)}</h3><svg width="${W}" height="${H}">` +
-    `<text x="0" y="12" font-size="10">${esc(fmt(vmax))}</text><line x1="${P}" y1="${H - 16}" x2="${W}" y2="${H - 16}" stroke="#ccc"/>${lines}</svg></div>`;
+// -- Plots (uPlot, static/vendor): the API sends at most 300 time buckets per series and
+// the top 10 series per plot (fleet/dashboard/series.py). The charts live in #plots,
+// outside the HTML that render() replaces every 2 s, and get new data with setData:
+// no flicker, and the hovered point stays put while its values update.
+const WINDOWS = {"15m": "15 min", "1h": "1 h", "24h": "24 h"};
+const PLOTS = {
+  queues: [
+    {key: "waiting", title: "Queue depth", unit: "tasks", how: "peak", rank: "peak depth", fmt: (v) => num(v)},
+    {key: "completion_rate", title: "Throughput", unit: "tasks/s", how: "mean", rank: "mean throughput", fmt: (v) => num(v, 2)},
+    {key: "actual", title: "Replicas", unit: "replicas", how: "peak", rank: "peak replicas", fmt: (v) => num(v)},
+  ],
+  workers: [
+    {key: "rss", title: "Worker memory (RSS)", unit: "MiB", how: "peak", rank: "peak memory", scale: 1 / 1048576, fmt: (v) => num(v)},
+  ],
+};
+const NOUN = {queues: "queues", workers: "workers"};
+// Colour-blind-safe (Tableau 10); a name keeps its colour across plots and refreshes.
+const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
+const colours = new Map();
+const colour = (name) => {
+  if (!colours.has(name)) colours.set(name, PALETTE[colours.size % PALETTE.length]);
+  return colours.get(name);
+};
+// A value with no neighbour (alone between gaps) is drawn as a dot: a line needs two.
+const isolated = (u, si) => {
+  const ys = u.data[si], out = [];
+  for (let i = 0; i < ys.length; i++) if (ys[i] != null && ys[i - 1] == null && ys[i + 1] == null) out.push(i);
+  return out.length ? out : null;
+};
+const span = (s) => s < 60 ? `${s} s` : s < 3600 ? `${s / 60} min` : s < 86400 ? `${s / 3600} h` : `${s / 86400} d`;
+
+// The window: ?window= in the hash (a link says what it shows), else the last one chosen.
+function chosenWindow() {
+  const w = new URLSearchParams(location.hash.split("?")[1] || "").get("window");
+  if (Object.hasOwn(WINDOWS, w || "")) return w;
+  try { const kept = localStorage.getItem("fleet.window"); if (Object.hasOwn(WINDOWS, kept || "")) return kept; }
+  catch (err) { /* storage disabled: the default */ }
+  return "1h";
 }
 
-function group(rows, key, value) {
-  const out = {};
-  for (const r of rows) (out[r[key]] = out[r[key]] || []).push([r.at, r[value] ?? 0]);
-  return out;
-}
+const plots = {
+  el: null, kind: null, charts: {}, fetched: 0, window: null, step: 0, seq: 0,
+
+  // The section for one kind of page, built once (again only when the page kind changes).
+  build(kind) {
+    for (const c of Object.values(this.charts)) c.u.destroy();
+    this.charts = {};
+    this.kind = kind;
+    this.el.innerHTML = `<div class="plot-bar"><span>Window</span><span class="windows" role="group" aria-label="time window">` +
+      Object.entries(WINDOWS).map(([w, label]) => `<button type="button" data-window="${w}" aria-pressed="false">${label}</button>`).join("") +
+      `</span><span class="plot-note" id="plot-step"></span></div><div class="charts">` +
+      PLOTS[kind].map((p) => `<figure class="plot" id="plot-${p.key}"><figcaption>${esc(p.title)} <span class="how"></span></figcaption>` +
+        `<div class="plot-area"><span class="y-label">${esc(p.unit)}</span><div class="plot-canvas"></div></div>` +
+        `<div class="x-label">time</div><div class="plot-legend"></div><p class="more"></p></figure>`).join("") + "</div>";
+  },
+
+  // Called by render(): show (or hide) the plots, and read the API when a new bucket may
+  // have filled (never more often than the page refreshes, at least once a minute).
+  async show(kind) {
+    this.el.hidden = !kind;
+    if (!kind) return;
+    const w = chosenWindow();
+    const due = Math.min(60000, Math.max(REFRESH_MS, this.step * 1000));
+    if (kind === this.kind && w === this.window && Date.now() - this.fetched < due) return;
+    if (kind !== this.kind) this.build(kind);
+    this.window = w;
+    this.fetched = Date.now();
+    for (const b of this.el.querySelectorAll("button[data-window]")) b.setAttribute("aria-pressed", String(b.dataset.window === w));
+    const seq = ++this.seq;
+    let data;
+    try { data = await get(`/api/fleet/series?what=${kind}&window=${w}`); }
+    catch (err) { this.fetched = 0; throw err; }
+    if (seq !== this.seq) return;  // a newer read (another window or page) is under way
+    this.step = data.step;
+    this.el.querySelector("#plot-step").textContent = `last ${WINDOWS[w]}, one point per ${span(data.step)}`;
+    for (const p of PLOTS[kind]) this.draw(p, data, data[kind][p.key], NOUN[kind]);
+  },
+
+  draw(p, data, fig, noun) {
+    const box = this.el.querySelector(`#plot-${p.key}`);
+    let c = this.charts[p.key];
+    // The same names in another rank order: keep the chart's order (and the chart).
+    const same = c && fig.series.length === c.order.length && fig.series.every((s) => c.order.includes(s.name));
+    const series = same ? c.order.map((n) => fig.series.find((s) => s.name === n)) : fig.series;
+    const names = series.map((s) => s.name);
+    const rows = [data.t, ...series.map((s) => s.values.map((v) => v == null ? null : v * (p.scale || 1)))];
+    box.querySelector(".how").textContent = `(${p.how} per ${span(data.step)}, ${p.unit})`;
+    box.querySelector(".more").textContent = !names.length ? "no samples in this window"
+      : fig.more > 0 ? `${fig.more} more ${noun} not drawn (the top ${names.length} by ${p.rank} are)` : "";
+    if (same) {
+      c.range = [data.since, data.until];
+      c.u.setData(rows);
+      return;
+    }
+    if (c) c.u.destroy();  // other series: a new chart (uPlot's series are fixed at creation)
+    c = this.charts[p.key] = {order: names, range: [data.since, data.until]};
+    const value = (u, v) => v == null ? "–" : `${p.fmt(v)} ${p.unit}`;
+    c.u = new uPlot({
+      ...this.size(p.key), class: "fleet-plot",
+      series: [{label: "time", value: (u, t) => t == null ? "–" : new Date(t * 1000).toLocaleString()},
+        ...names.map((n) => ({label: n, stroke: colour(n), width: 1.5, value, points: {filter: isolated}}))],
+      scales: {x: {time: true, range: () => c.range},
+               y: {range: (u, lo, hi) => uPlot.rangeNum(0, hi > 0 ? hi : 1, 0.1, true)}},
+      axes: [{}, {size: 52}],
+      cursor: {drag: {x: false, y: false}, sync: {key: "fleet-" + this.kind}},
+      legend: {live: true, mount: (u, el) => box.querySelector(".plot-legend").append(el)},
+    }, rows, box.querySelector(".plot-canvas"));
+  },
+
+  // The grid (app.css) sizes each figure; the chart fills its figure's canvas box.
+  size(key) {
+    const holder = this.el.querySelector(`#plot-${key} .plot-canvas`);
+    return {width: Math.max(240, holder.clientWidth), height: 200};
+  },
+};
+
+document.addEventListener("click", (e) => {
+  const b = e.target.closest("button[data-window]");
+  if (!b) return;
+  try { localStorage.setItem("fleet.window", b.dataset.window); } catch (err) { /* the hash has it */ }
+  const [path] = location.hash.slice(1).split("?");
+  history.replaceState(null, "", `#${path || "/" + plots.kind}?window=${b.dataset.window}`);
+  plots.show(plots.kind).catch((err) => toast("plots: " + err.message));
+});
+window.addEventListener("resize", () => {
+  for (const [key, c] of Object.entries(plots.charts)) c.u.setSize(plots.size(key));
+});
 
 // Messages kept instead of delivered again (poison, malformed): shown under the queues.
 async function deadLetters() {
@@ -111,8 +216,7 @@ async function deadLetters() {
 const pages = {
   async workers() {
     const ws = await get("/api/fleet/workers");
-    const s = await get("/api/fleet/series?what=workers&since=" + (Date.now() / 1000 - 3600));
-    return `<h2>Workers</h2>` + table([
+    return {title: `<h2>Workers</h2>`, plots: "workers", html: table([
       ["Worker", (w) => `<a href="#/worker/${encodeURIComponent(w.hostname)}">${esc(w.hostname)}</a>`],
       ["Status", (w) => `<span class="${esc(w.status)}">${esc(w.status)}</span>`],
       ["Queue", (w) => esc(w.queue)], ["Concurrency", (w) => num(w.concurrency), "num"],
@@ -121,7 +225,7 @@ const pages = {
       ["Memory kills", (w) => num(w.memory_kills), "num"],
       ["CPU %", (w) => num(w.cpu_percent, 1), "num"], ["RSS", (w) => bytes(w.rss), "num"],
       ["Load", (w) => esc((w.loadavg || []).join(" "))], ["Last seen", (w) => when(w.seen)],
-    ], ws, "workers") + `<div class="charts">${chart("worker memory (MiB)", Object.fromEntries(Object.entries(group(s.workers, "hostname", "rss")).map(([k, v]) => [k, v.map((p) => [p[0], p[1] / 1048576])])))}</div>`;
+    ], ws, "workers")};
   },
   async worker(name) {
     const w = await get("/api/fleet/workers/" + encodeURIComponent(name));
@@ -150,9 +254,8 @@ const pages = {
   },
   async queues() {
     const qs = await get("/api/fleet/queues");
-    const s = await get("/api/fleet/series?what=queues&since=" + (Date.now() / 1000 - 3600));
     const q = "/api/fleet/queues/";
-    return `<h2>Queues</h2>` + table([
+    return {title: `<h2>Queues</h2>`, plots: "queues", html: table([
       ["Queue", (r) => esc(r.name) + (r.paused ? " (paused)" : "")],
       ["Waiting", (r) => num(r.waiting), "num"], ["Reserved", (r) => num(r.reserved), "num"],
       ["Running", (r) => num(r.running), "num"], ["Oldest", (r) => age(r.oldest_age), "num"],
@@ -164,9 +267,7 @@ const pages = {
                            : act("Pause", q + r.name + "/pause", `Pause queue ${r.name}? Its workers stop taking tasks.`)) +
                   act("Set bounds", q + r.name + "/bounds", `Change ${r.name}'s autoscaler bounds?`,
                       {min_replicas: r.min_replicas, max_replicas: r.max_replicas}, "min_replicas,max_replicas")],
-    ], qs, "queues") + `<div class="charts">` + chart("queue depth (waiting)", group(s.queues, "queue", "waiting"), (v) => num(v)) +
-      chart("throughput (tasks/s)", group(s.queues, "queue", "completion_rate")) +
-      chart("replicas", group(s.queues, "queue", "actual"), (v) => num(v)) + `</div>` + await deadLetters();
+    ], qs, "queues") + await deadLetters()};
   },
   async tasks() {
     const f = new URLSearchParams(location.hash.split("?")[1] || "");
@@ -273,9 +374,11 @@ async function render() {
   const page = pages[name] || pages.workers;
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("on", a.hash === "#/" + name);
   try {
-    const html = await page(decodeURIComponent(rest.join("/")));
+    const out = await page(decodeURIComponent(rest.join("/")));
+    const {title = "", html = out, plots: kind = null} = typeof out === "string" ? {} : out;
     const active = document.activeElement && document.activeElement.closest("form") ? document.activeElement : null;
-    if (!active) $page.innerHTML = html;
+    if (!active) { $title.innerHTML = title; $view.innerHTML = html; }
+    await plots.show(kind);
     document.getElementById("status").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (err) {
     document.getElementById("status").textContent = "error: " + err.message;
@@ -289,6 +392,12 @@ document.addEventListener("submit", (e) => {
   for (const [k, v] of new FormData(e.target)) if (v) q.append(k, v);
   location.hash = "#/tasks?" + q;
 });
+// #page holds the page's title, the plots (kept across refreshes) and the rest.
+const $title = document.createElement("div"), $view = document.createElement("div");
+$view.id = "view";
+$view.textContent = $page.textContent;
+plots.el = Object.assign(document.createElement("section"), {id: "plots", className: "plots", hidden: true});
+$page.replaceChildren($title, plots.el, $view);
 window.addEventListener("hashchange", render);
 render();
 timer = setInterval(render, REFRESH_MS);
