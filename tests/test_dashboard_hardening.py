@@ -302,3 +302,49 @@ def test_the_throttle_forgets_and_stays_bounded():
     for i in range(1000):
         t.failed(throttle.keys_for(f"u{i}", f"10.1.{i // 250}.{i % 250}"), now=200.0)
     assert len(t._counts) <= 50
+
+
+def test_sessions_end_after_their_lifetime_or_when_idle(tmp_path):
+    from fleet.dashboard.sessions import IDLE, MAX_AGE, TOUCH_EVERY, SessionStore
+    from fleet.dashboard.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")
+    sessions = SessionStore(store.engine, "key")
+    try:
+        t0 = 1_000_000.0
+        busy = sessions.create("ada", "admin", "password", "fp", now=t0)
+        idle = sessions.create("vera", "viewer", "password", "fp", now=t0)
+        # used every half IDLE: alive until MAX_AGE, however busy
+        t = t0
+        while t + IDLE / 2 < t0 + MAX_AGE:
+            t += IDLE / 2
+            assert sessions.get(busy, now=t) is not None, t - t0
+        assert sessions.get(busy, now=t0 + MAX_AGE + 1) is None
+        assert sessions.get(idle, now=t0 + IDLE + TOUCH_EVERY) is None
+        assert sessions.count() == 0  # both deleted, not only refused
+        assert sessions.get("not-a-token") is None and sessions.get("x" * 500) is None
+    finally:
+        store.close()
+
+
+def test_dashboards_sharing_a_database_and_key_share_sessions(fleet, tmp_path, postgres_url):
+    """Two replicas behind one ingress: signed in on one, signed in on the other; signed
+    out on one, out on both."""
+    fleet.configure(deep_merge(FAST, {"dashboard": {"users": USERS,
+                                                    "session_secret_env": "T_KEY"}}))
+    env = {**SECRETS, "T_KEY": "shared-session-key"}
+    boards = [start_dashboard(fleet.config, postgres_url,
+                              auth=Authenticator(fleet.config.dashboard, env=env))
+              for _ in range(2)]
+    try:
+        one, two = boards
+        s, _ = sign_in(one.base, "ada", "a-pass")
+        cookie = {SESSION_COOKIE: s.cookies[SESSION_COOKIE]}
+        me = requests.get(f"{two.base}/api/fleet/me", cookies=cookie, timeout=10)
+        assert me.status_code == 200 and me.json()["name"] == "ada"
+        s.post(f"{one.base}/logout", timeout=10)
+        assert requests.get(f"{two.base}/api/fleet/me", cookies=cookie,
+                            timeout=10).status_code == 401
+    finally:
+        for board in boards:
+            board.stop()
