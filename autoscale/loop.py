@@ -16,29 +16,21 @@ from dataclasses import asdict, dataclass, field, replace
 
 import redis
 
-from autoscale import overrides
 from autoscale.backends.base import Backend, BackendError
-from autoscale.metrics import RedisMetrics
-from autoscale.model import ScaleDecision
 from autoscale.passes import Passes
 from autoscale.policy import Budget, History, budget_from, decide
-from autoscale.rates import RateTracker
 from fleet.config import FleetConfig
-from fleet.keys import key
+from fleet.keys import changes_key, latest_decisions_key
+from fleet.observe import overrides
+from fleet.observe.metrics import RedisMetrics
+from fleet.observe.model import ScaleDecision
+from fleet.observe.rates import RateTracker
 from fleet.supervision import ThreadUnit
 
 logger = logging.getLogger("autoscale")
 
 KEEP_CHANGES = 1000
 MAX_BACKOFF = 60.0
-
-
-def latest_key(config: FleetConfig) -> str:
-    return key(config, "autoscaler", "latest")
-
-
-def changes_key(config: FleetConfig) -> str:
-    return key(config, "autoscaler", "changes")
 
 
 @dataclass
@@ -113,7 +105,7 @@ class Autoscaler(Passes):
         latest = {d.queue: json.dumps({**asdict(d), "at": at, "dry_run": self.dry_run})
                   for d in decisions}
         if latest:
-            pipe.hset(latest_key(self.config), mapping=latest)
+            pipe.hset(latest_decisions_key(self.config), mapping=latest)
         changes = [json.dumps({**asdict(d), "at": at, "dry_run": self.dry_run})
                    for d in decisions if d.changes]
         if changes:

@@ -18,8 +18,8 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from autoscale.model import QueueMetrics, ScaleDecision
 from fleet.config import FleetConfig, QueueClass
+from fleet.observe.model import QueueMetrics, ScaleDecision
 from fleet.units import format_duration
 
 logger = logging.getLogger("autoscale.policy")

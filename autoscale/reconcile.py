@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 import redis
 from celery import Celery
 
-from autoscale.metrics import RedisMetrics
 from autoscale.passes import Passes
 from fleet.config import FleetConfig
 from fleet.errors import FleetError
@@ -45,6 +44,7 @@ from fleet.jobs.lifecycle import send_collect
 from fleet.jobs.resend import resend
 from fleet.jobs.state import JobStore
 from fleet.keys import broker_client
+from fleet.observe.metrics import RedisMetrics
 from fleet.supervision import ThreadUnit
 
 logger = logging.getLogger("autoscale.reconcile")

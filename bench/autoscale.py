@@ -27,13 +27,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autoscale.loop import Autoscaler
-from autoscale.metrics import RedisMetrics
-from autoscale.model import WorkerSample
 from bench.common import client, machine, percentile, private_redis, table, tmpdir
 from fleet.config import parse_config
 from fleet.factory import create_app
-from fleet.heartbeat import workers_key
-from fleet.keys import list_keys
+from fleet.keys import list_keys, workers_key
+from fleet.observe.metrics import RedisMetrics
+from fleet.observe.model import WorkerSample
 from tests.conftest import deep_merge, shipped_config
 
 

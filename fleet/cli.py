@@ -584,9 +584,9 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
     """The autoscaler loop: queue metrics -> policy -> backend. SIGTERM, SIGINT or
     SIGHUP stop it; local workers stop warm first."""
     from autoscale.loop import Autoscaler
-    from autoscale.metrics import RedisMetrics
     from autoscale.service import claim_workdir, run_supervised
     from fleet.keys import broker_client
+    from fleet.observe.metrics import RedisMetrics
     from fleet.supervision import StopSignals
 
     config = _load(config_path)
@@ -678,15 +678,14 @@ def probe(queue: str, hostname: str | None, max_age: float, config_path: str | N
     loop runs; exit 1 (saying why) otherwise."""
     import socket
 
-    from fleet.heartbeat import workers_key
-    from fleet.keys import broker_client
+    from fleet.keys import broker_client, workers_key
 
     config = _load(config_path)
     name = hostname or f"{queue}@{socket.gethostname()}"
     raw = _redis_call(lambda: broker_client(config).hget(workers_key(config), name))
     if raw is None:
         raise FleetError(f"worker {name} has not reported (not started, or not a fleet worker)")
-    from autoscale.model import parse_report
+    from fleet.observe.model import parse_report
 
     try:
         report = parse_report(raw)

@@ -1,6 +1,6 @@
 """Each worker publishes its own figures: what it runs, its CPU and memory (psutil).
 
-The autoscaler reads them (autoscale.metrics), and ``fleet probe`` reads this worker's
+The autoscaler reads them (fleet.observe.metrics), and ``fleet probe`` reads this worker's
 own entry for Kubernetes liveness. One HSET every ``worker_metrics_interval`` into
 one hash for the whole fleet; readers ignore and remove entries older than
 ``stale_after``, so a dead worker drops out by itself.
@@ -25,15 +25,11 @@ import psutil
 import redis
 from celery.worker import state as worker_state
 
-from autoscale.model import WorkerSample
 from fleet.config import FleetConfig
-from fleet.keys import key
+from fleet.keys import workers_key
+from fleet.observe.model import WorkerSample
 
 logger = logging.getLogger("fleet.heartbeat")
-
-
-def workers_key(config: FleetConfig) -> str:
-    return key(config, "workers")
 
 
 def stale_after(config: FleetConfig) -> float:

@@ -17,6 +17,26 @@ def key(config: FleetConfig, *parts: str) -> str:
     return config.broker.key_prefix + "fleet:" + ":".join(parts)
 
 
+def workers_key(config: FleetConfig) -> str:
+    """The hash of worker reports (fleet.heartbeat writes, fleet.observe reads)."""
+    return key(config, "workers")
+
+
+def overrides_key(config: FleetConfig) -> str:
+    """Operator overrides per queue: paused, min/max replicas (fleet.observe.overrides)."""
+    return key(config, "autoscaler", "overrides")
+
+
+def latest_decisions_key(config: FleetConfig) -> str:
+    """The autoscaler's newest decision per queue (it writes, the dashboard reads)."""
+    return key(config, "autoscaler", "latest")
+
+
+def changes_key(config: FleetConfig) -> str:
+    """The autoscaler's recent replica changes, newest first (capped list)."""
+    return key(config, "autoscaler", "changes")
+
+
 def kombu_key(config: FleetConfig, name: str) -> str:
     """A key kombu itself names (``unacked_index``, a queue list), with the prefix."""
     return config.broker.key_prefix + name

@@ -115,9 +115,9 @@ class FleetUp:
                         dashboard_port: int | None) -> Outcome:
         from autoscale.backends.local import LocalBackend, grace_period
         from autoscale.loop import Autoscaler, supervised
-        from autoscale.metrics import RedisMetrics
         from fleet.factory import create_app
         from fleet.keys import broker_client
+        from fleet.observe.metrics import RedisMetrics
 
         config, console = self.config, self.console
         url = config.broker.url

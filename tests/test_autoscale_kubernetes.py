@@ -27,11 +27,11 @@ from autoscale.backends.kubernetes import (
     deletion_costs,
 )
 from autoscale.loop import Autoscaler
-from autoscale.metrics import RedisMetrics
-from autoscale.model import WorkerSample
 from autoscale.policy import Budget
 from fleet.config import Capacity, FleetConfig, load_config
-from fleet.heartbeat import workers_key
+from fleet.keys import workers_key
+from fleet.observe.metrics import RedisMetrics
+from fleet.observe.model import WorkerSample
 from fleet.render.k8s import worker_labels
 
 from .conftest import ROOT, free_port, wait_for

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from autoscale.backends.local import LocalBackend
-from autoscale.loop import Autoscaler, changes_key
-from autoscale.metrics import RedisMetrics
-from fleet.keys import broker_client
+from autoscale.loop import Autoscaler
+from fleet.keys import broker_client, changes_key
+from fleet.observe.metrics import RedisMetrics
 
 from .conftest import ROOT, shipped_config, wait_for
 from .probe_tasks import executions

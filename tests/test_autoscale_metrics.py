@@ -8,9 +8,8 @@ import time
 import pytest
 import redis
 
-from autoscale.metrics import RedisMetrics
-from fleet.heartbeat import workers_key
-from fleet.keys import list_keys
+from fleet.keys import list_keys, workers_key
+from fleet.observe.metrics import RedisMetrics
 
 from .conftest import REDIS_URL, wait_for
 
@@ -139,7 +138,7 @@ def test_a_malformed_worker_report_is_dropped_alone_and_never_trusted(fleet, red
     import json
     from dataclasses import asdict
 
-    from autoscale.model import WorkerSample
+    from fleet.observe.model import WorkerSample
 
     good = WorkerSample("good@h", "default", "pod", 10, 2, 1, 0, 5, 10.0, 1, 2, 3, time.time())
     if report is None:
@@ -156,7 +155,7 @@ def test_report_fields_are_checked_by_type_and_range():
     import json
     from dataclasses import asdict
 
-    from autoscale.model import WorkerSample, parse_report
+    from fleet.observe.model import WorkerSample, parse_report
 
     good = asdict(WorkerSample("w@h", None, "pod", 10, 2, 1, 0, 5, 10.0, 1, 2, 3, 1.0))
     assert parse_report(json.dumps(good)).hostname == "w@h"

@@ -7,9 +7,9 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autoscale.model import QueueMetrics
 from autoscale.policy import Budget, History, decide, recommend
 from fleet.config import parse_config
+from fleet.observe.model import QueueMetrics
 
 from .conftest import deep_merge, shipped_config
 

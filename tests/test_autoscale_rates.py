@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from autoscale.model import Observation, QueueSample, WorkerSample
-from autoscale.rates import RateTracker, completed_between
 from fleet.config import parse_config
+from fleet.observe.model import Observation, QueueSample, WorkerSample
+from fleet.observe.rates import RateTracker, completed_between
 
 from .conftest import shipped_config
 

@@ -148,8 +148,8 @@ def test_the_autoscaler_honours_a_pause_from_the_dashboard(fleet, board):
     """Pausing holds the queue at zero replicas in the very next decision."""
     from autoscale.backends.base import Backend
     from autoscale.loop import Autoscaler
-    from autoscale.metrics import RedisMetrics
     from fleet.keys import broker_client
+    from fleet.observe.metrics import RedisMetrics
 
     class Fixed(Backend):
         def replicas(self):

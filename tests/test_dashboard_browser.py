@@ -155,8 +155,8 @@ def run_autoscaler_once(fleet) -> None:
     """One poll of the real autoscaler loop over a backend that reports 2 replicas each."""
     from autoscale.backends.base import Backend
     from autoscale.loop import Autoscaler
-    from autoscale.metrics import RedisMetrics
     from fleet.keys import broker_client
+    from fleet.observe.metrics import RedisMetrics
 
     class TwoEach(Backend):
         def replicas(self):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from autoscale.model import WorkerSample
 from fleet.errors import FleetError
+from fleet.observe.model import WorkerSample
 
 
 class BackendError(FleetError):

@@ -53,9 +53,9 @@ except ImportError as exc:  # an optional extra: say how to get it, not a traceb
     raise BackendError(f"the Kubernetes backend needs the kubernetes client ({exc}): "
                        f"pip install 'fleet[k8s]'") from None
 
-from autoscale.model import WorkerSample
 from autoscale.policy import Budget
 from fleet.config import FleetConfig
+from fleet.observe.model import WorkerSample
 from fleet.render.k8s import deployment_name
 
 logger = logging.getLogger("autoscale.kubernetes")

@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from autoscale.backends.base import BackendError
-from autoscale.model import WorkerSample
 from fleet.config import FleetConfig
+from fleet.observe.model import WorkerSample
 from fleet.processes import WorkerProcess, stop_all
 from fleet.registry import ProcessRecord, Registry
 from fleet.watchdog import ENV_SUPERVISOR, SupervisorRef

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from celery import Celery
 
-from autoscale import overrides
 from fleet import deadletter
 from fleet.errors import FleetError, NotRequeueableError, UnknownDeadLetterError
 from fleet.jobs.ids import aggregate_task_id, chunk_task_id
 from fleet.jobs.state import FAILED, JobStore
 from fleet.keys import broker_client
+from fleet.observe import overrides
 
 REPLY_TIMEOUT = 2.0
 

@@ -15,14 +15,14 @@ from dataclasses import asdict, dataclass, field
 
 import redis
 
-from autoscale.loop import changes_key, latest_key
-from autoscale.metrics import RedisMetrics
-from autoscale.model import Observation, QueueMetrics
-from autoscale.rates import RateTracker
 from fleet.config import FleetConfig
 from fleet.dashboard.store import Store
 from fleet.errors import UnknownJobError
 from fleet.jobs.state import JobStore
+from fleet.keys import changes_key, latest_decisions_key
+from fleet.observe.metrics import RedisMetrics
+from fleet.observe.model import Observation, QueueMetrics
+from fleet.observe.rates import RateTracker
 
 logger = logging.getLogger("fleet.dashboard")
 
@@ -62,7 +62,7 @@ class Sampler:
             obs = self.metrics.poll()
             figures = self.tracker.update(obs)
             latest = {_text(k): json.loads(v)
-                      for k, v in self.client.hgetall(latest_key(self.config)).items()}
+                      for k, v in self.client.hgetall(latest_decisions_key(self.config)).items()}
             self.snapshot = Snapshot(obs.at, figures, obs, latest)
             self.worker_queues.update({w.hostname: w.queue for w in obs.workers})
             return self.snapshot

@@ -9,7 +9,6 @@ import threading
 
 from prometheus_client import CollectorRegistry
 
-from autoscale.metrics import parse_worker
 from fleet.config import FleetConfig
 from fleet.dashboard.auth import Authenticator
 from fleet.dashboard.control import Control
@@ -21,8 +20,8 @@ from fleet.dashboard.sessions import SessionStore
 from fleet.dashboard.store import Store
 from fleet.dashboard.throttle import LoginThrottle
 from fleet.dashboard.views import Views
-from fleet.heartbeat import workers_key
-from fleet.keys import broker_client
+from fleet.keys import broker_client, workers_key
+from fleet.observe.metrics import parse_worker
 
 logger = logging.getLogger("fleet.dashboard")
 

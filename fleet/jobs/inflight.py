@@ -125,8 +125,9 @@ class InFlight:
 def held_by_live_workers(config: FleetConfig, client: redis.Redis,
                          other_than: str | None = None) -> set[str]:
     """Job task ids that live workers (but ``other_than``) say they run or hold."""
-    from autoscale.model import parse_report
-    from fleet.heartbeat import stale_after, workers_key
+    from fleet.heartbeat import stale_after
+    from fleet.keys import workers_key
+    from fleet.observe.model import parse_report
 
     now = time.time()
     held: set[str] = set()

@@ -15,7 +15,7 @@ The list names hold two control characters. YAML writers must escape them: PyYAM
 writes such a string double-quoted with ``\\x06``/``\\x16`` escapes, which YAML 1.1 and
 1.2 readers (Go's included) turn back into the same bytes; the tests check both.
 
-What KEDA still misses, and fleet's own autoscaler counts (autoscale.metrics):
+What KEDA still misses, and fleet's own autoscaler counts (fleet.observe.metrics):
 messages workers have taken but not acked (prefetched, ETA/countdown and running
 tasks sit in the ``unacked`` hash, not in any list), the age of the oldest waiting
 message (KEDA sees depth, not wait), and which pod is busy: on scale-down the HPA picks

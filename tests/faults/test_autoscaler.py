@@ -12,8 +12,7 @@ import time
 import psutil
 import pytest
 
-from autoscale.loop import latest_key
-from fleet.heartbeat import workers_key
+from fleet.keys import latest_decisions_key, workers_key
 
 from ..conftest import ROOT, wait_for
 from .figures import Figures, report
@@ -40,7 +39,7 @@ def test_a_broken_worker_report_does_not_stop_the_autoscaler(fleet, redis_client
             cwd=ROOT, env=fleet.env, stdout=log, stderr=subprocess.STDOUT)
     try:
         def decided_at():
-            raw = redis_client.hget(latest_key(fleet.config), "heavy")
+            raw = redis_client.hget(latest_decisions_key(fleet.config), "heavy")
             return json.loads(raw)["at"] if raw else None
 
         first = wait_for(decided_at, 30, what="a first decision")

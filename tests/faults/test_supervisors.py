@@ -18,11 +18,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from autoscale import overrides
 from fleet.config import with_broker
 from fleet.embedded import EmbeddedRedis
 from fleet.factory import create_app
 from fleet.keys import broker_client, list_keys
+from fleet.observe import overrides
 
 from ..conftest import ROOT, free_port, shipped_config, wait_for
 from ..probe_tasks import events, executions

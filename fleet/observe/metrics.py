@@ -7,7 +7,7 @@ the lists for the ``unacked`` hash, which all queues of a DB share; each entry t
 ``[message, exchange, routing_key]``. One Lua script sums the lists, reads each list's
 tail (its oldest message) for the ``fleet-sent`` header, and counts ``unacked`` entries
 by routing key; the same pipeline reads the workers' self-reports (fleet.heartbeat)
-and the operators' bound overrides (autoscale.overrides).
+and the operators' bound overrides (fleet.observe.overrides).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from collections.abc import Iterable
 
 import redis
 
-from autoscale import overrides
-from autoscale.model import Observation, QueueSample, WorkerSample, parse_report
 from fleet.config import FleetConfig
-from fleet.heartbeat import stale_after, workers_key
-from fleet.keys import PRIORITY_STEPS, kombu_key, list_keys
+from fleet.heartbeat import stale_after
+from fleet.keys import PRIORITY_STEPS, kombu_key, list_keys, overrides_key, workers_key
+from fleet.observe import overrides
+from fleet.observe.model import Observation, QueueSample, WorkerSample, parse_report
 
 # KEYS: the unacked hash, then STEPS list keys per queue (in queue order).
 # ARGV: STEPS, then the queue names.
@@ -68,7 +68,7 @@ return out
 """
 
 
-logger = logging.getLogger("autoscale.metrics")
+logger = logging.getLogger("fleet.observe.metrics")
 
 #: The same problem with one worker's report is logged at most this often.
 REJECT_LOG_EVERY = 60.0
@@ -109,7 +109,7 @@ class RedisMetrics:
         pipe = self.client.pipeline(transaction=False)
         pipe.evalsha(self._sha, len(self._keys), *self._keys, *self._args)
         pipe.hgetall(workers_key(self.config))
-        pipe.hgetall(overrides.overrides_key(self.config))
+        pipe.hgetall(overrides_key(self.config))
         try:
             stats, raw_workers, raw_overrides = pipe.execute()
         except redis.exceptions.NoScriptError:  # Redis restarted and forgot the script

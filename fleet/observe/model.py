@@ -106,7 +106,7 @@ class Observation:
     at: float
     queues: dict[str, QueueSample]
     workers: list[WorkerSample] = field(default_factory=list)
-    #: Operator overrides of the autoscaling bounds (autoscale.overrides.Override).
+    #: Operator overrides of the autoscaling bounds (fleet.observe.overrides.Override).
     overrides: dict = field(default_factory=dict)
 
     def workers_of(self, queue: str) -> list[WorkerSample]:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from autoscale.model import Observation, QueueMetrics, QueueSample
 from fleet.config import FleetConfig
+from fleet.observe.model import Observation, QueueMetrics, QueueSample
 
-logger = logging.getLogger("autoscale.rates")
+logger = logging.getLogger("fleet.observe.rates")
 
 ALPHA = 0.5  # weight of the newest interval in the moving averages
 _EPS = 1e-9

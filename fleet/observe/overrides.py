@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import redis
 
 from fleet.config import FleetConfig
-from fleet.keys import key
+from fleet.keys import overrides_key
 
 
 @dataclass(frozen=True)
@@ -22,10 +22,6 @@ class Override:
     min_replicas: int | None = None
     max_replicas: int | None = None
     paused: bool = False
-
-
-def overrides_key(config: FleetConfig) -> str:
-    return key(config, "autoscaler", "overrides")
 
 
 def read(client: redis.Redis, config: FleetConfig) -> dict[str, Override]:
