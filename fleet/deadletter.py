@@ -6,7 +6,7 @@ one whose task kills its pool process is restored and delivered again forever. F
 keeps such messages here instead, with the reason, for an operator to look at, re-send
 (``fleet dead requeue``) or drop (``fleet dead purge``).
 
-One capped Redis list per queue under ``fleet.keys.key(config, "dead", queue)``, newest
+One capped Redis list per queue at ``fleet.keys.dead_letter_prefix(config) + queue``, newest
 first. An entry is one JSON object that holds the message exactly as kombu stored it
 (its envelope: headers, properties, body), so a requeue re-sends the original; bytes that
 were not JSON at all are kept as text, truncated, and cannot be requeued.
@@ -189,7 +189,7 @@ class DeadLetterList:
 
     @classmethod
     def for_config(cls, config: FleetConfig) -> DeadLetterList:
-        return cls(keys.broker_client(config), base_key(config))
+        return cls(keys.broker_client(config), keys.dead_letter_prefix(config))
 
     def key(self, queue: str) -> str:
         return self.base + queue
@@ -248,10 +248,6 @@ class DeadLetterList:
         return int(pipe.execute()[0])
 
 
-def base_key(config: FleetConfig) -> str:
-    return keys.key(config, "dead", "")
-
-
 def requeue(config: FleetConfig, entry_id: str) -> DeadLetter:
     """Send the original message of ``entry_id`` again, onto the queue it came from."""
     dead = DeadLetterList.for_config(config)
@@ -286,13 +282,12 @@ def requeue_all(config: FleetConfig, queue: str | None = None
 
 def _requeue(config: FleetConfig, dead: DeadLetterList, stored: bytes,
              entry: DeadLetter) -> bool:
-    from fleet.deliveries import counter_key
 
     message = entry.message
     fresh = message_for_requeue(message, str(uuid.uuid4()))
     target = priority_list(config, entry.queue, message["properties"].get("priority"))
     old_tag = str(message["properties"].get("delivery_tag", ""))
-    return dead.move(stored, entry, target, fresh, counter_key(config, old_tag))
+    return dead.move(stored, entry, target, fresh, keys.delivery_counter_key(config, old_tag))
 
 
 def decoded_body(message: Any) -> Any:

@@ -34,10 +34,6 @@ from fleet.config import DEFAULT_MAX_DELIVERIES, FleetConfig
 from fleet.deadletter import EXIT_CODE, SIGNAL, WORKER_LOST, Reason
 
 
-def counter_key(config: FleetConfig, delivery_tag: str) -> str:
-    return keys.key(config, "deliveries", delivery_tag)
-
-
 def max_deliveries(config: FleetConfig | None, queue: str | None) -> int:
     if config is None or queue not in config.queues:
         return DEFAULT_MAX_DELIVERIES
@@ -85,7 +81,7 @@ class DeliveryCounter:
 
     def redelivered(self, tag: str) -> tuple[int, Reason | None]:
         """Count a redelivery on receipt: (deliveries with this one, last reason recorded)."""
-        key = counter_key(self.config, tag)
+        key = keys.delivery_counter_key(self.config, tag)
         pipe = self.client.pipeline(transaction=True)
         pipe.hincrby(key, "n", 1)
         pipe.hget(key, "reason")
@@ -96,7 +92,7 @@ class DeliveryCounter:
     def lost(self, tag: str, reason: Reason) -> int:
         """Note why a delivery was lost; returns the deliveries so far, the lost one
         included (the first delivery is never counted in Redis: it is 1 + n)."""
-        key = counter_key(self.config, tag)
+        key = keys.delivery_counter_key(self.config, tag)
         pipe = self.client.pipeline(transaction=True)
         pipe.hget(key, "n")
         pipe.hset(key, "reason", reason.to_json())
@@ -105,4 +101,4 @@ class DeliveryCounter:
         return int(n or 0) + 1
 
     def forget(self, tag: str) -> None:
-        self.client.delete(counter_key(self.config, tag))
+        self.client.delete(keys.delivery_counter_key(self.config, tag))

@@ -35,17 +35,13 @@ from celery.utils.time import utcoffset
 from kombu.utils.json import dumps
 
 from fleet.config import FleetConfig
-from fleet.keys import key
+from fleet.keys import events_stream_key
 
 logger = logging.getLogger("fleet.eventlog")
 
 #: Stream entry fields: ``e`` holds one event or a group (JSON), ``gap`` a marker.
 EVENT_FIELD = "e"
 GAP_FIELD = "gap"
-
-
-def stream_key(config: FleetConfig) -> str:
-    return key(config, "events")
 
 
 def stream_enabled(config: FleetConfig | None) -> bool:
@@ -122,7 +118,7 @@ class EventLog:
     def for_config(cls, config: FleetConfig | None) -> EventLog | None:
         if not stream_enabled(config):
             return None
-        return cls(stream_key(config), config.event_stream.maxlen)
+        return cls(events_stream_key(config), config.event_stream.maxlen)
 
     @staticmethod
     def entry(event) -> dict[str, str]:

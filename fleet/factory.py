@@ -12,8 +12,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from fleet.config import FleetConfig
-from fleet.deadletter import base_key
-from fleet.keys import PRIORITY_STEPS
+from fleet.keys import PRIORITY_STEPS, dead_letter_prefix
 from fleet.routing import FleetRouter, RoutingTable
 from fleet.transport import DEAD_LETTER_OPTION
 from fleet.worker import queue_conf, worker_settings
@@ -62,7 +61,7 @@ def broker_transport_options(config: FleetConfig) -> dict:
     if config.broker.key_prefix:
         options["global_keyprefix"] = config.broker.key_prefix
     # Where fleet.transport keeps messages it cannot deliver (fleet.deadletter).
-    options[DEAD_LETTER_OPTION] = base_key(config)
+    options[DEAD_LETTER_OPTION] = dead_letter_prefix(config)
     return options
 
 

@@ -37,6 +37,26 @@ def changes_key(config: FleetConfig) -> str:
     return key(config, "autoscaler", "changes")
 
 
+def events_stream_key(config: FleetConfig) -> str:
+    """The Redis Stream workers write their events to (fleet.eventlog)."""
+    return key(config, "events")
+
+
+def delivery_counter_key(config: FleetConfig, delivery_tag: str) -> str:
+    """How often one message was delivered (fleet.deliveries)."""
+    return key(config, "deliveries", delivery_tag)
+
+
+def dead_letter_prefix(config: FleetConfig) -> str:
+    """Each queue's dead-letter list is this plus the queue's name (fleet.deadletter)."""
+    return key(config, "dead", "")
+
+
+def rate_bucket_key(config: FleetConfig, kind: str, name: str) -> str:
+    """A fleet-wide token bucket: ``kind`` is "task" or "queue" (fleet.ratelimit)."""
+    return key(config, "rate", kind, name)
+
+
 def kombu_key(config: FleetConfig, name: str) -> str:
     """A key kombu itself names (``unacked_index``, a queue list), with the prefix."""
     return config.broker.key_prefix + name

@@ -169,7 +169,7 @@ class FleetTask(Task):
             limits.append(("queue", delivery["routing_key"], queue.rate_limit))
         for kind, name, rate in limits:
             bucket = TokenBucket(keys.broker_client(config),
-                                 keys.key(config, "rate", kind, name), rate.per_second)
+                                 keys.rate_bucket_key(config, kind, name), rate.per_second)
             grant = bucket.take()
             if not grant.granted:
                 self._requeue(request, requeue_delay(grant.wait),

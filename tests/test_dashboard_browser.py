@@ -192,7 +192,7 @@ def test_a_viewer_cannot_act_from_the_page(fleet, tmp_path, browser):
 
 
 def test_a_gap_in_the_events_is_a_banner_on_every_page(fleet, tmp_path, browser, redis_client):
-    from fleet.eventlog import stream_key
+    from fleet.keys import events_stream_key
 
     fleet.configure(FAST)
     board = start_dashboard(fleet.config, f"sqlite:///{tmp_path / 'd.sqlite'}")
@@ -206,7 +206,7 @@ def test_a_gap_in_the_events_is_a_banner_on_every_page(fleet, tmp_path, browser,
             page.goto(board.base + "/")
             page.wait_for_selector("#workers")
             assert not page.is_visible("#gaps")
-            redis_client.delete(stream_key(fleet.config))  # as a Redis restarted empty
+            redis_client.delete(events_stream_key(fleet.config))  # as a Redis restarted empty
             d.send("task-succeeded", uuid="after-the-gap")
             d.close()
         page.wait_for_selector("#gaps >> text=Events missing", timeout=20_000)

@@ -13,7 +13,8 @@ from fleet.dashboard.gaps import RESET, TRIMMED, WORKER_BUFFER
 from fleet.dashboard.ingest import Ingester
 from fleet.dashboard.store import Store
 from fleet.dashboard.views import TaskFilter, Views
-from fleet.eventlog import Dropped, EventLog, stream_key
+from fleet.eventlog import Dropped, EventLog
+from fleet.keys import events_stream_key
 
 from .conftest import deep_merge, wait_for
 from .dashboard_util import FAST, start_dashboard
@@ -88,7 +89,7 @@ def stored_all(running: Running, n: int):
 
 
 def pending(redis_client, fleet) -> int:
-    return redis_client.xpending(stream_key(fleet.config),
+    return redis_client.xpending(events_stream_key(fleet.config),
                                  fleet.config.dashboard.event_group)["pending"]
 
 
@@ -118,7 +119,7 @@ def test_entries_delivered_but_never_stored_are_read_again(fleet, send, database
     running.stop()
     ids = send(5)
     # Delivered to the dashboard's consumer, which stopped before storing them.
-    key, group = stream_key(fleet.config), fleet.config.dashboard.event_group
+    key, group = events_stream_key(fleet.config), fleet.config.dashboard.event_group
     taken = redis_client.xreadgroup(group, "ingester", {key: ">"}, count=100)
     assert len(taken[0][1]) == 15
     # (and maybe the first run's last batch: stored, its XACK not sent before it stopped)
@@ -140,7 +141,7 @@ def test_entries_delivered_again_are_not_counted_twice(fleet, send, database, re
     send(20)
     stored_all(running, 20)
     wait_for(lambda: pending(redis_client, fleet) == 0, 10, what="every entry acked")
-    redis_client.xgroup_setid(stream_key(fleet.config), fleet.config.dashboard.event_group,
+    redis_client.xgroup_setid(events_stream_key(fleet.config), fleet.config.dashboard.event_group,
                               "0")
     send(1)
     try:
@@ -182,7 +183,7 @@ def test_a_stream_gone_while_the_dashboard_was_away_is_a_gap_and_new_events_arri
     send(3)
     stored_all(running, 3)
     running.stop()
-    redis_client.delete(stream_key(fleet.config))  # what a Redis restarted empty shows
+    redis_client.delete(events_stream_key(fleet.config))  # what a Redis restarted empty shows
     send(4)
     running = Running(fleet, database)
     try:
@@ -199,7 +200,7 @@ def test_a_stream_gone_while_connected_is_a_gap_and_reading_goes_on(fleet, send,
     try:
         send(3)
         stored_all(running, 3)
-        redis_client.delete(stream_key(fleet.config))
+        redis_client.delete(events_stream_key(fleet.config))
         time.sleep(1.5)  # the reader finds its group gone and attaches again
         send(2)
         stored_all(running, 5)
@@ -237,7 +238,7 @@ def test_pub_sub_only_where_there_is_no_stream(fleet, send, database, redis_clie
             d.send("task-succeeded", uuid="by-pubsub", runtime=0.1)
             d.close()
         wait_for(lambda: running.views.task("by-pubsub"), 10, what="the task")
-        assert not redis_client.exists(stream_key(fleet.config))
+        assert not redis_client.exists(events_stream_key(fleet.config))
     finally:
         running.stop()
 
@@ -250,7 +251,7 @@ def test_a_gap_is_on_the_overview_the_api_and_metrics(fleet, send, tmp_path, red
                  what="two tasks")
         overview = board.json("/api/fleet/overview")
         assert overview["events_source"] == "stream" and overview["event_gaps"] == []
-        redis_client.delete(stream_key(fleet.config))
+        redis_client.delete(events_stream_key(fleet.config))
         send(1)
         gaps = wait_for(lambda: board.json("/api/fleet/overview")["event_gaps"], 20,
                         what="the gap on the overview")

@@ -12,7 +12,8 @@ import time
 import pytest
 import redis
 
-from fleet.eventlog import GAP_FIELD, StreamDispatcher, stream_key
+from fleet.eventlog import GAP_FIELD, StreamDispatcher
+from fleet.keys import events_stream_key
 
 from .conftest import deep_merge, shipped_config, wait_for
 from .redis_server import PersistentRedis
@@ -59,7 +60,7 @@ def test_each_event_is_published_and_appended_in_one_round_trip(fleet, server):
     app = fleet.app()
     client = server.client()
     sub = subscribe(client, fleet.prefix)
-    key = stream_key(fleet.config)
+    key = events_stream_key(fleet.config)
     assert key == f"{fleet.prefix}fleet:events"
     with app.connection_for_write() as conn:
         d = dispatcher(app, conn)
@@ -93,10 +94,10 @@ def test_grouped_task_events_are_one_entry(fleet, server):
         d = dispatcher(app, conn, buffer_group=["task"])
         for i in range(3):
             d.send("task-received", uuid=f"t{i}")
-        assert client.xlen(stream_key(fleet.config)) == 0  # still grouped
+        assert client.xlen(events_stream_key(fleet.config)) == 0  # still grouped
         d.flush()
         d.close()
-    [entry] = stream_events(client, stream_key(fleet.config))
+    [entry] = stream_events(client, events_stream_key(fleet.config))
     assert [e["uuid"] for e in entry] == ["t0", "t1", "t2"]
     assert published(sub, 1) == [f"{fleet.prefix}/0.celeryev/task.multi".encode()]
 
@@ -110,10 +111,10 @@ def test_the_stream_is_capped(fleet, server):
         for i in range(3000):
             d.send("worker-heartbeat", n=i)
         d.close()
-    length = client.xlen(stream_key(fleet.config))
+    length = client.xlen(events_stream_key(fleet.config))
     # MAXLEN ~ trims whole nodes (100 entries by default): at least 1000, not much more.
     assert 1000 <= length <= 1100, length
-    last = json.loads(client.xrevrange(stream_key(fleet.config), count=1)[0][1][b"e"])
+    last = json.loads(client.xrevrange(events_stream_key(fleet.config), count=1)[0][1][b"e"])
     assert last["n"] == 2999
 
 
@@ -136,7 +137,7 @@ def test_an_outage_is_buffered_bounded_and_the_overflow_is_marked(fleet, server)
         assert len(d._outbound_buffer) == 0 and d.dropped.events == 0
         d.close()
     client = server.client()
-    entries = stream_events(client, stream_key(fleet.config))
+    entries = stream_events(client, events_stream_key(fleet.config))
     marker = entries[0]["gap"]
     assert (marker["hostname"], marker["dropped"]) == ("w@test", 3)
     assert marker["since"] <= marker["until"]
@@ -156,7 +157,7 @@ def test_grouped_events_move_to_the_dispatcher_made_after_a_reconnect(fleet, ser
         new.extend_buffer(old)
         new.flush()
         new.close()
-    [entry] = stream_events(server.client(), stream_key(fleet.config))
+    [entry] = stream_events(server.client(), events_stream_key(fleet.config))
     assert [e["uuid"] for e in entry] == ["grouped"]
 
 
@@ -167,7 +168,7 @@ def test_an_event_sent_with_retry_reaches_the_stream_too(fleet, server):
     with app.events.default_dispatcher(hostname="w@test") as d:
         d.send("task-progress", uuid="u", done=3, retry=True,
                retry_policy={"max_retries": 1})
-    [event] = stream_events(server.client(), stream_key(fleet.config))
+    [event] = stream_events(server.client(), events_stream_key(fleet.config))
     assert (event["type"], event["done"]) == ("task-progress", 3)
 
 
@@ -182,7 +183,7 @@ def test_no_stream_when_turned_off(fleet, server):
         d.send("worker-heartbeat")
         d.close()
     assert len(published(sub, 1)) == 1
-    assert not client.exists(stream_key(fleet.config))
+    assert not client.exists(events_stream_key(fleet.config))
 
 
 def test_bad_event_stream_settings_are_clear_config_errors(tmp_path):
@@ -204,7 +205,7 @@ def test_a_stream_key_holding_something_else_is_said_once_and_pub_sub_goes_on(
     fleet.configure({"broker": {"url": server.url}})
     app = fleet.app()
     client = server.client()
-    client.set(stream_key(fleet.config), "not a stream")
+    client.set(events_stream_key(fleet.config), "not a stream")
     sub = subscribe(client, fleet.prefix)
     with app.connection_for_write() as conn:
         d = dispatcher(app, conn)

@@ -43,7 +43,8 @@ from fleet.dashboard.gaps import (
     text,
     trim_gap,
 )
-from fleet.eventlog import EVENT_FIELD, GAP_FIELD, stream_key
+from fleet.eventlog import EVENT_FIELD, GAP_FIELD
+from fleet.keys import events_stream_key
 
 _HERE = -time.timezone / 3600 if not time.daylight else -time.altzone / 3600
 
@@ -226,7 +227,7 @@ def consume_stream(config: FleetConfig, client: redis.Redis, sink: StreamSink,
                    stop: threading.Event, connected: Callable[[bool], None]) -> None:
     """Feed every stream entry until ``stop``; raises redis errors for the caller to
     retry (and returns when the stream vanished, to attach again)."""
-    reader = StreamReader(client, stream_key(config), config.dashboard.event_group)
+    reader = StreamReader(client, events_stream_key(config), config.dashboard.event_group)
     try:
         fresh = _attach(reader, sink)
         connected(True)

@@ -28,7 +28,8 @@ from fleet.dashboard import eventstream
 from fleet.dashboard.events import Batch
 from fleet.dashboard.gaps import Gap
 from fleet.dashboard.store import Store
-from fleet.eventlog import stream_enabled, stream_key
+from fleet.eventlog import stream_enabled
+from fleet.keys import events_stream_key
 
 logger = logging.getLogger("fleet.dashboard")
 
@@ -65,7 +66,7 @@ class Ingester:
         #: Where events come from: "stream", "pubsub" (no stream) or "receiver" (no Redis).
         self.source = ("stream" if stream_enabled(config) else "pubsub") if _on_redis(config) \
             else "receiver"
-        self._stream = (stream_key(config), config.dashboard.event_group)
+        self._stream = (events_stream_key(config), config.dashboard.event_group)
         #: Newest stream id in the store, and newest handed to a batch by this process.
         self._written_id = (store.stream_cursor(*self._stream) if self.source == "stream"
                             else None)
