@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from fleet.config import FleetConfig, QueueClass
 from fleet.observe.model import QueueMetrics, ScaleDecision
-from fleet.units import format_duration
+from fleet.units import cpu_cores, format_duration
 
 logger = logging.getLogger("autoscale.policy")
 
@@ -46,12 +46,6 @@ class Budget:
 
     cpu: float | None = None
     memory: int | None = None
-
-
-def cpu_cores(value: str | None) -> float | None:
-    if value is None:
-        return None
-    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
 
 
 def replica_cost(queue: QueueClass) -> tuple[float, int]:

@@ -6,7 +6,7 @@ import builtins
 import importlib
 from typing import Any
 
-from fleet.config import Retry
+from fleet.config_models import Retry
 
 
 def resolve_exception(name: str) -> type[BaseException]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-from fleet.config import FleetConfig
+from fleet.config_models import FleetConfig
 
 SIZE_HEADER = "fleet-input-size"
 

@@ -1,4 +1,5 @@
-"""Human units in queues.yaml: sizes (512Mi), durations (30s, 10m) and rates (100/m).
+"""Human units in queues.yaml: sizes (512Mi), durations (30s, 10m), rates (100/m) and
+CPU quantities (500m, 2).
 
 Pure parsing, no I/O. Each parser raises ``ValueError`` with a message that names the
 accepted forms, which config validation turns into a file/key/reason problem.
@@ -23,6 +24,10 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 _DURATION_FACTORS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+#: A CPU quantity as queues.yaml accepts it: cores (``2``, ``0.5``) or millicores
+#: (``500m``), the subset of Kubernetes quantities the autoscaler can add up.
+CPU_PATTERN = r"^\d+(\.\d+)?m?$"
 
 _RATE_PERIODS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600}
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
@@ -84,6 +89,14 @@ def parse_rate(value: object) -> Rate:
             if count > 0:
                 return Rate(count / _RATE_PERIODS[match.group(2)], value.strip())
     raise ValueError(f"expected a rate like 100/m, 10/s or 1000/h, got {value!r}")
+
+
+def cpu_cores(value: str | None) -> float | None:
+    """Cores from a CPU quantity already matched by ``CPU_PATTERN`` (``500m`` -> 0.5,
+    ``2`` -> 2.0); None (no quantity given) stays None."""
+    if value is None:
+        return None
+    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
 
 
 def format_size(n: float) -> str:

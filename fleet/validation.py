@@ -11,9 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 
-from fleet.config import FleetConfig, QueueClass
+from fleet.config_models import FleetConfig, QueueClass
 from fleet.errors import Problem
-from fleet.units import format_duration, format_size
+from fleet.retry import resolve_exception
+from fleet.routing import globs_overlap, specificity
+from fleet.units import cpu_cores, format_duration, format_size
+from fleet.yamlfile import line_of
 
 Lines = dict[tuple, int]
 Found = tuple[tuple, str]  # (key path, reason)
@@ -26,17 +29,10 @@ def check(config: FleetConfig, lines: Lines | None = None) -> list[Problem]:
     for rule in RULES:
         found.extend(rule(config))
     problems = [
-        Problem(config.source, ".".join(str(p) for p in path), reason, _line(path, lines))
+        Problem(config.source, ".".join(str(p) for p in path), reason, line_of(path, lines))
         for path, reason in found
     ]
     return sorted(problems, key=lambda p: (p.line or 0, p.path))
-
-
-def _line(path: tuple, lines: Lines) -> int | None:
-    for end in range(len(path), -1, -1):
-        if path[:end] in lines:
-            return lines[path[:end]]
-    return None
 
 
 def _queues(config: FleetConfig) -> Iterator[tuple[str, QueueClass]]:
@@ -171,8 +167,6 @@ def globs_do_not_tie(config: FleetConfig) -> Iterator[Found]:
     one with more literal characters wins (``tasks.heavy.*`` over ``tasks.*``). Two
     globs of different queues that can match the same name with as many literal
     characters each would be settled by their alphabetical order: no one means that."""
-    from fleet.routing import globs_overlap, specificity
-
     seen: list[tuple[str, str]] = []
     for name, queue in _queues(config):
         for index, pattern in enumerate(queue.tasks):
@@ -219,22 +213,14 @@ def requests_within_limits(config: FleetConfig) -> Iterator[Found]:
             yield ("queues", name, "kubernetes", "resources", "requests", "memory"), (
                 f"{format_size(req)} is above limits.memory ({format_size(lim)})"
             )
-        req_cpu, lim_cpu = _cpu(resources.requests.cpu), _cpu(resources.limits.cpu)
+        req_cpu, lim_cpu = cpu_cores(resources.requests.cpu), cpu_cores(resources.limits.cpu)
         if req_cpu is not None and lim_cpu is not None and req_cpu > lim_cpu:
             yield ("queues", name, "kubernetes", "resources", "requests", "cpu"), (
                 f"{resources.requests.cpu} is above limits.cpu ({resources.limits.cpu})"
             )
 
 
-def _cpu(value: str | None) -> float | None:
-    if value is None:
-        return None
-    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
-
-
 def retry_exceptions_known(config: FleetConfig) -> Iterator[Found]:
-    from fleet.retry import resolve_exception
-
     for name, queue in _queues(config):
         if queue.retry is None:
             continue
@@ -250,9 +236,9 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 def queue_names_fit_kubernetes(config: FleetConfig) -> Iterator[Found]:
     """A queue names its worker Deployment: it must make a valid DNS label (RFC 1123)."""
-    pattern = config.autoscaler.kubernetes.deployment
+    target = config.autoscaler.kubernetes
     for name in config.queues:
-        deployment = pattern.replace("{queue}", name)
+        deployment = target.deployment_name(name)
         if not _DNS_LABEL.match(name) or len(deployment) > 63:
             yield ("queues", name), (
                 f"queue name must be lowercase letters, digits and '-', and make a "

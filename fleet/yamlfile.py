@@ -43,6 +43,15 @@ def load_yaml(path: Path) -> tuple[Any, dict[KeyPath, int], list[Problem]]:
     return data, lines, problems
 
 
+def line_of(path: tuple, lines: dict[KeyPath, int]) -> int | None:
+    """The line of key ``path``, or of its nearest ancestor in the file: a problem with
+    a key left out (a default) or a value pydantic split up points at its parent."""
+    for end in range(len(path), -1, -1):
+        if path[:end] in lines:
+            return lines[path[:end]]
+    return None
+
+
 #: A config has hundreds of nodes; aliases of aliases can expand to billions ("billion
 #: laughs"), which would hang every command reading the file.
 MAX_NODES = 100_000

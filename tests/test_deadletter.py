@@ -33,13 +33,13 @@ from fleet.deadletter import (
 )
 from fleet.deliveries import (
     DeliveryCounter,
-    counter_key,
     max_deliveries,
     reason_of_worker_lost,
     refuse_on_receipt,
     retire_on_loss,
 )
 from fleet.errors import NotRequeueableError, UnknownDeadLetterError
+from fleet.keys import delivery_counter_key
 from fleet.transport import Channel, envelope_problem
 
 from .conftest import ROOT, shipped_config, wait_for
@@ -181,7 +181,7 @@ def test_the_copies_of_kombus_code_still_match_kombu():
 # -- the Redis adapters ------------------------------------------------------------------
 
 def test_the_list_is_capped_newest_first_and_found_by_id(fleet, redis_client):
-    dead = DeadLetterList(keys.broker_client(fleet.config), deadletter.base_key(fleet.config),
+    dead = DeadLetterList(keys.broker_client(fleet.config), keys.dead_letter_prefix(fleet.config),
                           max_entries=5)
     entries = [new_entry("heavy", Reason(SIGNAL, f"n{i}"), message=envelope(task_id=f"t{i}"))
                for i in range(8)]
@@ -207,14 +207,14 @@ def test_requeue_moves_the_message_once_and_resets_its_count(fleet, redis_client
     dead.add(entry)
     counter = DeliveryCounter.for_config(config)
     assert counter.redelivered("tag-t-9")[0] == 2
-    assert redis_client.exists(counter_key(config, "tag-t-9"))
+    assert redis_client.exists(delivery_counter_key(config, "tag-t-9"))
 
     assert requeue(config, entry.id) == entry
     target = keys.list_keys(config, "heavy")[1]  # priority 5 waits on the step-3 list
     [sent] = [json.loads(m) for m in redis_client.lrange(target, 0, -1)]
     assert sent["headers"]["id"] == "t-9" and "redelivered" not in sent["headers"]
     assert sent["properties"]["delivery_tag"] != "tag-t-9"
-    assert not redis_client.exists(counter_key(config, "tag-t-9"))
+    assert not redis_client.exists(delivery_counter_key(config, "tag-t-9"))
     assert dead.entries("heavy") == []
     with pytest.raises(UnknownDeadLetterError):
         requeue(config, entry.id)  # a second requeue sends nothing
@@ -327,5 +327,5 @@ def test_a_count_in_redis_expires(fleet, redis_client):
     counter.lost("tag-x", Reason(SIGNAL, "killed"))
     assert counter.redelivered("tag-x") == (2, Reason(SIGNAL, "killed"))
     assert counter.lost("tag-x", Reason(SIGNAL, "again")) == 2
-    ttl = redis_client.ttl(counter_key(fleet.config, "tag-x"))
+    ttl = redis_client.ttl(delivery_counter_key(fleet.config, "tag-x"))
     assert 0 < ttl <= max(3600, int(fleet.config.results.expires))

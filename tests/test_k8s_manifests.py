@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from fleet.config import FleetConfig, load_config, parse_config
+from fleet.config import FleetConfig, KubernetesTarget, load_config, parse_config
 from fleet.render import k8s, keda
 from fleet.render.yamlout import dump_all
 
@@ -799,3 +799,14 @@ def test_the_ledgers_postgres_is_persistent_and_where_its_url_says():
 
 def test_kubectl_apply_k_k8s_applies_the_base():
     assert kustomize(".") == kustomize("base")
+
+
+def test_one_deployment_name_rule_for_manifests_autoscaler_and_validation():
+    assert KubernetesTarget(deployment="w-{queue}-x").deployment_name("io") == "w-io-x"
+    config = load_config(ROOT / "queues.yaml")
+    target = config.autoscaler.kubernetes.model_copy(update={"deployment": "batch-{queue}"})
+    config = config.model_copy(update={"autoscaler": config.autoscaler.model_copy(
+        update={"kubernetes": target})})
+    for queue in config.queues:
+        assert k8s.deployment_name(config, queue) == f"batch-{queue}"
+        assert k8s.worker_deployment(config, queue)["metadata"]["name"] == f"batch-{queue}"

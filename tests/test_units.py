@@ -1,6 +1,16 @@
+import re
+
 import pytest
 
-from fleet.units import format_duration, format_size, parse_duration, parse_rate, parse_size
+from fleet.units import (
+    CPU_PATTERN,
+    cpu_cores,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_rate,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -65,3 +75,19 @@ def test_formatting_round_trips():
     assert format_duration(90) == "1m30s"
     assert format_duration(0) == "0s"
     assert parse_duration(format_duration(5400)) == 5400
+
+
+@pytest.mark.parametrize(("text", "cores"), [
+    ("500m", 0.5), ("1500m", 1.5), ("2", 2.0), ("0.5", 0.5), ("250.5m", 0.2505), (None, None),
+])
+def test_cpu_quantities_are_cores(text, cores):
+    """One parser for validation (requests <= limits) and the autoscaler's budget."""
+    assert cpu_cores(text) == cores
+
+
+@pytest.mark.parametrize(("text", "accepted"), [
+    ("500m", True), ("2", True), ("0.25", True), ("1Gi", False), ("2 cores", False),
+    ("-1", False), ("m", False), ("1.m", False),
+])
+def test_the_cpu_pattern_accepts_only_what_cpu_cores_reads(text, accepted):
+    assert bool(re.match(CPU_PATTERN, text)) is accepted

@@ -62,7 +62,8 @@ LABEL_QUEUE = "fleet.io/queue"
 
 
 def deployment_name(config: FleetConfig, queue: str) -> str:
-    return config.autoscaler.kubernetes.deployment.replace("{queue}", queue)
+    """The rule itself is the model's (validation checks the same names)."""
+    return config.autoscaler.kubernetes.deployment_name(queue)
 
 
 def worker_labels(queue: str) -> dict[str, str]:
