@@ -43,6 +43,7 @@ from fleet.deliveries import (
     retire_on_loss,
 )
 from fleet.errors import MemoryLimitExceeded, WrongArguments
+from fleet.periodic import Periodic
 from fleet.units import format_size
 
 logger = logging.getLogger("fleet.guard")
@@ -172,24 +173,14 @@ class MemoryGuard:
         self.interval = interval
         self.busy = busy
         self.rss_of = RssReader()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fleet-memory-guard",
-                                        daemon=True)
+        self._thread = Periodic("fleet-memory-guard", self.tick, interval,
+                                what="memory guard sampling", logger=logger)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.tick()
-            except Exception:
-                logger.exception("memory guard sampling failed")
+        self._thread.stop()
 
     def tick(self) -> list[Kill]:
         samples = []

@@ -13,11 +13,12 @@ lapsing while the worker lives.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 
 import redis
+
+from fleet.periodic import Periodic
 
 logger = logging.getLogger("fleet.lease")
 
@@ -43,21 +44,15 @@ class LeaseRenewer:
         self.index_key = index_key
         self.interval = interval
         self.held = held
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fleet-lease", daemon=True)
+        self._thread = Periodic("fleet-lease", self.tick, interval,
+                                what="lease renewal", logger=logger)
         self.renewals = 0
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.tick()
+        self._thread.stop()
 
     def tick(self) -> None:
         try:
@@ -69,8 +64,6 @@ class LeaseRenewer:
             # The broker is away; the consumer reconnects on its own. Keep trying: a
             # lease lapses only after visibility_timeout, several intervals from now.
             logger.warning("lease renewal failed (will retry in %.0fs): %s", self.interval, exc)
-        except Exception:
-            logger.exception("lease renewal failed unexpectedly")
 
 
 def held_by_consumer(worker: object) -> Callable[[], list[str]]:
