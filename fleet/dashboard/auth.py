@@ -37,8 +37,6 @@ class Principal:
     #: basic, token, session, or none (auth is off: loopback only)
     via: str
     csrf: str | None = None
-    #: The server-side session this request came with (sessions.SessionStore), if any.
-    session: str | None = None
 
     def may(self, role: str) -> bool:
         return LEVEL[self.role] >= LEVEL[role]

@@ -97,7 +97,7 @@ class Gate:
             logger.warning("dashboard: session of %r ended: the user was removed, or their "
                            "role or password changed", session.user)
             return None
-        return Principal(session.user, session.role, "session", session.csrf, session.key)
+        return Principal(session.user, session.role, "session", session.csrf)
 
     def password_login(self, request: Request, name: str, password: str,
                        via: str) -> Principal | None:

@@ -86,8 +86,7 @@ class SessionStore:
                        row.created, row.seen)
 
     def revoke(self, token: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(delete(sessions).where(sessions.c.id == self._key(token)))
+        self.revoke_key(self._key(token))
 
     def revoke_key(self, key: str) -> None:
         with self.engine.begin() as conn:
