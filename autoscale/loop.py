@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import redis
 
-from autoscale.backends.base import Backend, BackendError
+from autoscale.backends.base import Backend, BackendError, BudgetedBackend, PlanningBackend
 from autoscale.passes import Passes
 from autoscale.policy import Budget, History, budget_from, decide
 from fleet.config import FleetConfig
@@ -77,25 +77,24 @@ class Autoscaler(Passes):
 
     def _budget(self) -> Budget:
         """queues.yaml's capacity; what it leaves out, from the backend if it can tell
-        (an optional ``budget()``: the Kubernetes backend sums node allocatable)."""
+        (a BudgetedBackend: the Kubernetes backend sums node allocatable)."""
         budget = budget_from(self.config)
-        available = getattr(self.backend, "budget", None)
-        if available is None or (budget.cpu is not None and budget.memory is not None):
+        if not isinstance(self.backend, BudgetedBackend) or (
+                budget.cpu is not None and budget.memory is not None):
             return budget
         try:
-            return budget_from(self.config, available())
+            return budget_from(self.config, self.backend.budget())
         except BackendError as exc:
             # Scaling on without a budget beats not scaling at all; say so every time.
             self.report(f"no capacity budget from the backend ({exc}); scaling unbounded")
             return budget
 
     def _report_plan(self, d: ScaleDecision, workers: list) -> None:
-        """A dry run shows the backend's steps too, if it has an optional ``plan()``."""
-        plan = getattr(self.backend, "plan", None)
-        if plan is None:
+        """A dry run shows the backend's steps too, if it is a PlanningBackend."""
+        if not isinstance(self.backend, PlanningBackend):
             return
         try:
-            for line in plan(d.queue, d.desired, workers):
+            for line in self.backend.plan(d.queue, d.desired, workers):
                 self.report(f"  {line}")
         except BackendError as exc:
             self.report(f"  (no plan for {d.queue}: {exc})")
