@@ -109,10 +109,33 @@ def celery_settings(config: FleetConfig) -> dict:
     return settings
 
 
-def create_app(config: FleetConfig, queue: str | None = None, main: str = "fleet") -> Celery:
+class FleetApp(Celery):
+    """A Celery app that carries its parsed, typed ``FleetConfig``.
+
+    ``config`` does not clash with Celery's ``conf`` or its ``config_from_*`` loaders.
+    ``fleet_config`` is the old monkey-attribute name, kept while readers move over.
+    """
+
+    def __init__(self, main: str, config: FleetConfig, **kwargs) -> None:
+        super().__init__(main, **kwargs)
+        self.config: FleetConfig = config
+        self.fleet_queue: str | None = None
+
+    @property
+    def fleet_config(self) -> FleetConfig:
+        return self.config
+
+
+def fleet_config_of(app: object) -> FleetConfig | None:
+    """The config of a fleet app; None for a plain Celery app (or no app) in our process."""
+    return app.config if isinstance(app, FleetApp) else None
+
+
+def create_app(config: FleetConfig, queue: str | None = None, main: str = "fleet") -> FleetApp:
     """A Celery app wired to ``config``; with ``queue``, tuned as that queue's worker."""
-    app = Celery(
+    app = FleetApp(
         main,
+        config,
         task_cls="fleet.task:FleetTask",
         amqp="fleet.amqp:FleetAMQP",
         # Events also go to a capped Redis Stream the dashboard resumes from (fleet.eventlog).
@@ -120,8 +143,6 @@ def create_app(config: FleetConfig, queue: str | None = None, main: str = "fleet
         set_as_current=True,
     )
     app.conf.update(celery_settings(config))
-    app.fleet_config = config
-    app.fleet_queue = None
     if queue is not None:
         app.conf.update(queue_conf(worker_settings(config, queue)))
         app.fleet_queue = queue
