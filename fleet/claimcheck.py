@@ -21,6 +21,7 @@ from celery.backends.redis import RedisBackend
 from fleet import codec
 from fleet.config import Payloads
 from fleet.errors import PayloadError
+from fleet.fleetapp import fleet_config_of
 from fleet.payloads import open_store
 
 #: A kwarg name no Python function can declare, so it cannot clash with a real one.
@@ -80,7 +81,7 @@ class ClaimCheckAMQP(AMQP):
     """Celery's message builder, offloading large arguments before they reach Redis."""
 
     def as_task_v2(self, task_id, name, args=None, kwargs=None, *rest, **options):
-        config = getattr(self.app, "fleet_config", None)
+        config = fleet_config_of(self.app)
         if config is not None:
             swapped = offload_arguments(config.payloads, task_id, args, kwargs)
             if swapped is not None:
@@ -94,14 +95,14 @@ class ClaimCheckRedisBackend(RedisBackend):
     """Redis result backend that keeps large results in the payload store."""
 
     def encode_result(self, result, state):
-        config = getattr(self.app, "fleet_config", None)
+        config = fleet_config_of(self.app)
         if config is not None and state == states.SUCCESS:
             result = offload_value(config.payloads, f"results/{uuid.uuid4()}.json", result)
         return super().encode_result(result, state)
 
     def meta_from_decoded(self, meta):
         meta = super().meta_from_decoded(meta)
-        config = getattr(self.app, "fleet_config", None)
+        config = fleet_config_of(self.app)
         if config is not None and meta.get("status") == states.SUCCESS:
             meta["result"] = resolve_value(config.payloads, meta.get("result"))
         return meta

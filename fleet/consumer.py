@@ -37,6 +37,7 @@ from fleet.deadletter import (
 )
 from fleet.deliveries import DeliveryCounter, max_deliveries, refuse_on_receipt
 from fleet.errors import DeadLettered
+from fleet.fleetapp import fleet_config_of
 from fleet.poison import envelope_of, queue_of, retire
 
 logger = logging.getLogger("fleet.deadletter")
@@ -48,7 +49,7 @@ _INVALID = (KeyError, TypeError, ValueError, AttributeError, IndexError)
 class FleetConsumer(Consumer):
     def __init__(self, on_task_request, *args, **kwargs):
         super().__init__(on_task_request, *args, **kwargs)
-        self.fleet_config = getattr(self.app, "fleet_config", None)
+        self.fleet_config = fleet_config_of(self.app)
         self._run_request = self.on_task_request
         if self.fleet_config is not None:
             self._counter = DeliveryCounter.for_config(self.fleet_config)

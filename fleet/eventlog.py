@@ -35,6 +35,7 @@ from celery.utils.time import utcoffset
 from kombu.utils.json import dumps
 
 from fleet.config import FleetConfig
+from fleet.fleetapp import fleet_config_of
 from fleet.keys import events_stream_key
 
 logger = logging.getLogger("fleet.eventlog")
@@ -173,7 +174,7 @@ class StreamDispatcher(EventDispatcher):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        config = getattr(self.app, "fleet_config", None)
+        config = fleet_config_of(self.app)
         self.log = EventLog.for_config(config)
         limit = config.event_stream.offline_buffer if config is not None else 10_000
         self._outbound_buffer = OfflineBuffer(limit, self._outbound_buffer)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import socket
 
-from celery import Celery
 from kombu import Exchange, Queue
 
 from fleet.config import FleetConfig
+from fleet.fleetapp import FleetApp, fleet_config_of  # noqa: F401 (re-exported)
 from fleet.keys import PRIORITY_STEPS, dead_letter_prefix
 from fleet.routing import FleetRouter, RoutingTable
 from fleet.transport import DEAD_LETTER_OPTION
@@ -109,28 +109,6 @@ def celery_settings(config: FleetConfig) -> dict:
     return settings
 
 
-class FleetApp(Celery):
-    """A Celery app that carries its parsed, typed ``FleetConfig``.
-
-    ``config`` does not clash with Celery's ``conf`` or its ``config_from_*`` loaders.
-    ``fleet_config`` is the old monkey-attribute name, kept while readers move over.
-    """
-
-    def __init__(self, main: str, config: FleetConfig, **kwargs) -> None:
-        super().__init__(main, **kwargs)
-        self.config: FleetConfig = config
-        self.fleet_queue: str | None = None
-
-    @property
-    def fleet_config(self) -> FleetConfig:
-        return self.config
-
-
-def fleet_config_of(app: object) -> FleetConfig | None:
-    """The config of a fleet app; None for a plain Celery app (or no app) in our process."""
-    return app.config if isinstance(app, FleetApp) else None
-
-
 def create_app(config: FleetConfig, queue: str | None = None, main: str = "fleet") -> FleetApp:
     """A Celery app wired to ``config``; with ``queue``, tuned as that queue's worker."""
     app = FleetApp(
@@ -149,7 +127,9 @@ def create_app(config: FleetConfig, queue: str | None = None, main: str = "fleet
     from fleet.workerstep import FleetWorkerStep
 
     app.steps["worker"].add(FleetWorkerStep)
-    import fleet.jobs.hooks
+    from fleet.jobs import hooks
+
+    hooks.connect()
     import fleet.jobs.lifecycle  # noqa: F401 (registers fleet.jobs.collect)
 
     return app

@@ -43,6 +43,7 @@ from fleet.deliveries import (
     retire_on_loss,
 )
 from fleet.errors import MemoryLimitExceeded, WrongArguments
+from fleet.fleetapp import fleet_config_of
 from fleet.periodic import Periodic
 from fleet.units import format_size
 
@@ -254,7 +255,7 @@ class GuardedRequest(Request):
     def _retired(self, reason: Reason) -> bool:
         """Count the lost delivery; dead-letter the message if it was the last one the
         queue allows. False: Celery requeues it as usual."""
-        config = getattr(self.task.app, "fleet_config", None)
+        config = fleet_config_of(self.task.app)
         tag = getattr(self.message, "delivery_tag", None)
         if config is None or not tag:
             return False
@@ -278,7 +279,7 @@ class GuardedRequest(Request):
                          self.name, self.id, reason, exc)
 
     def _memory_retry_target(self) -> str | None:
-        config = getattr(self.task.app, "fleet_config", None)
+        config = fleet_config_of(self.task.app)
         queue = (self.delivery_info or {}).get("routing_key")
         if config is None or queue not in config.queues:
             return None

@@ -53,7 +53,7 @@ def retire(request, reason: Reason, deliveries: int) -> None:
     Celery go on as usual. The request leaves Celery's reserved/active state here, as
     Celery's own on_failure would have it (``task_ready``).
     """
-    config = request.task.app.fleet_config
+    config = request.task.app.config
     queue = queue_of(request, getattr(request.task.app, "fleet_queue", None))
     entry = new_entry(queue, reason, message=envelope_of(request.message),
                       deliveries=deliveries, worker=request.hostname or socket.gethostname())
@@ -91,7 +91,7 @@ def _fail(request, error: DeadLettered) -> None:
 def keep(request, reason: Reason, deliveries: int = 1) -> None:
     """A dead-letter entry only, for a task whose failure is already recorded (the final
     memory kill, wrong arguments): the message stays re-sendable from the list."""
-    config = request.task.app.fleet_config
+    config = request.task.app.config
     queue = queue_of(request, getattr(request.task.app, "fleet_queue", None))
     entry = new_entry(queue, reason, message=envelope_of(request.message),
                       deliveries=deliveries, worker=request.hostname or socket.gethostname())

@@ -22,6 +22,7 @@ from kombu.exceptions import OperationalError
 
 from fleet import claimcheck, keys
 from fleet.errors import WrongArguments
+from fleet.fleetapp import fleet_config_of
 from fleet.jobs import lifecycle
 from fleet.jobs.ids import parse_task_id
 from fleet.jobs.ledger import LedgerUnavailableError
@@ -56,7 +57,7 @@ class FleetTask(Task):
     Request = "fleet.guard:GuardedRequest"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        config = getattr(self.app, "fleet_config", None)
+        config = fleet_config_of(self.app)
         request = self.request
         if config is None or request.called_directly:
             # A plain call (or eager): Celery's own path, which pushes a request.
@@ -147,7 +148,7 @@ class FleetTask(Task):
             **options)
 
     def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:
-        config = getattr(self.app, "fleet_config", None)
+        config = fleet_config_of(self.app)
         if (config is not None and status == states.SUCCESS and config.payloads.cleanup
                 and not args and claimcheck.is_claim(kwargs)):
             from fleet.payloads import open_store

@@ -27,7 +27,7 @@ logger = logging.getLogger("fleet.worker")
 
 def served_queue(worker) -> str | None:
     """The one fleet queue this worker consumes, or None."""
-    config = worker.app.fleet_config
+    config = worker.app.config
     consumed = [q for q in worker.app.amqp.queues.consume_from or {} if q in config.queues]
     named = getattr(worker.app, "fleet_queue", None)
     if named is not None:
@@ -48,7 +48,7 @@ class FleetWorkerStep(bootsteps.StartStopStep):
             logger.warning("worker serves several queues or none of queues.yaml: "
                            "fleet queue settings and memory guard are off")
             return
-        config = worker.app.fleet_config
+        config = worker.app.config
         self.settings = worker_settings(config, self.queue)
         self._configure_tasks(worker.app, config.queues[self.queue])
 
@@ -68,7 +68,7 @@ class FleetWorkerStep(bootsteps.StartStopStep):
                 add_autoretry_behaviour(task, **attrs)
 
     def start(self, worker) -> None:
-        config = worker.app.fleet_config
+        config = worker.app.config
         # The lease does not depend on the queue: every fleet app has the short
         # visibility_timeout, so a worker on several queues (or all) needs it as much.
         if (self.queue is not None and self.settings.memory_limit is not None

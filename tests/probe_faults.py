@@ -22,7 +22,7 @@ def runs_log(config) -> Path:
 
 def _note(task, what: str) -> None:
     line = f"{what} {task.request.id} {task.request.hostname} {os.getpid()} {time.time():.3f}\n"
-    fd = os.open(runs_log(task.app.fleet_config), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    fd = os.open(runs_log(task.app.config), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
         os.write(fd, line.encode())
     finally:

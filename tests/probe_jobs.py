@@ -10,7 +10,7 @@ MiB = 1024 * 1024
 
 
 def _redis_and_key(task, *parts):
-    config = task.app.fleet_config
+    config = task.app.config
     return broker_client(config), key(config, "probe", *parts)
 
 

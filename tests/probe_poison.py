@@ -49,7 +49,7 @@ def _die(how: str) -> None:
 
 def _count_and_maybe_die(task, how: str) -> bool:
     """Count this run; die ``how`` unless cured. True when cured (the task succeeds)."""
-    config = task.app.fleet_config
+    config = task.app.config
     client = broker_client(config)
     client.incr(runs_key(config, task.request.id))
     if client.exists(cured_key(config)):
@@ -80,7 +80,7 @@ def poison_total(results: list[int]) -> int:
 @shared_task(name="tests.probe.pair", bind=True)
 def pair(self, a: int, b: int) -> int:
     """Takes exactly two arguments: sent with others, it cannot bind them."""
-    config = self.app.fleet_config
+    config = self.app.config
     broker_client(config).incr(runs_key(config, self.request.id))
     return a + b
 
@@ -94,7 +94,7 @@ def buggy(self, a: int) -> int:
 @shared_task(name="tests.probe.hold", bind=True)
 def hold(self, seconds: float = 1.0) -> float:
     """Count the run, sleep: the in-flight acks_late task of the malformed-message case."""
-    config = self.app.fleet_config
+    config = self.app.config
     broker_client(config).incr(runs_key(config, self.request.id))
     time.sleep(seconds)
     return seconds

@@ -22,7 +22,7 @@ def starts_key(config) -> str:
 
 def _record(task, label: str) -> None:
     started = time.time()
-    config = task.app.fleet_config
+    config = task.app.config
     keys.broker_client(config).rpush(starts_key(config), json.dumps({
         "t": started,
         "label": label,

@@ -29,7 +29,7 @@ def events_key(config: FleetConfig) -> str:
 @shared_task(name="tests.probe.slow", bind=True)
 def slow(self, seconds: float = 1.0) -> dict:
     """Count this run, note where and when it started and ended, sleep ``seconds``."""
-    config = self.app.fleet_config
+    config = self.app.config
     client = broker_client(config)
     run = {"task": self.request.id, "host": self.request.hostname, "pid": os.getpid()}
     client.incr(runs_key(config, self.request.id))

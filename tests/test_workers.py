@@ -212,8 +212,8 @@ with warnings.catch_warnings(record=True) as caught:
     first.send_task("tests.nothing.here")
 print("warnings", len(caught))
 print("message", caught[0].message if caught else "")
-print("old", first.fleet_config.broker.key_prefix)
-print("new", fleet.app_for().fleet_config.broker.key_prefix)
+print("old", first.config.broker.key_prefix)
+print("new", fleet.app_for().config.broker.key_prefix)
 """
 
 

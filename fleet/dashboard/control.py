@@ -35,7 +35,7 @@ class Control:
 
     @property
     def config(self):
-        return self.app.fleet_config
+        return self.app.config
 
     def _broadcast(self, command: str, worker: str, what: str, **arguments) -> str:
         replies = self.app.control.broadcast(command, arguments=arguments,

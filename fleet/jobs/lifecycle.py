@@ -123,7 +123,7 @@ def succeeded(config: FleetConfig, store: JobStore, job_id: str, result_url: str
 @shared_task(name=COLLECT_TASK, bind=True, acks_late=True)
 def collect(self, job_id: str) -> None:
     """Gather chunk results in order; aggregate them or write them out."""
-    config = self.app.fleet_config
+    config = self.app.config
     store = JobStore(config)
     store.collect_started(job_id)
     status = store.status(job_id)

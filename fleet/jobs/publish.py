@@ -28,7 +28,7 @@ class ChunkPublisher:
         self.app = app
         self.task_name = task_name
         self.batch_size = batch_size
-        self.table = RoutingTable.from_config(app.fleet_config)
+        self.table = RoutingTable.from_config(app.config)
         self.sent = 0
 
     def queue_for(self, size: int) -> str:
@@ -37,7 +37,7 @@ class ChunkPublisher:
     def publish(self, messages: Iterable[tuple[str, list, dict, int]]) -> int:
         amqp = self.app.amqp
         queues = amqp.queues
-        config = self.app.fleet_config
+        config = self.app.config
         declared: set[str] = set()
         with self.app.producer_or_acquire() as producer, producer.batch(self.batch_size):
             for task_id, args, kwargs, size in messages:

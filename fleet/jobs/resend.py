@@ -25,7 +25,7 @@ from fleet.keys import broker_client
 def resend(app: Celery, status: JobStatus, indices: Iterable[int], *,
            reconciled: bool = False) -> int:
     """Cut the job's input again and send the chunks ``indices``; returns how many."""
-    config = app.fleet_config
+    config = app.config
     wanted = set(indices)
     if not wanted:
         return 0

@@ -54,7 +54,7 @@ def registered_task(app: Celery, name: str, what: str = "task"):
     """The task called ``name``, or a JobInputError that suggests near names."""
     from fleet.imports import import_modules
 
-    import_modules(app.fleet_config)  # ConfigError, exit 2, for a module that fails
+    import_modules(app.config)  # ConfigError, exit 2, for a module that fails
     app.loader.import_default_modules()
     tasks = app.tasks
     if name in tasks:
@@ -66,7 +66,7 @@ def registered_task(app: Celery, name: str, what: str = "task"):
 
 
 def submit(app: Celery, spec: JobSpec, stdin: IO[bytes] | None = None) -> Submitted:
-    config = app.fleet_config
+    config = app.config
     if not 1 <= spec.chunk_size <= MAX_CHUNK_SIZE:
         raise JobInputError(f"chunk size must be at least 1 and at most {MAX_CHUNK_SIZE:,} "
                             f"records, got {spec.chunk_size}")
@@ -136,7 +136,7 @@ class Retried:
 def retry_failed(app: Celery, job_id: str) -> Retried:
     """Re-send the failed chunks of ``job_id``; else what an interrupted submission
     never sent and what was lost in flight; else its failed or stuck aggregate step."""
-    config = app.fleet_config
+    config = app.config
     store = JobStore(config)
     status = store.status(job_id)
     registered_task(app, status.task)
