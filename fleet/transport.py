@@ -18,7 +18,7 @@ error"), the message gone; JSON without ``properties``, ``delivery_tag`` or
 TypeError that resets the consumer, which restores every message it holds (a running
 acks_late task then runs twice). Here each of them goes to its queue's dead-letter list
 (fleet.deadletter) and the worker goes on. ``_brpop_read`` and ``_get`` are kombu 5.7's
-own with the decode step guarded (tests/test_deadletter.py notices when kombu's change).
+own with the decode step guarded (tests/integration/test_deadletter.py notices when kombu's change).
 
 **Giving messages back is not a delivery.** kombu marks every message it restores as
 ``redelivered``, including the ones a worker gives back when its channel closes (a warm

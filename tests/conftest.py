@@ -172,7 +172,7 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     Dummy AWS credentials go into this process's environment for the session, so boto3
     here and every worker a test starts (``Fleet.env`` copies os.environ) can sign.
     """
-    from .s3server import AWS_ENV, MotoServer
+    from tests.fakes.s3server import AWS_ENV, MotoServer
 
     log_dir = tmp_path_factory.mktemp("moto")
     with pytest.MonkeyPatch.context() as mp:
@@ -200,7 +200,7 @@ def s3_bucket(moto_s3: str) -> Iterator[str]:
     """A fresh bucket on the moto server, emptied and removed after the test."""
     import boto3
 
-    from .s3server import empty_bucket
+    from tests.fakes.s3server import empty_bucket
 
     client = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
     name = f"fleet-test-{uuid.uuid4().hex[:12]}"

@@ -1,5 +1,5 @@
 """Flower's API paths, with Flower's response shapes, so scripts written for Flower keep
-working (tests/test_dashboard_flower_compat.py runs the same calls against both)."""
+working (tests/integration/test_dashboard_flower_compat.py runs the same calls against both)."""
 
 from __future__ import annotations
 

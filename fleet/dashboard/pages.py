@@ -87,7 +87,7 @@ def page_routes(routers: RoleRouters, api: FastAPI) -> None:
 def public_routes(gate: Gate) -> tuple[APIRouter, Callable[[Request, str, str, str], Response]]:
     """What anyone may reach: health, sign-in, sign-out, the sign-in page's stylesheet;
     and the function that starts a session (OIDC sign-in uses it too).
-    tests/test_dashboard_routes.py holds this list and refuses any other open route."""
+    tests/integration/test_dashboard_routes.py holds this list and refuses any other open route."""
     router = APIRouter(include_in_schema=False)
     auth = gate.auth
     files = {name: STATIC / name for name in PUBLIC_STATIC}

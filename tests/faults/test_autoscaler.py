@@ -13,9 +13,8 @@ import psutil
 import pytest
 
 from fleet.keys import latest_decisions_key, workers_key
-
-from ..conftest import ROOT, wait_for
-from .figures import Figures, report
+from tests.conftest import ROOT, wait_for
+from tests.faults.figures import Figures, report
 
 pytestmark = pytest.mark.slow
 

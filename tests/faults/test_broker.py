@@ -19,12 +19,11 @@ import pytest
 from fleet.jobs.state import JobStore
 from fleet.jobs.submit import JobSpec, submit
 from fleet.payloads import open_store
-
-from ..conftest import ROOT, wait_for
-from ..probe_faults import read_runs
-from ..redis_server import PersistentRedis
-from ..test_jobs import write_jsonl
-from .figures import Figures, report
+from tests.conftest import ROOT, wait_for
+from tests.fakes.redis_server import PersistentRedis
+from tests.faults.figures import Figures, report
+from tests.integration.test_jobs import write_jsonl
+from tests.probe_faults import read_runs
 
 pytestmark = pytest.mark.slow
 

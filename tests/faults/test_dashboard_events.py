@@ -19,12 +19,11 @@ from dataclasses import dataclass
 import pytest
 
 from fleet.dashboard.gaps import RESET
-
-from ..conftest import deep_merge, wait_for
-from ..dashboard_util import FAST, start_dashboard
-from ..redis_server import PersistentRedis
-from ..test_dashboard_api import metric
-from .figures import Figures, report
+from tests.conftest import deep_merge, wait_for
+from tests.fakes.redis_server import PersistentRedis
+from tests.faults.figures import Figures, report
+from tests.integration.dashboard_util import FAST, start_dashboard
+from tests.integration.test_dashboard_api import metric
 
 pytestmark = pytest.mark.slow
 

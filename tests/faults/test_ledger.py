@@ -13,12 +13,11 @@ import pytest
 
 from fleet.jobs.state import JobStore
 from fleet.jobs.submit import JobSpec, submit
-
-from ..conftest import ROOT, wait_for
-from ..probe_faults import read_runs
-from ..tcp_proxy import TcpProxy
-from ..test_jobs import write_jsonl
-from .figures import Figures, report
+from tests.conftest import ROOT, wait_for
+from tests.fakes.tcp_proxy import TcpProxy
+from tests.faults.figures import Figures, report
+from tests.integration.test_jobs import write_jsonl
+from tests.probe_faults import read_runs
 
 pytestmark = pytest.mark.slow
 

@@ -16,10 +16,9 @@ import pytest
 
 from fleet.deadletter import DeadLetterList
 from fleet.keys import kombu_key, list_keys
-
-from ..conftest import ROOT, shipped_config, wait_for
-from ..probe_poison import runs
-from .figures import Figures, report
+from tests.conftest import ROOT, shipped_config, wait_for
+from tests.faults.figures import Figures, report
+from tests.probe_poison import runs
 
 pytestmark = pytest.mark.slow
 

@@ -19,10 +19,9 @@ from fleet.jobs.state import JobStore
 from fleet.jobs.submit import JobSpec, retry_failed, submit
 from fleet.keys import kombu_key, list_keys
 from fleet.payloads import open_store
-
-from ..conftest import ROOT, shipped_config, wait_for
-from ..probe_poison import cured_key, runs
-from .figures import Figures, report
+from tests.conftest import ROOT, shipped_config, wait_for
+from tests.faults.figures import Figures, report
+from tests.probe_poison import cured_key, runs
 
 pytestmark = pytest.mark.slow
 

@@ -23,10 +23,9 @@ from fleet.embedded import EmbeddedRedis
 from fleet.factory import create_app
 from fleet.keys import broker_client, list_keys
 from fleet.observe import overrides
-
-from ..conftest import ROOT, free_port, shipped_config, wait_for
-from ..probe_tasks import events, executions
-from .figures import Figures, report
+from tests.conftest import ROOT, free_port, shipped_config, wait_for
+from tests.faults.figures import Figures, report
+from tests.probe_tasks import events, executions
 
 pytestmark = pytest.mark.slow
 

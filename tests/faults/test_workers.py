@@ -21,11 +21,10 @@ from fleet.heartbeat import stale_after
 from fleet.jobs.state import JobStore
 from fleet.jobs.submit import JobSpec, submit
 from fleet.payloads import open_store
-
-from ..conftest import ROOT, wait_for
-from ..probe_faults import read_runs, runs_log
-from ..test_jobs import write_jsonl
-from .figures import Figures, report
+from tests.conftest import ROOT, wait_for
+from tests.faults.figures import Figures, report
+from tests.integration.test_jobs import write_jsonl
+from tests.probe_faults import read_runs, runs_log
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,603 @@
+"""The Kubernetes backend, with the official client, against an emulated API server over
+real HTTP (tests/fakes/k8s_api.py), and the whole loop against it and the real Redis.
+
+The fake is not a cluster: what it does not emulate (watches, server-side apply, RBAC
+beyond the denials a test sets, the real controllers' timing) is listed in its docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import pytest
+import redis
+import yaml
+
+from autoscale.backends.base import BackendError
+from autoscale.backends.kubernetes import (
+    DELETION_COST,
+    KubernetesBackend,
+    RetryPolicy,
+    deletion_costs,
+)
+from autoscale.loop import Autoscaler
+from autoscale.policy import Budget
+from fleet.config import Capacity, FleetConfig, load_config
+from fleet.keys import workers_key
+from fleet.observe.metrics import RedisMetrics
+from fleet.observe.model import WorkerSample
+from fleet.render.k8s import worker_labels
+from tests.conftest import ROOT, free_port, wait_for
+from tests.fakes.k8s_api import FakeKubernetes
+
+NS = "fleet"
+#: Quick retries for tests: the same code paths, a shorter clock.
+FAST = RetryPolicy(attempts=4, first=0.05, cap=0.2, total=2.0)
+TOKEN = "fake-serviceaccount-token"
+
+
+@pytest.fixture
+def k8s_api() -> Iterator[FakeKubernetes]:
+    fake = None
+    for _attempt in range(3):  # another process may take the free port first
+        try:
+            fake = FakeKubernetes(free_port()).start()
+            break
+        except OSError:
+            continue
+    if fake is None:
+        pytest.fail("the emulated API server could not bind a port")
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def shipped() -> FleetConfig:
+    """queues.yaml as shipped (namespace fleet, fleet-worker-{queue}); no Redis needed."""
+    return load_config(ROOT / "queues.yaml")
+
+
+def deployment(queue: str) -> str:
+    return f"fleet-worker-{queue}"
+
+
+def scale_path(queue: str) -> str:
+    return f"/apis/apps/v1/namespaces/{NS}/deployments/{deployment(queue)}/scale"
+
+
+def add_deployments(fake: FakeKubernetes, config: FleetConfig, **replicas: int) -> None:
+    """Every queue's worker Deployment, labelled as k8s/base renders them."""
+    for queue in config.queues:
+        fake.add_deployment(NS, deployment(queue), replicas=replicas.get(queue, 0),
+                            labels=worker_labels(queue))
+
+
+def backend(config: FleetConfig, fake: FakeKubernetes, **kw) -> KubernetesBackend:
+    return KubernetesBackend(config, fake.api_client(), retry=kw.pop("retry", FAST), **kw)
+
+
+def sample(queue: str, pod: str, active: int = 0, reserved: int = 0) -> WorkerSample:
+    return WorkerSample(hostname=f"{queue}@{pod}", queue=queue, pod=pod, pid=7,
+                        concurrency=1, active=active, reserved=reserved, processed=0,
+                        cpu_percent=0.0, rss_main=80 << 20, rss_children=0,
+                        memory_available=4 << 30, at=time.time(), loop_at=time.time())
+
+
+def publish_samples(client: redis.Redis, config: FleetConfig,
+                    samples: list[WorkerSample]) -> None:
+    """What each worker's heartbeat thread writes (fleet.heartbeat)."""
+    client.hset(workers_key(config), mapping={s.hostname: json.dumps(asdict(s))
+                                              for s in samples})
+
+
+# -- the backend alone -------------------------------------------------------------------
+
+
+def test_replicas_are_read_from_each_deployments_scale_subresource(shipped, k8s_api):
+    add_deployments(k8s_api, shipped, default=1, heavy=2)
+    assert backend(shipped, k8s_api).replicas() == {"default": 1, "io": 0, "heavy": 2,
+                                                    "xl": 0}
+    assert [(r.method, r.path) for r in k8s_api.requests] == [
+        ("GET", scale_path(q)) for q in ("default", "io", "heavy", "xl")]
+
+
+def test_scale_up_patches_only_the_scale_subresource(shipped, k8s_api):
+    add_deployments(k8s_api, shipped)
+    backend(shipped, k8s_api).scale("heavy", 3, [])
+    assert k8s_api.replicas(NS, deployment("heavy")) == 3
+    assert len(k8s_api.pod_names(NS, deployment("heavy"))) == 3
+    [patch] = k8s_api.calls("PATCH")
+    assert patch.path == scale_path("heavy")
+    assert patch.content_type == "application/merge-patch+json"
+    assert patch.body["spec"] == {"replicas": 3}
+    # made against the version it read: a concurrent change would be a 409, not lost
+    [read] = k8s_api.calls("GET", scale_path("heavy"))
+    assert patch.body["metadata"]["resourceVersion"] == \
+        read.response["metadata"]["resourceVersion"]
+    assert not k8s_api.calls(path=f"/api/v1/namespaces/{NS}/pods")
+
+
+def test_scale_down_marks_busy_pods_and_the_controller_spares_them(shipped, k8s_api):
+    add_deployments(k8s_api, shipped, heavy=4)
+    old1, old2, new1, new2 = k8s_api.pod_names(NS, deployment("heavy"))
+    # The newest pods are the busy ones: left to itself the ReplicaSet controller
+    # would remove exactly those (newest first among equals).
+    workers = [sample("heavy", old1), sample("heavy", old2),
+               sample("heavy", new1, active=1), sample("heavy", new2, active=1, reserved=1)]
+    backend(shipped, k8s_api).scale("heavy", 2, workers)
+
+    assert k8s_api.pod_names(NS, deployment("heavy")) == [new1, new2]
+    assert sorted(k8s_api.deleted_pods) == sorted([old1, old2])
+    assert k8s_api.annotation(NS, new1) == "1000"
+    assert k8s_api.annotation(NS, new2) == "2000"
+    # The pods were found by the Deployment's own selector, marked before the scale
+    # PATCH, and idle pods without an annotation were left alone (cost 0 already).
+    [listed] = k8s_api.calls("GET", f"/api/v1/namespaces/{NS}/pods")
+    assert listed.query["labelSelector"] == (
+        "app.kubernetes.io/component=worker,app.kubernetes.io/name=fleet,"
+        "fleet.io/queue=heavy")
+    patches = [(r.path.rsplit("/", 1)[1], r.body) for r in k8s_api.calls("PATCH")]
+    assert patches[:2] == [
+        (new1, {"metadata": {"annotations": {DELETION_COST: "1000"}}}),
+        (new2, {"metadata": {"annotations": {DELETION_COST: "2000"}}})]
+    assert patches[2][0] == "scale" and len(patches) == 3
+
+
+def test_a_worker_that_went_idle_loses_its_protection(shipped, k8s_api):
+    add_deployments(k8s_api, shipped, heavy=3)
+    a, b, c = k8s_api.pod_names(NS, deployment("heavy"))
+    k8s = backend(shipped, k8s_api)
+    k8s.scale("heavy", 2, [sample("heavy", a, active=1), sample("heavy", b),
+                           sample("heavy", c)])
+    assert k8s_api.pod_names(NS, deployment("heavy")) == [a, b]
+    mark = len(k8s_api.requests)
+    # Now a is idle and b busy: a's old cost must go, or a busy b would be removed.
+    k8s.scale("heavy", 1, [sample("heavy", a), sample("heavy", b, active=1)])
+    assert k8s_api.pod_names(NS, deployment("heavy")) == [b]
+    pod_patches = [r for r in k8s_api.calls("PATCH", since=mark) if "/pods/" in r.path]
+    assert {r.path.rsplit("/", 1)[1]: r.body["metadata"]["annotations"][DELETION_COST]
+            for r in pod_patches} == {a: "0", b: "1000"}
+
+
+def test_deletion_costs_are_proportional_to_held_tasks():
+    workers = [sample("heavy", "p1", active=1), sample("heavy", "p2", active=2, reserved=3),
+               sample("heavy", "elsewhere", active=5)]
+    assert deletion_costs(["p0", "p1", "p2"], workers) == {"p0": 0, "p1": 1000, "p2": 5000}
+    huge = [sample("heavy", "p", active=10**9)]
+    assert deletion_costs(["p"], huge) == {"p": 2**31 - 1}  # int32, as the API requires
+
+
+def test_a_missing_deployment_names_it_and_its_namespace(shipped, k8s_api):
+    k8s_api.add_deployment(NS, deployment("default"), labels=worker_labels("default"))
+    with pytest.raises(BackendError) as err:
+        backend(shipped, k8s_api).replicas()
+    message = str(err.value)
+    assert "Deployment fleet-worker-io not found in namespace fleet" in message
+    assert "kubectl apply -k k8s/base" in message
+    assert len(k8s_api.calls("GET", scale_path("io"))) == 1  # a 404 is not retried
+
+
+@pytest.mark.parametrize(("verb", "resource", "action", "where"), [
+    ("get", "deployments/scale", "replicas", "in namespace fleet"),
+    ("patch", "deployments/scale", "scale up", "in namespace fleet"),
+    ("get", "deployments", "scale down", "in namespace fleet"),
+    ("list", "pods", "scale down", "in namespace fleet"),
+    ("patch", "pods", "scale down", "in namespace fleet"),
+    ("list", "nodes", "budget", "cluster-wide"),
+])
+def test_forbidden_names_the_missing_permission(shipped, k8s_api, verb, resource, action,
+                                                where):
+    add_deployments(k8s_api, shipped, heavy=2)
+    busy = k8s_api.pod_names(NS, deployment("heavy"))[1]
+    k8s_api.forbid(verb, resource)
+    k8s = backend(shipped, k8s_api)
+    with pytest.raises(BackendError) as err:
+        if action == "replicas":
+            k8s.replicas()
+        elif action == "scale up":
+            k8s.scale("heavy", 3, [])
+        elif action == "scale down":
+            k8s.scale("heavy", 1, [sample("heavy", busy, active=1)])
+        else:
+            k8s.budget()
+    message = str(err.value)
+    assert f"ServiceAccount may not {verb} {resource} {where}" in message
+    # the API server's own words, and where the grant lives
+    assert f'cannot {verb} resource "{resource}"' in message
+    assert "apply k8s/base" in message
+    if action == "budget":
+        assert "or set autoscaler.capacity" in message
+    assert sum(r.status == 403 for r in k8s_api.requests) == 1  # not retried
+    # Nothing changed: no scale request went through after a failed step.
+    assert k8s_api.replicas(NS, deployment("heavy")) == 2
+
+
+def test_a_conflict_is_reread_and_reapplied(shipped, k8s_api):
+    """A real 409: someone scales the Deployment between the autoscaler's read and its
+    write, so the write's resourceVersion precondition fails."""
+    add_deployments(k8s_api, shipped, heavy=1)
+    k8s_api.on("GET", scale_path("heavy"),
+               lambda: k8s_api.set_replicas(NS, deployment("heavy"), 5))
+    backend(shipped, k8s_api).scale("heavy", 3, [])
+    calls = [(r.method, r.status) for r in k8s_api.calls(path=scale_path("heavy"))]
+    assert calls == [("GET", 200), ("PATCH", 409), ("GET", 200), ("PATCH", 200)]
+    first, second = k8s_api.calls("PATCH")
+    assert first.body["metadata"]["resourceVersion"] != \
+        second.body["metadata"]["resourceVersion"]
+    assert k8s_api.replicas(NS, deployment("heavy")) == 3
+
+
+@pytest.mark.parametrize("status", [409, 500, 503])
+def test_injected_errors_are_retried_and_succeed(shipped, k8s_api, status):
+    add_deployments(k8s_api, shipped)
+    k8s_api.fail(status, path=scale_path("heavy"), method="PATCH", times=2)
+    k8s_api.fail(status, path=scale_path("io"), method="GET", times=2)
+    k8s = backend(shipped, k8s_api)
+    k8s.scale("heavy", 2, [])
+    assert k8s_api.replicas(NS, deployment("heavy")) == 2
+    assert [r.status for r in k8s_api.calls("PATCH")] == [status, status, 200]
+    assert k8s.replicas()["heavy"] == 2
+    assert [r.status for r in k8s_api.calls("GET", scale_path("io"))] == [status, status, 200]
+
+
+def test_too_many_requests_waits_as_told(shipped, k8s_api):
+    add_deployments(k8s_api, shipped)
+    k8s_api.fail(429, path=scale_path("default"), retry_after=1)
+    k8s = backend(shipped, k8s_api, retry=RetryPolicy(attempts=3, first=0.05, cap=1.5,
+                                                       total=5))
+    started = time.monotonic()
+    assert k8s.replicas()["default"] == 0
+    # Retry-After (1 s), not the first backoff step (0.05 s)
+    assert time.monotonic() - started >= 0.95
+
+
+def test_retries_stop_within_the_time_budget(shipped, k8s_api):
+    add_deployments(k8s_api, shipped)
+    k8s_api.fail(500, path=scale_path("default"), times=100, message="etcdserver: timeout")
+    started = time.monotonic()
+    with pytest.raises(BackendError) as err:
+        backend(shipped, k8s_api).replicas()
+    assert time.monotonic() - started < FAST.total + 1.0
+    assert "after 4 attempts: 500 Internal Server Error: etcdserver: timeout" in \
+        str(err.value)
+    assert len(k8s_api.calls("GET", scale_path("default"))) == 4
+
+
+def test_an_unreachable_api_server_is_a_clear_error(shipped, k8s_api):
+    add_deployments(k8s_api, shipped)
+    k8s = backend(shipped, k8s_api)
+    k8s_api.stop()
+    started = time.monotonic()
+    with pytest.raises(BackendError) as err:
+        k8s.replicas()
+    assert time.monotonic() - started < FAST.total + 1.0
+    message = str(err.value)
+    assert f"API server {k8s_api.url} unreachable" in message
+    assert "Connection refused" in message and "after 4 attempts" in message
+    assert "object at 0x" not in message
+    k8s_api.start()
+    assert k8s.replicas()["default"] == 0
+
+
+def test_budget_is_the_allocatable_of_nodes_workers_can_use(shipped, k8s_api):
+    k8s_api.add_node("n1", cpu="3800m", memory="16Gi")
+    k8s_api.add_node("n2", cpu="4", memory="16386732Ki")
+    k8s_api.add_node("n3", cpu="8", memory="32Gi", taints=[
+        {"key": "example.com/spot", "effect": "PreferNoSchedule"}])  # a preference only
+    k8s_api.add_node("cordoned", cpu="8", memory="32Gi", unschedulable=True)
+    k8s_api.add_node("control-plane", cpu="2", memory="8Gi", taints=[
+        {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}])
+    k8s = backend(shipped, k8s_api)
+    assert k8s.budget() == Budget(cpu=15.8, memory=(16 + 32) * 2**30 + 16386732 * 1024)
+    k8s.budget()
+    assert len(k8s_api.calls("GET", "/api/v1/nodes")) == 1  # cached
+
+
+def test_kubeconfig_credentials_are_used(shipped, k8s_api, tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    add_deployments(k8s_api, shipped, heavy=1)
+    k8s_api.token = TOKEN
+    good = write_kubeconfig(tmp_path / "good", k8s_api.url, TOKEN)
+    bad = write_kubeconfig(tmp_path / "bad", k8s_api.url, "stolen")
+    assert KubernetesBackend(shipped, kubeconfig_path=str(good)).replicas()["heavy"] == 1
+    with pytest.raises(BackendError, match="rejected the credentials"):
+        KubernetesBackend(shipped, kubeconfig_path=str(bad), retry=FAST).replicas()
+
+
+def test_no_cluster_and_no_kubeconfig_is_a_clear_error(shipped, tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    missing = tmp_path / "nowhere" / "config"
+    with pytest.raises(BackendError) as err:
+        KubernetesBackend(shipped, kubeconfig_path=str(missing))
+    message = str(err.value)
+    assert "not inside a cluster" in message and str(missing) in message
+    assert "set KUBECONFIG" in message
+
+
+def write_kubeconfig(directory, server: str, token: str):
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": server}}],
+        "users": [{"name": "autoscaler", "user": {"token": token}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "autoscaler",
+                                                   "namespace": NS}}],
+    }))
+    return path
+
+
+# -- the whole loop: real Redis (the test's prefix), the fake API server -----------------
+
+
+def autoscaler(fleet, redis_client, k8s_api, reports: list, config=None, **kw) -> Autoscaler:
+    config = config or fleet.config
+    return Autoscaler(config, RedisMetrics(config, redis_client),
+                      backend(config, k8s_api), report=reports.append, **kw)
+
+
+def test_the_loop_scales_a_queue_when_a_backlog_appears(fleet, redis_client, k8s_api):
+    add_deployments(k8s_api, fleet.config, default=1)
+    reports: list[str] = []
+    scaler = autoscaler(fleet, redis_client, k8s_api, reports)
+    scaler.run_once()
+    assert not k8s_api.calls("PATCH"), reports  # nothing to do yet
+    app = fleet.app()
+    for i in range(3):
+        app.send_task("tasks.heavy.crunch", kwargs={"n": i})
+    decisions = {d.queue: d for d in scaler.run_once()}
+    assert decisions["heavy"].desired == 3
+    [patch] = k8s_api.calls("PATCH", scale_path("heavy"))
+    assert patch.body["spec"]["replicas"] == 3 and patch.status == 200
+    assert len(k8s_api.pod_names(NS, deployment("heavy"))) == 3
+    assert any(r.startswith("scaling heavy: 0 -> 3") for r in reports), reports
+
+
+def test_the_loop_spares_busy_workers_on_scale_down(fleet, redis_client, k8s_api):
+    add_deployments(k8s_api, fleet.config, default=1, heavy=3)
+    old, busy1, busy2 = k8s_api.pod_names(NS, deployment("heavy"))
+    publish_samples(redis_client, fleet.config, [
+        sample("heavy", old), sample("heavy", busy1, active=1),
+        sample("heavy", busy2, active=1)])
+    reports: list[str] = []
+    decisions = {d.queue: d for d in autoscaler(fleet, redis_client, k8s_api,
+                                                reports).run_once()}
+    assert (decisions["heavy"].current, decisions["heavy"].desired) == (3, 2), reports
+    # Without the annotations the controller would have removed busy2, the newest.
+    assert k8s_api.pod_names(NS, deployment("heavy")) == [busy1, busy2]
+    assert k8s_api.deleted_pods == [old]
+
+
+def test_the_capacity_budget_comes_from_the_nodes_when_queues_yaml_has_none(
+        fleet, redis_client, k8s_api):
+    config = fleet.config.model_copy(update={"autoscaler": fleet.config.autoscaler
+                                             .model_copy(update={"capacity": Capacity()})})
+    add_deployments(k8s_api, config, default=1)
+    k8s_api.add_node("n1", cpu="1500m", memory="64Gi")
+    k8s_api.add_node("n2", cpu="1", memory="64Gi")
+    app = fleet.app()
+    for i in range(5):
+        app.send_task("tasks.heavy.crunch", kwargs={"n": i})
+    reports: list[str] = []
+    decisions = {d.queue: d for d in autoscaler(fleet, redis_client, k8s_api, reports,
+                                                config=config).run_once()}
+    # 2.5 cores: default's 0.25 plus two heavy replicas of 1 core; a third won't fit.
+    assert decisions["heavy"].desired == 2
+    assert "capped at 2 by the capacity budget (cpu 2.5" in decisions["heavy"].reason
+    assert k8s_api.replicas(NS, deployment("heavy")) == 2
+    # With capacity in queues.yaml, nodes are not even listed.
+    mark = len(k8s_api.requests)
+    autoscaler(fleet, redis_client, k8s_api, reports).run_once()
+    assert not k8s_api.calls("GET", "/api/v1/nodes", since=mark)
+
+
+def test_a_scale_request_arrives_within_two_passes_of_the_backlog(fleet, redis_client,
+                                                                  k8s_api):
+    add_deployments(k8s_api, fleet.config, default=1)
+    reports: list[str] = []
+    scaler = autoscaler(fleet, redis_client, k8s_api, reports)
+    stop = threading.Event()
+    thread = threading.Thread(target=scaler.run, args=(stop, 0.3), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(k8s_api.calls("GET", scale_path("heavy"))) >= 2, 15,
+                 what="two passes of the loop")
+        assert not k8s_api.calls("PATCH"), reports
+        mark = len(k8s_api.requests)
+        # One message: a pass polling between two publishes would ask for one replica.
+        fleet.app().send_task("tasks.heavy.crunch")
+        [patch] = wait_for(lambda: k8s_api.calls("PATCH", scale_path("heavy"), since=mark),
+                           15, what="the scale request")
+        assert patch.body["spec"]["replicas"] == 1
+        # Counted in passes, not seconds (a loaded machine stretches seconds): the pass
+        # under way when the messages landed, and at most the next one.
+        passes = [r for r in k8s_api.calls("GET", scale_path("heavy"), since=mark)
+                  if r.index < patch.index]
+        assert 1 <= len(passes) <= 2, passes
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+@pytest.mark.slow
+def test_the_loop_rides_out_api_errors_and_an_outage(fleet, redis_client, k8s_api):
+    add_deployments(k8s_api, fleet.config, default=1)
+    reports: list[tuple[float, str]] = []
+    config = fleet.config
+    scaler = Autoscaler(config, RedisMetrics(config, redis_client), backend(config, k8s_api),
+                        report=lambda line: reports.append((time.monotonic(), line)))
+    stop = threading.Event()
+    thread = threading.Thread(target=scaler.run, args=(stop, 0.2), daemon=True)
+    k8s_api.stop()
+    thread.start()
+    try:
+        app = fleet.app()
+        app.send_task("tasks.heavy.crunch")
+
+        def failures() -> list[float]:
+            return [t for t, line in reports if "unreachable" in line]
+
+        wait_for(lambda: len(failures()) >= 4, 20, what="four failed passes")
+        assert thread.is_alive()
+        line = next(line for _, line in reports if "unreachable" in line)
+        assert line.startswith("backend error (could not get deployments/fleet-worker-"
+                               "default/scale in namespace fleet after 4 attempts: API "
+                               f"server {k8s_api.url} unreachable"), line
+        assert "retrying in" in line
+        # The loop backs off: the passes drift apart (waits 0.4, 0.8, 1.6 s, doubling).
+        t = failures()
+        assert t[3] - t[2] > (t[1] - t[0]) + 0.5, t
+        k8s_api.start()
+        [patch] = wait_for(lambda: k8s_api.calls("PATCH", scale_path("heavy")), 15,
+                           what="a scale request once the API server is back")
+        assert patch.body["spec"]["replicas"] == 1 and patch.status == 200
+
+        # Errors on every read for a while (4 attempts per pass): reported, not fatal.
+        k8s_api.fail(500, path=scale_path("io"), method="GET", times=8)
+        wait_for(lambda: any("500 Internal Server Error" in line for _, line in reports), 15,
+                 what="the 500s to be reported")
+        app.send_task("tasks.io.fetch", kwargs={"url": "http://example.invalid/"})
+        [patch] = wait_for(lambda: k8s_api.calls("PATCH", scale_path("io")), 15,
+                           what="a scale request after the 500s")
+        assert patch.body["spec"]["replicas"] == 1
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_the_loop_rides_out_a_redis_outage(fleet, k8s_api, tmp_path):
+    from tests.fakes.redis_server import PersistentRedis
+
+    server = PersistentRedis(tmp_path / "redis").start()
+    stop = threading.Event()
+    thread = None
+    try:
+        config = fleet.configure({"broker": {"url": server.url}})
+        add_deployments(k8s_api, config, default=1)
+        client = redis.Redis.from_url(server.url)
+        reports: list[str] = []
+        scaler = autoscaler(fleet, client, k8s_api, reports, config=config)
+        thread = threading.Thread(target=scaler.run, args=(stop, 0.2), daemon=True)
+        thread.start()
+        wait_for(lambda: len(k8s_api.calls("GET", scale_path("heavy"))) >= 1, 15,
+                 what="a first pass")
+        server.stop()
+        wait_for(lambda: sum(r.startswith("Redis unreachable") for r in reports) >= 2, 20,
+                 what="the outage to be reported twice")
+        assert thread.is_alive()
+        server.start()
+        fleet.app().send_task("tasks.heavy.crunch")
+        [patch] = wait_for(lambda: k8s_api.calls("PATCH", scale_path("heavy")), 20,
+                           what="a scale request once Redis is back")
+        assert patch.body["spec"]["replicas"] == 1
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join(10)
+        server.stop()
+    assert thread is not None and not thread.is_alive()
+
+
+# -- the CLI -----------------------------------------------------------------------------
+
+
+def run_cli(fleet, kubeconfig, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in fleet.env.items() if not k.startswith("KUBERNETES_")}
+    env.update(KUBECONFIG=str(kubeconfig), FLEET_CONFIG=str(fleet.config_path))
+    return subprocess.run([sys.executable, "-m", "fleet.cli", "autoscale", *args],
+                          env=env, cwd=fleet.tmp_path, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_dry_run_prints_the_plan_and_changes_nothing(fleet, redis_client, k8s_api,
+                                                         tmp_path):
+    add_deployments(k8s_api, fleet.config, default=3)
+    k8s_api.token = TOKEN
+    kubeconfig = write_kubeconfig(tmp_path / "kube", k8s_api.url, TOKEN)
+    idle1, busy, idle2 = k8s_api.pod_names(NS, deployment("default"))
+    publish_samples(redis_client, fleet.config, [
+        sample("default", idle1), sample("default", busy, active=1),
+        sample("default", idle2)])
+    app = fleet.app()
+    for i in range(3):
+        app.send_task("tasks.heavy.crunch", kwargs={"n": i})
+
+    done = run_cli(fleet, kubeconfig, "--backend", "kubernetes", "--once", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "would scale default: 3 -> 2" in out, out
+    assert (f"  would set pod {busy}: {DELETION_COST} unset -> 1000 (1 task held)"
+            in out), out
+    assert ("  would patch deployments/fleet-worker-default/scale in fleet: replicas "
+            "3 -> 2") in out
+    assert "would scale heavy: 0 -> 3" in out
+    assert ("  would patch deployments/fleet-worker-heavy/scale in fleet: replicas "
+            "0 -> 3") in out
+    # A dry run reads (with the kubeconfig's token) and writes nothing.
+    assert k8s_api.requests and all(r.status == 200 for r in k8s_api.requests)
+    assert {r.method for r in k8s_api.requests} == {"GET"}
+    assert k8s_api.replicas(NS, deployment("default")) == 3
+    assert k8s_api.annotation(NS, busy) is None
+
+
+def test_cli_reports_an_unreachable_api_server_in_one_line(fleet, k8s_api, tmp_path):
+    kubeconfig = write_kubeconfig(tmp_path / "kube", k8s_api.url, TOKEN)
+    k8s_api.stop()
+    done = run_cli(fleet, kubeconfig, "--backend", "kubernetes", "--once")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("fleet: error: could not get deployments/fleet-worker-default/"
+                           "scale in namespace fleet after 4 attempts: API server "), line
+    assert "Connection refused" in line
+
+
+def test_cli_reports_missing_deployments_in_one_line(fleet, k8s_api, tmp_path):
+    kubeconfig = write_kubeconfig(tmp_path / "kube", k8s_api.url, TOKEN)
+    done = run_cli(fleet, kubeconfig, "--backend", "kubernetes", "--once")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (
+        "fleet: error: Deployment fleet-worker-default not found in namespace fleet: apply "
+        "the worker Deployments (kubectl apply -k k8s/base), or make "
+        "autoscaler.kubernetes.namespace/deployment in queues.yaml name them")
+
+
+def test_the_fake_answers_a_stale_resource_version_with_409(k8s_api):
+    """The fake's precondition check, through the client: what makes the conflict test
+    above a real one."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    k8s_api.add_deployment(NS, "w", replicas=1)
+    apps = client.AppsV1Api(k8s_api.api_client())
+    stale = apps.read_namespaced_deployment_scale("w", NS).metadata.resource_version
+    k8s_api.set_replicas(NS, "w", 2)
+    with pytest.raises(ApiException) as err:
+        apps.patch_namespaced_deployment_scale(
+            "w", NS, {"metadata": {"resourceVersion": stale}, "spec": {"replicas": 4}})
+    assert err.value.status == 409
+    assert k8s_api.replicas(NS, "w") == 2
+    fresh = apps.read_namespaced_deployment_scale("w", NS).metadata.resource_version
+    apps.patch_namespaced_deployment_scale(
+        "w", NS, [{"op": "replace", "path": "/spec/replicas", "value": 4}])
+    assert k8s_api.replicas(NS, "w") == 4 and fresh != stale
+    # PUT (replace) honours the same precondition.
+    scale = apps.read_namespaced_deployment_scale("w", NS)
+    scale.metadata.resource_version = stale
+    scale.spec.replicas = 0
+    with pytest.raises(ApiException) as err:
+        apps.replace_namespaced_deployment_scale("w", NS, scale)
+    assert err.value.status == 409
+    scale.metadata.resource_version = fresh_again = apps.read_namespaced_deployment_scale(
+        "w", NS).metadata.resource_version
+    assert apps.replace_namespaced_deployment_scale("w", NS, scale).spec.replicas == 0
+    assert k8s_api.replicas(NS, "w") == 0 and not k8s_api.pod_names(NS, "w")
+    assert fresh_again != fresh
