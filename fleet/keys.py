@@ -13,8 +13,14 @@ import redis
 from fleet.config import FleetConfig
 
 
+def prefixed(global_prefix: str, *parts: str) -> str:
+    """A fleet key under a raw global key prefix: for code that has kombu's transport
+    options rather than a config (fleet.transport)."""
+    return global_prefix + "fleet:" + ":".join(parts)
+
+
 def key(config: FleetConfig, *parts: str) -> str:
-    return config.broker.key_prefix + "fleet:" + ":".join(parts)
+    return prefixed(config.broker.key_prefix, *parts)
 
 
 def workers_key(config: FleetConfig) -> str:
@@ -49,7 +55,12 @@ def delivery_counter_key(config: FleetConfig, delivery_tag: str) -> str:
 
 def dead_letter_prefix(config: FleetConfig) -> str:
     """Each queue's dead-letter list is this plus the queue's name (fleet.deadletter)."""
-    return key(config, "dead", "")
+    return dead_letter_prefix_for(config.broker.key_prefix)
+
+
+def dead_letter_prefix_for(global_prefix: str) -> str:
+    """``dead_letter_prefix`` from kombu's ``global_keyprefix`` (the transport's view)."""
+    return prefixed(global_prefix, "dead", "")
 
 
 def rate_bucket_key(config: FleetConfig, kind: str, name: str) -> str:

@@ -40,6 +40,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from fleet.deadletter import MALFORMED, DeadLetterList, Reason, new_entry
+from fleet.keys import dead_letter_prefix_for
 
 logger = logging.getLogger("fleet.deadletter")
 
@@ -170,7 +171,7 @@ class Channel(kombu_redis.Channel):
 
     def _dead_letters(self) -> DeadLetterList:
         if self._dead is None:
-            base = self.fleet_dead_letters or f"{self.global_keyprefix or ''}fleet:dead:"
+            base = self.fleet_dead_letters or dead_letter_prefix_for(self.global_keyprefix or "")
             # A client of our own on the channel's pool: kombu's prefixing client would
             # prefix LPUSH but not LTRIM.
             self._dead = DeadLetterList(redis.Redis(connection_pool=self.pool), base)
