@@ -11,7 +11,7 @@ import socket
 from kombu import Exchange, Queue
 
 from fleet.config import FleetConfig
-from fleet.fleetapp import FleetApp, fleet_config_of  # noqa: F401 (re-exported)
+from fleet.fleetapp import FleetApp
 from fleet.keys import PRIORITY_STEPS, dead_letter_prefix
 from fleet.routing import FleetRouter, RoutingTable
 from fleet.transport import DEAD_LETTER_OPTION

@@ -21,10 +21,6 @@ from fleet.jobs.ids import parse_task_id
 logger = logging.getLogger("fleet.jobs")
 
 
-def _config_of(task):
-    return fleet_config_of(getattr(task, "app", None))
-
-
 def connect() -> None:
     """Connect the job-state signal handlers (idempotent)."""
     signals.task_failure.connect(_on_failure, weak=False, dispatch_uid="fleet.jobs.on_failure")
@@ -33,7 +29,7 @@ def connect() -> None:
 def _on_failure(sender=None, task_id=None, exception=None, args=None, kwargs=None,
                 **_kw) -> None:
     ref = parse_task_id(task_id)
-    config = _config_of(sender)
+    config = fleet_config_of(getattr(sender, "app", None))
     if ref is None or config is None:
         return
     from fleet.jobs import lifecycle
