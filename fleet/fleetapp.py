@@ -24,6 +24,10 @@ class FleetApp(Celery):
         super().__init__(main, **kwargs)
         self.config: FleetConfig = config
         self.fleet_queue: str | None = None
+        #: Who supervises this worker (a fleet.watchdog.SupervisorRef, set by
+        #: ``fleet worker`` from the environment): it stops warm when they are gone.
+        #: Typed loosely so that this module stays a leaf.
+        self.fleet_supervisor: object | None = None
 
 
 def fleet_config_of(app: object) -> FleetConfig | None:

@@ -54,7 +54,7 @@ def retire(request, reason: Reason, deliveries: int) -> None:
     Celery's own on_failure would have it (``task_ready``).
     """
     config = request.task.app.config
-    queue = queue_of(request, getattr(request.task.app, "fleet_queue", None))
+    queue = queue_of(request, request.task.app.fleet_queue)
     entry = new_entry(queue, reason, message=envelope_of(request.message),
                       deliveries=deliveries, worker=request.hostname or socket.gethostname())
     DeadLetterList.for_config(config).add(entry)
@@ -92,7 +92,7 @@ def keep(request, reason: Reason, deliveries: int = 1) -> None:
     """A dead-letter entry only, for a task whose failure is already recorded (the final
     memory kill, wrong arguments): the message stays re-sendable from the list."""
     config = request.task.app.config
-    queue = queue_of(request, getattr(request.task.app, "fleet_queue", None))
+    queue = queue_of(request, request.task.app.fleet_queue)
     entry = new_entry(queue, reason, message=envelope_of(request.message),
                       deliveries=deliveries, worker=request.hostname or socket.gethostname())
     DeadLetterList.for_config(config).add(entry)

@@ -29,7 +29,7 @@ def served_queue(worker) -> str | None:
     """The one fleet queue this worker consumes, or None."""
     config = worker.app.config
     consumed = [q for q in worker.app.amqp.queues.consume_from or {} if q in config.queues]
-    named = getattr(worker.app, "fleet_queue", None)
+    named = worker.app.fleet_queue
     if named is not None:
         return named
     return consumed[0] if len(consumed) == 1 else None
@@ -86,7 +86,7 @@ class FleetWorkerStep(bootsteps.StartStopStep):
                 held_by_consumer(worker),
             )
             self.lease.start()
-        supervisor = getattr(worker.app, "fleet_supervisor", None)
+        supervisor = worker.app.fleet_supervisor
         if supervisor is not None:
             self.watchdog = Watchdog(supervisor).start()
         logger.info("fleet worker for queue %r: memory guard %s, lease renewal %s, "
