@@ -529,7 +529,9 @@ def dashboard(address: str, port: int, url_prefix: str, database: str | None,
     import signal
 
     from fleet.config import DashboardToken
-    from fleet.dashboard.server import DashboardServer
+    from fleet.dashboard import server_module
+
+    DashboardServer = server_module().DashboardServer
 
     def load():
         config = _load(config_path)
@@ -571,8 +573,9 @@ def demo(records: int, exit_when_done: bool, workdir: str, config_path: str | No
 
 
 @cli.command()
-@click.option("--backend", type=click.Choice(["local", "kubernetes"]), default=None,
-              help="Where replicas live (default: autoscaler.backend in queues.yaml).")
+@click.option("--backend", default=None, metavar="NAME",
+              help="Where replicas live: local, kubernetes, stub or a plug-in's "
+                   "(default: autoscaler.backend in queues.yaml).")
 @click.option("--interval", type=float, default=None, help="Seconds between polls.")
 @click.option("--once", is_flag=True, help="Poll and decide once, print, exit.")
 @click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
@@ -583,35 +586,26 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
               workdir: str, config_path: str | None) -> None:
     """The autoscaler loop: queue metrics -> policy -> backend. SIGTERM, SIGINT or
     SIGHUP stop it; local workers stop warm first."""
-    from autoscale.loop import Autoscaler
+    import os
+
+    from autoscale.backends.base import BackendContext
+    from autoscale.build import backend_plugin, build_autoscaler
     from autoscale.service import claim_workdir, run_supervised
-    from fleet.keys import broker_client
-    from fleet.observe.metrics import RedisMetrics
     from fleet.supervision import StopSignals
 
     config = _load(config_path)
     chosen = backend or config.autoscaler.backend
-    # Once, locally, would start workers only to stop them on exit: decide, don't act.
-    dry_run = dry_run or (once and chosen == "local")
+    plugin = backend_plugin(chosen)
+    # Once, with workers that live here, would start them only to stop them on exit:
+    # decide, don't act.
+    dry_run = dry_run or (once and plugin.workers_live_here)
     with StopSignals() as signals:
-        registry = None
-        if chosen == "kubernetes":
-            from autoscale.backends.kubernetes import KubernetesBackend
-
-            target = KubernetesBackend(config)
-        else:
-            import os
-
-            from autoscale.backends.local import LocalBackend
-            from fleet.imports import import_modules
-
-            import_modules(config)  # the workers it starts would die of a bad one
-            if not dry_run:
-                registry = claim_workdir(Path(workdir), signals, click.echo, "fleet autoscale")
-            target = LocalBackend(config, config.source, dict(os.environ),
-                                  Path(workdir) / "logs", registry=registry)
-        metrics = RedisMetrics(config, broker_client(config))
-        scaler = Autoscaler(config, metrics, target, dry_run=dry_run, report=click.echo)
+        ctx = BackendContext(
+            config, dict(os.environ), Path(workdir), dry_run=dry_run,
+            claim=lambda: claim_workdir(Path(workdir), signals, click.echo,
+                                        "fleet autoscale"))
+        scaler = build_autoscaler(ctx, plugin, report=click.echo)
+        target, registry = scaler.backend, ctx.registry
         if once:
             try:
                 for d in _redis_call(scaler.run_once):

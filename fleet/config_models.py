@@ -142,7 +142,9 @@ class Results(Model):
 class Payloads(Model):
     """Claim-check: arguments and results above ``threshold`` travel as references."""
 
-    store: Literal["local", "s3"] = "local"
+    #: A name in the ``fleet.payload_stores`` registry (fleet.plugins): ``local``,
+    #: ``s3``, ``stub`` (memory, one process: tests), or a plug-in's; checked at load.
+    store: str = Field("local", min_length=1)
     path: str = ".fleet/payloads"
     bucket: str | None = None
     prefix: str = "fleet/"
@@ -261,7 +263,9 @@ class KubernetesTarget(Model):
 
 class Autoscaler(Model):
     interval: PositiveDuration = 2.0
-    backend: Literal["local", "kubernetes"] = "local"
+    #: A name in the ``fleet.autoscaler_backends`` registry (fleet.plugins): ``local``,
+    #: ``kubernetes``, ``stub`` (numbers in memory), or a plug-in's; checked at load.
+    backend: str = Field("local", min_length=1)
     #: Total for all queues; on Kubernetes, the nodes' allocatable when left out.
     capacity: Capacity = Capacity()
     kubernetes: KubernetesTarget = KubernetesTarget()

@@ -2,8 +2,10 @@
 
 Two adapters behind one small protocol: a local directory (the embedded default, all
 workers on one machine) and S3 through boto3 (any S3-compatible server via
-``endpoint_url``). A payload is named by a URL (``file:///...`` or ``s3://bucket/key``)
-so that a reference found in a message or a job record says where to look.
+``endpoint_url``); a stub in memory for tests (fleet.stubstore), and whatever a team
+registers under the ``fleet.payload_stores`` entry-point group (fleet.plugins). A
+payload is named by a URL (``file:///...`` or ``s3://bucket/key``) so that a reference
+found in a message or a job record says where to look.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from urllib.parse import unquote, urlparse
 
 from fleet.config import Payloads
 from fleet.errors import PayloadError
+from fleet.plugins import PAYLOAD_STORES
 
 
 class PayloadStore(Protocol):
@@ -176,17 +179,24 @@ def split_s3_url(url: str) -> tuple[str, str]:
 _stores: dict[tuple[Payloads, int], PayloadStore] = {}
 
 
+def local_store(settings: Payloads) -> LocalStore:
+    """The ``local`` entry point of ``fleet.payload_stores``."""
+    return LocalStore(Path(settings.path))
+
+
+def s3_store(settings: Payloads) -> S3Store:
+    """The ``s3`` entry point of ``fleet.payload_stores``."""
+    if not settings.bucket:
+        raise PayloadError("payloads.store is s3 but payloads.bucket is not set")
+    return S3Store(settings.bucket, settings.prefix, settings.endpoint_url, settings.region)
+
+
 def open_store(settings: Payloads) -> PayloadStore:
     """The store for ``settings``, one per process: boto3 clients are costly to make and
-    must not cross a fork (prefork children get their own)."""
+    must not cross a fork (prefork children get their own). Which store is a name in
+    the ``fleet.payload_stores`` registry (fleet.plugins), so a team can add its own."""
     store = _stores.get((settings, os.getpid()))
     if store is None:
-        if settings.store == "s3":
-            if not settings.bucket:
-                raise PayloadError("payloads.store is s3 but payloads.bucket is not set")
-            store = S3Store(settings.bucket, settings.prefix, settings.endpoint_url,
-                            settings.region)
-        else:
-            store = LocalStore(Path(settings.path))
+        store = PAYLOAD_STORES.load(settings.store)(settings)
         _stores[(settings, os.getpid())] = store
     return store

@@ -113,11 +113,11 @@ class FleetUp:
 
     def start_and_watch(self, *, demo: bool, records: int, exit_when_done: bool,
                         dashboard_port: int | None) -> Outcome:
-        from autoscale.backends.local import LocalBackend, grace_period
-        from autoscale.loop import Autoscaler, supervised
+        from autoscale.backends.base import BackendContext
+        from autoscale.backends.local import grace_period
+        from autoscale.build import backend_plugin, build_autoscaler
+        from autoscale.loop import supervised
         from fleet.factory import create_app
-        from fleet.keys import broker_client
-        from fleet.observe.metrics import RedisMetrics
 
         config, console = self.config, self.console
         url = config.broker.url
@@ -142,14 +142,17 @@ class FleetUp:
         if config.broker.key_prefix:
             env["FLEET_KEY_PREFIX"] = config.broker.key_prefix
         logdir = self.workdir / "logs"
-        self.backend = LocalBackend(config, config.source, env, logdir, supervisor=self.me,
-                                    registry=self.registry)
 
         def report(line: str) -> None:
             console.print(f"[dim]autoscaler:[/dim] {line}")
 
-        scaler = Autoscaler(config, RedisMetrics(config, broker_client(config)), self.backend,
-                            report=report)
+        # A local fleet, whatever autoscaler.backend says: its workers are this
+        # supervisor's processes, recorded in the workdir it already holds.
+        scaler = build_autoscaler(
+            BackendContext(config, env, self.workdir, supervisor=self.me,
+                           registry=self.registry),
+            backend_plugin("local"), report=report)
+        self.backend = scaler.backend
         if dashboard_port is not None:
             self.board = DashboardUnit(config, self.workdir, dashboard_port, console)
             self.supervisor.add(self.board)
@@ -318,8 +321,14 @@ def _start_dashboard(config: FleetConfig, workdir: Path, port: int | None, conso
     reported and the fleet runs on without it."""
     if port is None:
         return None
-    from fleet.dashboard.server import DashboardServer, PortTakenError
+    from fleet.dashboard import DashboardNotInstalledError, server_module
 
+    try:
+        server = server_module()
+    except DashboardNotInstalledError as exc:
+        console.print(f"[yellow]{exc}: the fleet runs without a dashboard[/yellow]")
+        return None
+    DashboardServer, PortTakenError = server.DashboardServer, server.PortTakenError
     database = config.dashboard.database
     if database == type(config.dashboard)().database:
         database = f"sqlite:///{(workdir / 'dashboard.sqlite').resolve()}"

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 from fleet.config_models import FleetConfig, QueueClass
 from fleet.errors import Problem
+from fleet.plugins import BACKENDS, PAYLOAD_STORES
 from fleet.retry import resolve_exception
 from fleet.routing import globs_overlap, specificity
 from fleet.units import cpu_cores, format_duration, format_size
@@ -245,6 +246,17 @@ def queue_names_fit_kubernetes(config: FleetConfig) -> Iterator[Found]:
                 f"Deployment name ({deployment!r}) of at most 63 characters")
 
 
+def plugins_registered(config: FleetConfig) -> Iterator[Found]:
+    """A backend or store name is a plug-in's (fleet.plugins): a typo, or a team's
+    package not installed here, is reported now, with the names that are."""
+    for path, registry, name in (
+            (("autoscaler", "backend"), BACKENDS, config.autoscaler.backend),
+            (("payloads", "store"), PAYLOAD_STORES, config.payloads.store)):
+        reason = registry.unknown(name)
+        if reason is not None:
+            yield path, reason
+
+
 RULES: list[Callable[[FleetConfig], Iterator[Found]]] = [
     routes_to_known_queues,
     time_limits_ordered,
@@ -260,4 +272,5 @@ RULES: list[Callable[[FleetConfig], Iterator[Found]]] = [
     requests_within_limits,
     retry_exceptions_known,
     queue_names_fit_kubernetes,
+    plugins_registered,
 ]

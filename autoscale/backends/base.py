@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from fleet.config_models import FleetConfig
 from fleet.errors import FleetError
 from fleet.observe.model import WorkerSample
 
 if TYPE_CHECKING:
     from autoscale.policy import Budget
+    from fleet.registry import Registry
+    from fleet.supervision import SupervisorRef
 
 
 class BackendError(FleetError):
@@ -46,3 +52,42 @@ class PlanningBackend(Protocol):
 
     def plan(self, queue: str, replicas: int, workers: list[WorkerSample]) -> list[str]:
         """The steps ``scale(queue, replicas, workers)`` would take, in words."""
+
+
+@dataclass
+class BackendContext:
+    """What a backend may need from whoever runs the autoscaler (``fleet autoscale`` or
+    ``fleet up``): one object, so a new backend's needs do not widen every call site."""
+
+    config: FleetConfig
+    #: The environment the backend's workers start with.
+    env: Mapping[str, str]
+    #: Where a backend keeps files of its own (the local backend: ``logs/``).
+    workdir: Path
+    dry_run: bool = False
+    #: Who supervises the workers (``fleet up`` hands its own record down).
+    supervisor: SupervisorRef | None = None
+    #: The workdir's record of started processes, once claimed (``fleet up`` has).
+    registry: Registry | None = None
+    #: Claims the workdir (stopping what a killed predecessor left) on first need.
+    claim: Callable[[], Registry] | None = field(default=None, repr=False)
+
+    def claimed_registry(self) -> Registry | None:
+        """The workdir's registry, claimed now if nobody has and this is no dry run: only
+        a backend that starts processes here asks, so a Kubernetes run claims nothing."""
+        if self.registry is None and self.claim is not None and not self.dry_run:
+            self.registry = self.claim()
+        return self.registry
+
+
+@dataclass(frozen=True)
+class BackendPlugin:
+    """What an entry point in the ``fleet.autoscaler_backends`` group names (see
+    ``fleet.plugins``): how to build the backend, and the facts about it that the runner
+    needs before it builds one."""
+
+    create: Callable[[BackendContext], Backend]
+    #: Its workers are processes of this machine that stop when the autoscaler exits, so
+    #: ``fleet autoscale --once`` decides without acting (it would start them only to
+    #: stop them a moment later).
+    workers_live_here: bool = False

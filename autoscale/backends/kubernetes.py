@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import urllib3
 
-from autoscale.backends.base import BackendError
+from autoscale.backends.base import BackendContext, BackendError, BackendPlugin
 
 try:
     from kubernetes import client as k8s
@@ -399,3 +399,11 @@ def _reason(exc: BaseException) -> str:
     while getattr(exc, "reason", None) is not None and isinstance(exc.reason, BaseException):
         exc = exc.reason
     return re.sub(r"^<[^>]*>: ", "", str(exc))
+
+
+def create(ctx: BackendContext) -> KubernetesBackend:
+    """The ``kubernetes`` entry point: in-cluster credentials, else ``KUBECONFIG``."""
+    return KubernetesBackend(ctx.config)
+
+
+PLUGIN = BackendPlugin(create)

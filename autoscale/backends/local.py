@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from autoscale.backends.base import BackendError
+from autoscale.backends.base import BackendContext, BackendError, BackendPlugin
 from fleet.config import FleetConfig
 from fleet.observe.model import WorkerSample
 from fleet.processes import WorkerProcess, stop_all
@@ -178,3 +178,16 @@ class LocalBackend:
                  hurry=hurry, on_hurry=on_hurry, on_late=late)
         for worker in everyone:
             self._forget(worker)
+
+
+def create(ctx: BackendContext) -> LocalBackend:
+    """The ``local`` entry point: workers under ``ctx.workdir/logs``, recorded in the
+    workdir's registry (claimed here unless this is a dry run)."""
+    from fleet.imports import import_modules
+
+    import_modules(ctx.config)  # the workers it starts would die of a bad one
+    return LocalBackend(ctx.config, ctx.config.source, dict(ctx.env), ctx.workdir / "logs",
+                        supervisor=ctx.supervisor, registry=ctx.claimed_registry())
+
+
+PLUGIN = BackendPlugin(create, workers_live_here=True)

@@ -3,6 +3,7 @@ Redis that is not there (a clear message and retries, never a traceback)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -32,6 +33,26 @@ def test_once_prints_every_decision_with_its_reason_and_starts_nothing(fleet):
     # Once, locally, it only says what it would do.
     assert "would scale heavy: 0 -> 3" in result.stdout
     assert not list((fleet.tmp_path).glob("**/*.log"))  # no worker was started
+
+
+def test_once_on_the_stub_backend_acts_and_records_its_decisions(fleet):
+    """A backend from the registry by name: the stub's workers do not live here, so
+    --once acts (scaling numbers in memory) and the decisions reach Redis."""
+    from fleet.keys import broker_client, latest_decisions_key
+
+    app = fleet.app()
+    for _ in range(2):
+        app.send_task("tasks.heavy.crunch")
+    result = run(fleet, "autoscale", "--backend", "stub", "--once")
+    assert result.returncode == 0, result.stderr
+    assert "scaling heavy: 0 -> 2" in result.stdout and "would scale" not in result.stdout
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines()
+                 if not line.startswith("scaling"))
+    assert lines["heavy"].startswith("0 -> 2 (2 to run")
+    latest = broker_client(fleet.config).hgetall(latest_decisions_key(fleet.config))
+    assert json.loads(latest[b"heavy"])["desired"] == 2
+    assert json.loads(latest[b"heavy"])["dry_run"] is False
+    assert not list((fleet.tmp_path).glob("**/*.log"))  # nothing local was started
 
 
 def test_once_without_redis_is_a_clear_error(fleet):

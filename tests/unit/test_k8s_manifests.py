@@ -166,9 +166,12 @@ def test_external_redis_overlay_drops_redis_and_points_elsewhere():
     assert url.hostname == "redis.example.internal" and url.path == "/2"
     config = mounted_config(objects)
     assert config.payloads.store == "s3"
-    images = {c["image"] for o in of_kind(objects, "Deployment").values()
-              for c in o["spec"]["template"]["spec"]["containers"]}
-    assert images == {"registry.example.com/data-platform/fleet:0.1.0"}
+    images = {name: {c["image"] for c in o["spec"]["template"]["spec"]["containers"]}
+              for name, o in of_kind(objects, "Deployment").items()}
+    # Workers and the autoscaler run the worker image; only the dashboard has its extra.
+    assert images.pop("fleet-dashboard") == {
+        "registry.example.com/data-platform/fleet-dashboard:0.1.0"}
+    assert set().union(*images.values()) == {"registry.example.com/data-platform/fleet:0.1.0"}
 
 
 def test_keda_overlay_replaces_fleets_autoscaler_with_scaled_objects():
@@ -596,7 +599,10 @@ def test_dockerfile_user_matches_the_manifests():
     assert f"--uid {k8s.RUN_AS_USER}" in text
     assert re.search(rf"^USER {k8s.RUN_AS_USER}$", text, re.M)
     assert re.search(r'^ENTRYPOINT \["fleet"\]$', text, re.M)
-    assert 'pip install ".[s3,k8s]"' in text
+    # The worker image leaves the dashboard out; the dashboard's is built with it.
+    assert re.search(r"^ARG EXTRAS=s3,k8s$", text, re.M)
+    assert 'pip install ".[${EXTRAS}]"' in text
+    assert "--build-arg EXTRAS=s3,k8s,dashboard" in text
     # The emptyDir for the local payload store is mounted in the image's workdir.
     workdir = re.findall(r"^WORKDIR (\S+)$", text, re.M)[-1]
     mounts = {m["mountPath"] for m in container_of(worker(shipped(), "io"))["volumeMounts"]}
