@@ -2,7 +2,7 @@
 deadletters.py), with every error turned into JSON with a clear message and the right
 status. Each module's routers are module-level, one per role; this function only sets
 ``api.state.svc`` and ``api.state.gate`` (what deps.py hands the handlers) and includes
-them.
+them. Every JSON route declares its response model (schemas.py), so the spec shows it.
 
 FastAPI (on Starlette) because it turns the routes into an OpenAPI spec for free and
 runs on uvicorn; request handlers stay thin: the gate (gate.py) checks the caller and

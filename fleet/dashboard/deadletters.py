@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from fleet.dashboard.deps import GateDep, ServiceDep, role_router
 from fleet.dashboard.gate import Denied
+from fleet.dashboard.schemas import ActionResult
 from fleet.deadletter import DeadLetter, DeadLetterList, decoded_body
 from fleet.errors import UnknownDeadLetterError
 
@@ -80,20 +81,20 @@ def dead_letter(svc: ServiceDep, entry_id: str):
             "arguments": decoded_body(entry.message)}
 
 
-@operator.post("/api/fleet/dead/{entry_id}/requeue")
+@operator.post("/api/fleet/dead/{entry_id}/requeue", response_model=ActionResult)
 async def requeue(request: Request, svc: ServiceDep, gate: GateDep, entry_id: str):
     return gate.act(request, "dead.requeue", entry_id, {},
                     lambda: svc.control.requeue_dead(entry_id))
 
 
-@operator.post("/api/fleet/queues/{queue}/dead/requeue")
+@operator.post("/api/fleet/queues/{queue}/dead/requeue", response_model=ActionResult)
 async def requeue_queue(request: Request, svc: ServiceDep, gate: GateDep, queue: str):
     gate.known_queue(queue)
     return gate.act(request, "dead.requeue-all", queue, {},
                     lambda: svc.control.requeue_dead_queue(queue))
 
 
-@admin.post("/api/fleet/queues/{queue}/dead/purge")
+@admin.post("/api/fleet/queues/{queue}/dead/purge", response_model=ActionResult)
 async def purge(request: Request, svc: ServiceDep, gate: GateDep, queue: str):
     gate.known_queue(queue)
     return gate.act(request, "dead.purge", queue, {},

@@ -11,12 +11,13 @@ finds its own. A test can also swap them (``app.dependency_overrides``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
 from fleet.dashboard.auth import Principal
 from fleet.dashboard.gate import Gate
+from fleet.dashboard.schemas import Error
 from fleet.dashboard.service import DashboardService
 
 
@@ -37,6 +38,13 @@ ServiceDep = Annotated[DashboardService, Depends(get_service)]
 GateDep = Annotated[Gate, Depends(get_gate)]
 CallerDep = Annotated[Principal, Depends(get_caller)]
 
+#: Every refusal and failure is ``{"error": message}`` (api.py's exception handlers).
+ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": Error, "description": "refused: the message says why"},
+    "5XX": {"model": Error, "description": "the broker or a worker is unreachable"},
+}
+
+
 def requires(role: str) -> Callable[[Request], Principal]:
     """The router-level dependency of ``role``'s router (tests/integration/
     test_dashboard_routes.py finds a route's role by this function's name)."""
@@ -51,4 +59,5 @@ def requires(role: str) -> Callable[[Request], Principal]:
 def role_router(role: str, **options) -> APIRouter:
     """A router every route of which needs ``role`` (and for actions, CSRF checks): a
     route's role is where it is declared (``operator.post(...)``), not a call inside it."""
+    options.setdefault("responses", ERRORS)
     return APIRouter(dependencies=[Depends(requires(role))], **options)

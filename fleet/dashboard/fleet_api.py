@@ -2,7 +2,8 @@
 (jobs, queues, autoscaler bounds), plus /metrics.
 
 Routes sit on their role's router (``viewer``, ``operator``, ``admin``); a handler is
-its arguments and one call to the service (``live`` and ``views`` shape the answer).
+its arguments, one call to the service (``live`` and ``views`` shape the answer) and the
+declared response model (schemas.py) that puts the answer's shape in the spec.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
+from fleet.dashboard import schemas
 from fleet.dashboard.auth import LEVEL
 from fleet.dashboard.deps import CallerDep, GateDep, ServiceDep, role_router
 from fleet.dashboard.downsample import TOP, WindowError
@@ -31,18 +33,18 @@ def metrics(svc: ServiceDep):
     return Response(generate_latest(svc.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@viewer.get("/api/fleet/me")
+@viewer.get("/api/fleet/me", response_model=schemas.Me)
 def me(principal: CallerDep):
     return {"name": principal.name, "role": principal.role, "via": principal.via,
             "may": [r for r in LEVEL if principal.may(r)]}
 
 
-@viewer.get("/api/fleet/overview")
+@viewer.get("/api/fleet/overview", response_model=schemas.Overview)
 def overview(svc: ServiceDep):
     return svc.live.overview()
 
 
-@viewer.get("/api/fleet/events/gaps")
+@viewer.get("/api/fleet/events/gaps", response_model=list[schemas.EventGap])
 def event_gaps(svc: ServiceDep, limit: int = Query(100, ge=1, le=1000),
                since: float | None = None):
     """Stretches of events the dashboard could not recover (Redis restarted empty,
@@ -50,12 +52,15 @@ def event_gaps(svc: ServiceDep, limit: int = Query(100, ge=1, le=1000),
     return svc.views.gaps(limit, since)
 
 
-@viewer.get("/api/fleet/workers")
+# exclude_unset: a worker's sample keys are there only while it has a sample.
+@viewer.get("/api/fleet/workers", response_model=list[schemas.Worker],
+            response_model_exclude_unset=True)
 def fleet_workers(svc: ServiceDep, include_offline: bool = True):
     return svc.live.workers(include_offline)
 
 
-@viewer.get("/api/fleet/workers/{name}")
+@viewer.get("/api/fleet/workers/{name}", response_model=schemas.WorkerDetail,
+            response_model_exclude_unset=True)
 def fleet_worker(svc: ServiceDep, name: str, refresh: bool = False):
     worker = svc.live.worker(name, refresh)
     if worker is None:
@@ -63,25 +68,25 @@ def fleet_worker(svc: ServiceDep, name: str, refresh: bool = False):
     return worker
 
 
-@viewer.get("/api/fleet/queues")
+@viewer.get("/api/fleet/queues", response_model=list[schemas.QueueRow])
 def fleet_queues(svc: ServiceDep):
     return svc.live.queues()
 
 
-@admin.post("/api/fleet/queues/{queue}/pause")
+@admin.post("/api/fleet/queues/{queue}/pause", response_model=schemas.ActionResult)
 async def pause(request: Request, svc: ServiceDep, gate: GateDep, queue: str):
     gate.known_queue(queue)
     return gate.act(request, "queue.pause", queue, {}, lambda: svc.control.pause(queue, True))
 
 
-@admin.post("/api/fleet/queues/{queue}/resume")
+@admin.post("/api/fleet/queues/{queue}/resume", response_model=schemas.ActionResult)
 async def resume(request: Request, svc: ServiceDep, gate: GateDep, queue: str):
     gate.known_queue(queue)
     return gate.act(request, "queue.resume", queue, {},
                     lambda: svc.control.pause(queue, False))
 
 
-@admin.post("/api/fleet/queues/{queue}/bounds")
+@admin.post("/api/fleet/queues/{queue}/bounds", response_model=schemas.ActionResult)
 async def bounds(request: Request, svc: ServiceDep, gate: GateDep, queue: str):
     gate.known_queue(queue)
     args = await gate.params(request)
@@ -94,7 +99,7 @@ async def bounds(request: Request, svc: ServiceDep, gate: GateDep, queue: str):
                     lambda: svc.control.set_bounds(queue, lo, hi))
 
 
-@viewer.get("/api/fleet/tasks")
+@viewer.get("/api/fleet/tasks", response_model=schemas.TaskPage)
 def fleet_tasks(svc: ServiceDep, state: Annotated[list[str] | None, Query()] = None,
                 name: str | None = None, worker: str | None = None,
                 queue: str | None = None, since: float | None = None,
@@ -110,7 +115,7 @@ def fleet_tasks(svc: ServiceDep, state: Annotated[list[str] | None, Query()] = N
     return {"tasks": rows, "next": rows[-1]["seq"] if len(rows) == limit else None}
 
 
-@viewer.get("/api/fleet/tasks/{task_id}")
+@viewer.get("/api/fleet/tasks/{task_id}", response_model=schemas.Task)
 def fleet_task(svc: ServiceDep, task_id: str):
     task = svc.views.task(task_id)
     if task is None:
@@ -118,46 +123,48 @@ def fleet_task(svc: ServiceDep, task_id: str):
     return task
 
 
-@viewer.get("/api/fleet/failures")
+@viewer.get("/api/fleet/failures", response_model=list[schemas.FailureGroup])
 def failures(svc: ServiceDep):
     return svc.views.failures()
 
 
-@viewer.get("/api/fleet/jobs")
+@viewer.get("/api/fleet/jobs", response_model=list[schemas.JobRow])
 def fleet_jobs(svc: ServiceDep, limit: int = Query(100, ge=1, le=1000)):
     """Live from Redis, and from the store the jobs whose state Redis has let expire."""
     return svc.live.jobs(limit)
 
 
-@viewer.get("/api/fleet/jobs/{job_id}")
+@viewer.get("/api/fleet/jobs/{job_id}", response_model=schemas.JobDetail)
 def fleet_job(svc: ServiceDep, job_id: str):
     return svc.live.job(job_id)
 
 
-@operator.post("/api/fleet/jobs/{job_id}/retry")
+@operator.post("/api/fleet/jobs/{job_id}/retry", response_model=schemas.ActionResult)
 async def retry_job(request: Request, svc: ServiceDep, gate: GateDep, job_id: str):
     return gate.act(request, "job.retry", job_id, {}, lambda: svc.control.retry_job(job_id))
 
 
-@operator.post("/api/fleet/jobs/{job_id}/revoke")
+@operator.post("/api/fleet/jobs/{job_id}/revoke", response_model=schemas.ActionResult)
 async def revoke_job(request: Request, svc: ServiceDep, gate: GateDep, principal: CallerDep,
                      job_id: str):
     return gate.act(request, "job.revoke", job_id, {},
                     lambda: svc.control.revoke_job(job_id, principal.name))
 
 
-@viewer.get("/api/fleet/autoscaler")
+@viewer.get("/api/fleet/autoscaler", response_model=schemas.Autoscaler)
 def autoscaler(svc: ServiceDep, queue: str | None = None,
                limit: int = Query(100, ge=1, le=1000)):
     return svc.live.autoscaler(queue, limit)
 
 
-@viewer.get("/api/fleet/broker")
+# exclude_unset: "rabbitmq" is there only when dashboard.rabbitmq is configured.
+@viewer.get("/api/fleet/broker", response_model=schemas.Broker,
+            response_model_exclude_unset=True)
 def broker(svc: ServiceDep):
     return svc.live.broker()
 
 
-@viewer.get("/api/fleet/series")
+@viewer.get("/api/fleet/series", response_model=schemas.Plots)
 def series(svc: ServiceDep, window: Literal["15m", "1h", "24h"] | None = None,
            since: float | None = None, until: float | None = None,
            queue: str | None = None,
@@ -172,6 +179,6 @@ def series(svc: ServiceDep, window: Literal["15m", "1h", "24h"] | None = None,
         raise Denied(400, str(exc)) from None
 
 
-@operator.get("/api/fleet/audit")
+@operator.get("/api/fleet/audit", response_model=list[schemas.AuditEntry])
 def audit_log(svc: ServiceDep, limit: int = Query(200, ge=1, le=1000)):
     return svc.views.audit(limit)

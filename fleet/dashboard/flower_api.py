@@ -2,7 +2,8 @@
 working (tests/integration/test_dashboard_flower_compat.py runs the same calls against both).
 
 Flower reads arguments from the query or a form/JSON body (``Gate.params``), so the
-control routes parse their own.
+control routes parse their own; the response models (schemas.py) keep Flower's keys,
+no more and no fewer.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from fastapi import Query, Request
 from fastapi.responses import RedirectResponse
 
+from fleet.dashboard import schemas
 from fleet.dashboard.control import Control
 from fleet.dashboard.deps import GateDep, ServiceDep, role_router
 from fleet.dashboard.gate import MAX_INT, Denied, Gate, missing
@@ -28,7 +30,9 @@ routers = (viewer, operator, admin)
 by_role = {"viewer": viewer, "operator": operator, "admin": admin}
 
 
-@viewer.get("/api/workers")
+# exclude_unset: a worker's entry has a key only once the worker answered it (Flower's).
+@viewer.get("/api/workers", response_model=schemas.FlowerWorkers,
+            response_model_exclude_unset=True)
 def workers(svc: ServiceDep, refresh: bool = False, workername: str | None = None,
             status: bool = False):
     """Flower's ListWorkers: the inspect cache per worker (stats, active_queues,
@@ -40,7 +44,8 @@ def workers(svc: ServiceDep, refresh: bool = False, workername: str | None = Non
     return info
 
 
-@viewer.get("/workers")
+@viewer.get("/workers", response_model=schemas.FlowerWorkerPage,
+            responses={303: {"description": "without json: to the dashboard's workers page"}})
 def workers_page(request: Request, svc: ServiceDep,
                  as_json: bool = Query(False, alias="json"), refresh: bool = False):
     """Flower's WorkersView: with ``json`` its ``{"data": [...]}`` (counts of events
@@ -96,7 +101,8 @@ def worker_route(path: str, role: str, parse: Arguments | None, call: Call) -> N
         return gate.act(request, action, name, args, lambda: call(svc.control, name, args))
 
     by_role[role].post(f"/api/worker/{path}/{{name}}", name=action,
-                       operation_id=action.replace(".", "_"))(handler)
+                       operation_id=action.replace(".", "_"),
+                       response_model=schemas.ActionResult)(handler)
 
 
 for _path, _role, _parse, _call in WORKER_ACTIONS:
@@ -106,7 +112,7 @@ for _path, _role, _parse, _call in WORKER_ACTIONS:
 # -- tasks ---------------------------------------------------------------------------------
 
 
-@viewer.get("/api/tasks")
+@viewer.get("/api/tasks", response_model=schemas.FlowerTasks)
 def flower_tasks(svc: ServiceDep, limit: int | None = Query(None, ge=1, le=MAX_INT),
                  offset: int = Query(0, ge=0, le=MAX_INT), sort_by: str | None = None,
                  workername: str | None = None, taskname: str | None = None,
@@ -121,12 +127,12 @@ def flower_tasks(svc: ServiceDep, limit: int | None = Query(None, ge=1, le=MAX_I
     return {t["uuid"]: flower_task(t) for t in rows}
 
 
-@viewer.get("/api/task/types")
+@viewer.get("/api/task/types", response_model=schemas.TaskTypes)
 def task_types(svc: ServiceDep):
     return {"task-types": svc.views.task_names()}
 
 
-@viewer.get("/api/task/info/{task_id}")
+@viewer.get("/api/task/info/{task_id}", response_model=schemas.FlowerTask)
 def task_info(svc: ServiceDep, task_id: str):
     task = svc.views.task(task_id)
     if task is None:
@@ -134,7 +140,9 @@ def task_info(svc: ServiceDep, task_id: str):
     return flower_task(task)
 
 
-@viewer.get("/api/task/result/{task_id}")
+# exclude_unset: "result" (and "traceback") only once the task is ready, as Flower.
+@viewer.get("/api/task/result/{task_id}", response_model=schemas.TaskResult,
+            response_model_exclude_unset=True)
 def task_result(svc: ServiceDep, task_id: str, timeout: float | None = None):
     return svc.live.task_result(task_id, timeout)
 
@@ -163,17 +171,17 @@ async def send(request: Request, svc: DashboardService, gate: Gate, name: str, a
     return {"task-id": sent[0].id, "state": "PENDING"}
 
 
-@operator.post("/api/task/async-apply/{name}")
+@operator.post("/api/task/async-apply/{name}", response_model=schemas.TaskSent)
 async def async_apply(request: Request, svc: ServiceDep, gate: GateDep, name: str):
     return await send(request, svc, gate, name, "task.apply", known_only=True)
 
 
-@operator.post("/api/task/send-task/{name}")
+@operator.post("/api/task/send-task/{name}", response_model=schemas.TaskSent)
 async def send_task(request: Request, svc: ServiceDep, gate: GateDep, name: str):
     return await send(request, svc, gate, name, "task.send", known_only=False)
 
 
-@operator.post("/api/task/revoke/{task_id}")
+@operator.post("/api/task/revoke/{task_id}", response_model=schemas.ActionResult)
 async def revoke(request: Request, svc: ServiceDep, gate: GateDep, task_id: str):
     args = await gate.params(request)
     terminate = str(args.get("terminate", "false")).lower() in ("1", "true", "yes")
@@ -183,7 +191,7 @@ async def revoke(request: Request, svc: ServiceDep, gate: GateDep, task_id: str)
                     lambda: svc.control.revoke(task_id, terminate, signal))
 
 
-@operator.post("/api/task/timeout/{name}")
+@operator.post("/api/task/timeout/{name}", response_model=schemas.ActionResult)
 async def time_limit(request: Request, svc: ServiceDep, gate: GateDep, name: str):
     args = await gate.params(request)
     worker = args.get("workername") or missing("workername")
@@ -194,7 +202,7 @@ async def time_limit(request: Request, svc: ServiceDep, gate: GateDep, name: str
                     lambda: svc.control.time_limit(worker, name, soft, hard))
 
 
-@operator.post("/api/task/rate-limit/{name}")
+@operator.post("/api/task/rate-limit/{name}", response_model=schemas.ActionResult)
 async def rate_limit(request: Request, svc: ServiceDep, gate: GateDep, name: str):
     args = await gate.params(request)
     worker = args.get("workername") or missing("workername")
@@ -204,7 +212,7 @@ async def rate_limit(request: Request, svc: ServiceDep, gate: GateDep, name: str
                     lambda: svc.control.rate_limit(worker, name, rate))
 
 
-@viewer.get("/api/queues/length")
+@viewer.get("/api/queues/length", response_model=schemas.QueuesLength)
 def queues_length(svc: ServiceDep):
     snap = svc.sampler.poll()
     return {"active_queues": [{"name": q, "messages": m.waiting}
