@@ -1,5 +1,8 @@
-"""HTTP: one FastAPI app from the route modules (pages.py, flower_api.py, fleet_api.py),
-with every error turned into JSON with a clear message and the right status.
+"""HTTP: one FastAPI app from the route modules (pages.py, flower_api.py, fleet_api.py,
+deadletters.py), with every error turned into JSON with a clear message and the right
+status. Each module's routers are module-level, one per role; this function only sets
+``api.state.svc`` and ``api.state.gate`` (what deps.py hands the handlers) and includes
+them. Every JSON route declares its response model (schemas.py), so the spec shows it.
 
 FastAPI (on Starlette) because it turns the routes into an OpenAPI spec for free and
 runs on uvicorn; request handlers stay thin: the gate (gate.py) checks the caller and
@@ -12,12 +15,10 @@ import redis
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 
+from fleet.dashboard import deadletters, fleet_api, flower_api, pages
 from fleet.dashboard.control import ControlError
-from fleet.dashboard.deadletters import dead_letter_routes
-from fleet.dashboard.fleet_api import fleet_routes
-from fleet.dashboard.flower_api import flower_routes
 from fleet.dashboard.gate import Denied, Gate
-from fleet.dashboard.pages import PAGES, base_of, page_routes, public_routes
+from fleet.dashboard.pages import PAGES, base_of
 from fleet.dashboard.service import DashboardService
 from fleet.errors import FleetError, UnknownJobError
 
@@ -71,17 +72,15 @@ def create_api(svc: DashboardService) -> FastAPI:
                              for e in exc.errors())
         return JSONResponse({"error": f"bad request: {problems}"}, status_code=400)
 
-    gate = Gate(svc)
-    public, signed_in = public_routes(gate)
-    api.include_router(public)
+    # The route modules' routers are module-level: their handlers get the service and
+    # the gate from here, per request (deps.py), and nothing is bound to this app.
+    api.state.gate = Gate(svc)
+    api.include_router(pages.public)
     if svc.auth.oidc:
         from fleet.dashboard.oidc import oidc_routes
 
-        api.include_router(oidc_routes(api, svc.auth, signed_in))
-    pages = gate.routers()
-    page_routes(pages, api)
-    api.include_router(pages.merged())
-    api.include_router(flower_routes(svc, gate))
-    api.include_router(fleet_routes(svc, gate))
-    api.include_router(dead_letter_routes(svc, gate))
+        api.include_router(oidc_routes(api, svc.auth, pages.signed_in))
+    for module in (pages, flower_api, fleet_api, deadletters):
+        for router in module.routers:
+            api.include_router(router)
     return api

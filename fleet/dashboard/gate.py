@@ -2,10 +2,11 @@
 browsers, throttled guessing), Flower-style arguments, bounded numbers, and the audit
 record of an action. Route modules get one ``Gate`` and stay free of these concerns.
 
-Auth is declared, not remembered: routes live on the routers of ``RoleRouters``, whose
-router-level dependency checks the caller for the router's role (and, for anything but
-a read, the same-origin and CSRF rules) before the handler runs. A handler reads who
-called with ``gate.principal(request)``. Only ``pages.public_routes`` are open.
+Auth is declared, not remembered: routes live on a role's router (``deps.role_router``),
+whose router-level dependency (``deps.requires``) runs ``Gate.admit`` for the router's
+role (and, for anything but a read, the same-origin and CSRF rules) before the handler
+runs. A handler gets who called as a dependency (``deps.CallerDep``). Only
+``pages.public`` is open.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Request
 
-from fleet.dashboard.auth import ROLES, SESSION_COOKIE, Principal
+from fleet.dashboard.auth import SESSION_COOKIE, Principal
 from fleet.dashboard.service import DashboardService
 from fleet.dashboard.throttle import keys_for
 from fleet.errors import FleetError
@@ -170,24 +171,18 @@ class Gate:
                 raise Denied(403, "missing or wrong X-CSRF-Token")
         return principal
 
-    def requires(self, role: str) -> Callable[[Request], Principal]:
-        """The router-level dependency of ``role``'s router."""
-
-        def check(request: Request) -> Principal:
-            principal = (self.who(request, role) if request.method in READS
-                         else self.acting(request, role))
-            request.state.principal = principal
-            return principal
-
-        check.__name__ = f"requires_{role}"
-        return check
+    def admit(self, request: Request, role: str) -> Principal:
+        """The check on every route of ``role``'s router (``deps.requires``): the role,
+        and for anything but a read the same-origin and CSRF rules. The caller is kept
+        on the request for the handler (``deps.CallerDep``) and the audit record."""
+        principal = (self.who(request, role) if request.method in READS
+                     else self.acting(request, role))
+        request.state.principal = principal
+        return principal
 
     @staticmethod
     def principal(request: Request) -> Principal:
         return request.state.principal
-
-    def routers(self, **options) -> RoleRouters:
-        return RoleRouters(self, **options)
 
     async def params(self, request: Request) -> dict[str, Any]:
         """Flower reads arguments from the query or a form/JSON body: so do we."""
@@ -238,32 +233,7 @@ class Gate:
         if self.svc.views.worker(name) is None and name not in self.svc.inspector.cached():
             raise Denied(404, f"Unknown worker '{name}'")
 
-
-class RoleRouters:
-    """One router per role, each checking its role for every route on it: a route's
-    role is where it is declared (``routers.operator.post(...)``), not a call inside it."""
-
-    def __init__(self, gate: Gate, **options):
-        self.by_role = {role: APIRouter(dependencies=[Depends(gate.requires(role))],
-                                        **options) for role in ROLES}
-
-    def __getitem__(self, role: str) -> APIRouter:
-        return self.by_role[role]
-
-    @property
-    def viewer(self) -> APIRouter:
-        return self.by_role["viewer"]
-
-    @property
-    def operator(self) -> APIRouter:
-        return self.by_role["operator"]
-
-    @property
-    def admin(self) -> APIRouter:
-        return self.by_role["admin"]
-
-    def merged(self) -> APIRouter:
-        out = APIRouter()
-        for router in self.by_role.values():
-            out.include_router(router)
-        return out
+    def known_queue(self, name: str) -> None:
+        queues = self.svc.config.queues
+        if name not in queues:
+            raise Denied(404, f"Unknown queue '{name}' (known: {', '.join(queues)})")

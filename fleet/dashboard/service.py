@@ -1,5 +1,6 @@
 """One running dashboard: the store, the event ingester, the sampler, the control
-adapter and the authenticator, with their threads. The HTTP layer (api.py) only talks
+adapter and the authenticator, with their threads; ``views`` reads the store, ``live``
+joins it with what Redis and the workers say now. The HTTP layer (api.py) only talks
 to this object; tests and benchmarks can drive it without HTTP."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fleet.dashboard.auth import Authenticator
 from fleet.dashboard.control import Control
 from fleet.dashboard.ingest import Ingester
 from fleet.dashboard.inspect import WorkerInspector
+from fleet.dashboard.live import LiveViews
 from fleet.dashboard.metrics import EventCounters, FleetCollector
 from fleet.dashboard.sampler import Sampler
 from fleet.dashboard.sessions import SessionStore
@@ -43,6 +45,8 @@ class DashboardService:
                                self.ingester.worker_queues)
         self.control = Control(self.app)
         self.inspector = WorkerInspector(self.app)
+        self.live = LiveViews(config, self.app, self.views, self.sampler, self.inspector,
+                              self.ingester)
         self.auth = auth or Authenticator(config.dashboard)
         self.sessions = SessionStore(self.store.engine, self.auth.session_secret)
         self.throttle = LoginThrottle()

@@ -173,6 +173,7 @@ class Views:
             g = groups.setdefault(kind, {"exception": kind, "count": 0, "tasks": {},
                                          "newest_seq": 0, "example": exception})
             g["count"] += count
+            name = "unknown" if name is None else name  # a failure heard before its name
             g["tasks"][name] = g["tasks"].get(name, 0) + count
             if newest > g["newest_seq"]:
                 g["newest_seq"], g["example"] = newest, exception

@@ -1,12 +1,21 @@
 """The dashboard's OpenAPI spec, fuzzed over real HTTP (schemathesis): whatever the
-input, no request gets a 5xx. Runs against a live dashboard on the test's own key prefix
-and database, with no workers (control actions then answer 4xx, never 5xx)."""
+input, no request gets a 5xx, and every answer is what the spec says it is (its status
+documented, its content type and its body valid against the route's response model, or
+for a refusal the ``{"error": ...}`` shape). Runs against a live dashboard on the test's
+own key prefix and database, with no workers (control actions then answer 4xx, never
+5xx)."""
 
 from __future__ import annotations
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from schemathesis.errors import FailureGroup
 
 from tests.integration.dashboard_util import FAST, start_dashboard
 
@@ -14,9 +23,11 @@ pytestmark = pytest.mark.slow
 
 #: Not fuzzed: stopping workers would reach other tests' workers on the shared Redis.
 SKIPPED = ("/api/worker/shutdown/{name}",)
+#: The answer matches the spec: the status is documented, the body valid against its schema.
+CONFORMANCE = [status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
-def test_no_input_makes_the_api_fail_with_a_5xx(fleet, tmp_path):
+def test_no_input_makes_the_api_fail_with_a_5xx_or_answer_off_its_spec(fleet, tmp_path):
     fleet.configure(FAST)
     board = start_dashboard(fleet.config, f"sqlite:///{tmp_path / 'd.sqlite'}")
     try:
@@ -24,7 +35,7 @@ def test_no_input_makes_the_api_fail_with_a_5xx(fleet, tmp_path):
         operations = [op.ok() for op in schema.get_all_operations()]
         fuzzed = [op for op in operations if op.path not in SKIPPED]
         assert len(fuzzed) >= 30, [op.path for op in operations]
-        server_errors = []
+        server_errors, off_spec, answered = [], [], []
         for operation in fuzzed:
 
             @given(case=operation.as_strategy())
@@ -40,8 +51,17 @@ def test_no_input_makes_the_api_fail_with_a_5xx(fleet, tmp_path):
                 if response.status_code >= 500:
                     server_errors.append((case.method, case.formatted_path,
                                           response.status_code, response.text[:300]))
+                try:
+                    case.validate_response(response, checks=CONFORMANCE)
+                except FailureGroup as exc:  # each failed check's report (not an Exception)
+                    off_spec.append((case.method, case.formatted_path, response.status_code,
+                                     str(exc)[:600]))
+                answered.append(response.status_code)
 
             call()
         assert server_errors == []
+        assert off_spec == []
+        # The bodies checked include successes, not only refusals of bad input.
+        assert sum(status == 200 for status in answered) >= 100, answered
     finally:
         board.stop()
