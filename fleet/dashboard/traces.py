@@ -91,6 +91,8 @@ def export(config: FleetConfig, database: str | None = None, *, since: float | N
     now = time.time() if now is None else now
     until = now if until is None else until
     url = database or config.dashboard.database
+    if since is not None and since >= until:
+        raise _empty(since, until)
     engine = _open(url)
     chosen = list(dict.fromkeys(queues))
     try:
@@ -99,14 +101,12 @@ def export(config: FleetConfig, database: str | None = None, *, since: float | N
                       if q]
             start = since
             if start is None:
-                first = conn.execute(select(func.min(func.coalesce(
-                    tasks.c.received, tasks.c.first_seen)))).scalar()
-                start = min(float(first), until) if first is not None else until
+                start = _first(conn, config, warn, until)
     except DBAPIError as exc:
         raise _unreachable(url, exc) from None
     if start >= until:
-        raise ExportError(f"the window is empty: since ({_iso(start)}) is not before "
-                          f"until ({_iso(until)})")
+        engine.dispose()
+        raise _empty(start, until)
     names = chosen or list(dict.fromkeys([*config.queues, *sorted(stored)]))
     header = Header(version=VERSION, source="export", start=start, duration=until - start,
                     queues=names, params={
@@ -119,6 +119,26 @@ def export(config: FleetConfig, database: str | None = None, *, since: float | N
     out.records = _chain(_tasks(config, engine, url, start, until, chosen, out.skipped,
                                 warn, strict=since is not None), replicas, engine)
     return out
+
+
+def _first(conn, config: FleetConfig, warn: Callable[[str], None], until: float) -> float:
+    """t=0 without --since: the first receipt stored, or the send of a chunk among the
+    first rows stored (the oldest kept), which the ledger says came before it."""
+    c = tasks.c
+    seen_at = func.coalesce(c.received, c.first_seen)
+    first = conn.execute(select(func.min(seen_at))).scalar()
+    if first is None:
+        return until
+    start = min(float(first), until)
+    oldest = conn.execute(select(c.uuid, seen_at.label("seen")).order_by(c.seq)
+                          .limit(BATCH)).all()
+    known = _Chunks(config, warn).lookup(row.uuid for row in oldest)
+    for row in oldest:
+        if row.uuid in known:
+            sent_at, _, sends = known[row.uuid]
+            if sent_at is not None and sends == 1 and sent_at <= row.seen:
+                start = min(start, sent_at)
+    return start
 
 
 def _chain(first: Iterator[Task], then: list[Replicas], engine: Engine
@@ -293,6 +313,11 @@ def _open(url: str) -> Engine:
 def _unreachable(url: str, exc: DBAPIError) -> ExportError:
     reason = " ".join(str(exc.orig).split())
     return ExportError(f"cannot read the dashboard database {safe_url(url)}: {reason}")
+
+
+def _empty(since: float, until: float) -> ExportError:
+    return ExportError(f"the window is empty: since ({_iso(since)}) is not before until "
+                       f"({_iso(until)})")
 
 
 def _iso(t: float) -> str:
