@@ -231,6 +231,11 @@ class _Chunks:
         c = ledger.chunks.c
         try:
             if self.engine is None:
+                if not _exists(self.config.jobs.ledger):  # an export creates no ledger
+                    self.broken = True
+                    self.warn(f"no job ledger at {safe_url(self.config.jobs.ledger)}; "
+                              "chunks' sent is their received")
+                    return {}
                 self.engine = ledger.engine(self.config)
             with self.engine.connect() as conn:
                 rows = conn.execute(select(c.job_id, c.idx, c.sent_at, c.size, c.sends)
@@ -291,11 +296,10 @@ def _open(url: str) -> Engine:
     """An engine for an existing dashboard database: an export never creates one (a
     mistyped SQLite path would otherwise export an empty trace, silently)."""
     try:
-        parsed = make_url(url)
+        make_url(url)
     except ArgumentError:
         raise ExportError(f"dashboard database URL {url!r} is not a SQLAlchemy URL") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
-            and not Path(parsed.database).is_file():
+    if not _exists(url):
         raise ExportError(f"no dashboard database at {safe_url(url)} (no such file)")
     try:
         engine = engine_for(url)
@@ -308,6 +312,16 @@ def _open(url: str) -> Engine:
     except DBAPIError as exc:
         raise _unreachable(url, exc) from None
     return engine
+
+
+def _exists(url: str) -> bool:
+    """False for a SQLite URL whose file is missing (opening it would create it)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return True  # the engine says what is wrong with it
+    return (parsed.get_backend_name() != "sqlite"
+            or parsed.database in (None, "", ":memory:") or Path(parsed.database).is_file())
 
 
 def _unreachable(url: str, exc: DBAPIError) -> ExportError:
