@@ -190,3 +190,46 @@ def test_bad_arguments_and_an_unreachable_database_are_exit_2(fleet, tmp_path, a
     assert says in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists()
+
+
+def test_export_streams_from_postgresql_and_says_what_it_left_out(fleet, postgres_url,
+                                                                    tmp_path):
+    """More rows than one fetch (a server-side cursor), a task of no known queue, a dry
+    run's decision; no ledger file: a warning, not a created ledger."""
+    from fleet.dashboard.events import TASK_FIELDS
+    from fleet.dashboard.store import Store
+
+    store = Store(postgres_url)
+    t0 = float(int(time.time()) - 600)  # a whole second: exact through ISO text
+    rows = []
+    for i in range(2500):
+        row = dict.fromkeys(TASK_FIELDS)
+        at = t0 + i * 0.1
+        row.update(uuid=f"job-0123456789ab.{i}" if i < 10 else f"task-{i}", name="t.x",
+                   state="SUCCESS", state_rank=3, queue="default" if i % 5 else "io",
+                   received=at, started=at + 0.01, succeeded=at + 0.05, runtime=0.04,
+                   retries=0, memory_kill=False, first_seen=at, updated=at + 0.05)
+        rows.append(row)
+    rows[-1]["queue"] = None
+    store.write(rows, [])
+    store.add_decisions([
+        {"at": t0 + 10, "queue": "io", "current": 0, "desired": 1, "reason": "backlog",
+         "dry_run": False},
+        {"at": t0 + 20, "queue": "io", "current": 1, "desired": 3, "reason": "would",
+         "dry_run": True}])
+    store.close()
+    out = tmp_path / "pg.jsonl"
+    done = export(fleet, "-o", str(out), "--since", iso(t0), database=postgres_url)
+    assert done.returncode == 0, done.stderr
+    assert "2499 tasks and 1 decisions" in done.stdout
+    assert "1 left out: queue unknown" in done.stdout
+    assert "no job ledger at" in done.stderr
+    assert not (tmp_path / ".fleet").exists()
+    header, tasks, replicas = read(out)
+    assert header.start == pytest.approx(t0, abs=1e-3)
+    assert [t.sent for t in tasks] == pytest.approx([i * 0.1 for i in range(2499)], abs=1e-3)
+    assert sum(t.queue == "io" for t in tasks) == 500
+    assert [(r.queue, r.current, r.desired, r.reason) for r in replicas] == [
+        ("io", 0, 1, "backlog")]
+    assert replicas[0].at == pytest.approx(10, abs=1e-3)
+    assert not (tmp_path / "ledger.sqlite").exists()
