@@ -107,6 +107,10 @@ def export(config: FleetConfig, database: str | None = None, *, since: float | N
     if start >= until:
         engine.dispose()
         raise _empty(start, until)
+    if unknown := [q for q in chosen if q not in config.queues and q not in stored]:
+        engine.dispose()
+        raise ExportError(f"no queue {', '.join(map(repr, unknown))} in {config.source} or "
+                          f"the dashboard's tasks (queues: {', '.join(config.queues)})")
     names = chosen or list(dict.fromkeys([*config.queues, *sorted(stored)]))
     header = Header(version=VERSION, source="export", start=start, duration=until - start,
                     queues=names, params={
@@ -172,15 +176,20 @@ def _tasks(config: FleetConfig, engine: Engine, url: str, start: float, until: f
             for rows in result.partitions():
                 known = chunks.lookup(row.uuid for row in rows)
                 for row in rows:
-                    task = _task(row, known.get(row.uuid), start, until, skipped, strict)
+                    task = task_from_row(row, known.get(row.uuid), start, until, skipped,
+                                         strict)
                     if task is not None:
                         yield task
     except DBAPIError as exc:
         raise _unreachable(url, exc) from None
 
 
-def _task(row, chunk: tuple[float | None, int | None, int] | None, start: float,
-          until: float, skipped: dict[str, int], strict: bool = True) -> Task | None:
+def task_from_row(row, chunk: tuple[float | None, int | None, int] | None, start: float,
+                  until: float, skipped: dict[str, int], strict: bool = True) -> Task | None:
+    """A stored task row (and its chunk's ledger ``(sent_at, size, sends)``, if any) as
+    a trace task with times from ``start``, or None if it was not sent in the window (or
+    has no queue: counted in ``skipped``). ``strict`` False: a chunk sent before ``start``
+    keeps its receipt as sent instead of falling out."""
     if not row.queue:
         skipped["queue unknown"] = skipped.get("queue unknown", 0) + 1
         return None

@@ -173,6 +173,9 @@ def test_export_filters_by_window_and_queue(fleet, recorded, tmp_path):
     assert done.returncode == 0, done.stderr
     assert len(read(out)[1]) == recorded["total"]
 
+    done = export(fleet, "-o", str(tmp_path / "gpu.jsonl"), "-q", "gpu", database=url)
+    assert done.returncode == 2 and "no queue 'gpu' in" in done.stderr, done.stderr
+
 
 @pytest.mark.parametrize(("args", "says"), [
     (["--since", "last tuesday"], "Invalid value for --since: expected a duration ago"),

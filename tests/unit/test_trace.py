@@ -13,12 +13,13 @@ import json
 import math
 import statistics
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
 from fleet.cli import cli
-from fleet.dashboard.traces import instant
+from fleet.dashboard.traces import instant, task_from_row
 from fleet.trace.io import TraceError, read_trace, write_trace
 from fleet.trace.model import VERSION, Header, Replicas, Task
 from fleet.trace.synth import SHAPES, SynthError, diurnal_rate, synthesize
@@ -337,3 +338,43 @@ def test_export_window_times():
     assert instant("2026-12-02T15:00:00+01:00", now) == instant("2026-12-02T14:00Z", now)
     with pytest.raises(ValueError, match=r"expected a duration ago .* or an ISO time"):
         instant("yesterday", now)
+
+
+def _row(**change):
+    base = dict(uuid="job-0123456789ab.0", name="t.x", queue="default", state="SUCCESS",
+                received=1010.0, started=1011.0, succeeded=1013.0, failed=None,
+                runtime=1.5, first_seen=1010.0)
+    return SimpleNamespace(**{**base, **change})
+
+
+def test_an_exported_task_takes_the_ledgers_send_time_and_size():
+    skipped: dict[str, int] = {}
+    task = task_from_row(_row(), (1004.0, 580, 1), 1000.0, 2000.0, skipped)
+    assert (task.sent, task.received, task.started, task.finished) == (4, 10, 11, 13)
+    assert (task.service, task.input_bytes, task.task_id) == (1.5, 580, "job-0123456789ab.0")
+    # sent again: the ledger's time is the last send's, so the receipt stands in
+    assert task_from_row(_row(), (1004.0, 580, 2), 1000.0, 2000.0, skipped).sent == 10
+    # a clock that puts the send after the receipt: the receipt
+    assert task_from_row(_row(), (1012.0, 580, 1), 1000.0, 2000.0, skipped).sent == 10
+    # sent before the window: out (strict), or kept at its receipt (no --since)
+    assert task_from_row(_row(), (990.0, 580, 1), 1000.0, 2000.0, skipped) is None
+    assert task_from_row(_row(), (990.0, 580, 1), 1000.0, 2000.0, skipped,
+                         strict=False).sent == 10
+    assert skipped == {}
+
+
+def test_an_exported_task_without_runtime_queue_or_end():
+    skipped: dict[str, int] = {}
+    failed = task_from_row(_row(state="FAILURE", succeeded=None, failed=1012.5, runtime=None),
+                           None, 1000.0, 2000.0, skipped)
+    assert (failed.state, failed.finished, failed.service) == ("FAILURE", 12.5, 1.5)
+    running = task_from_row(_row(state="STARTED", succeeded=None, runtime=None), None,
+                            1000.0, 2000.0, skipped)
+    assert running.service is None and running.finished is None
+    revoked = task_from_row(_row(state="REVOKED", received=None, started=None,
+                                 succeeded=None, runtime=None, first_seen=1020.0),
+                            None, 1000.0, 2000.0, skipped)
+    assert revoked.sent == 20 and revoked.received is None
+    assert task_from_row(_row(received=2000.0), None, 1000.0, 2000.0, skipped) is None
+    assert task_from_row(_row(queue=None), None, 1000.0, 2000.0, skipped) is None
+    assert skipped == {"queue unknown": 1}
