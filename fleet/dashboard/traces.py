@@ -95,15 +95,20 @@ def export(config: FleetConfig, database: str | None = None, *, since: float | N
         raise _empty(since, until)
     engine = _open(url)
     chosen = list(dict.fromkeys(queues))
+    chunks = _Chunks(config, warn)
     try:
         with engine.connect() as conn:
             stored = [q for q in conn.execute(select(tasks.c.queue).distinct()).scalars()
                       if q]
             start = since
             if start is None:
-                start = _first(conn, config, warn, until)
+                start = _first(conn, chunks, until)
     except DBAPIError as exc:
         raise _unreachable(url, exc) from None
+    if start is None:
+        engine.dispose()
+        raise ExportError(f"{safe_url(url)} holds no tasks: nothing to export (has the "
+                          "dashboard run with this database?)")
     if start >= until:
         engine.dispose()
         raise _empty(start, until)
@@ -120,23 +125,23 @@ def export(config: FleetConfig, database: str | None = None, *, since: float | N
     replicas = _decisions(config, engine, start, until, set(names), warn)
     # Without --since, t=0 is the first receipt, and a chunk the ledger says was sent
     # before it keeps its receipt as sent rather than fall out of its own trace.
-    out.records = _chain(_tasks(config, engine, url, start, until, chosen, out.skipped,
-                                warn, strict=since is not None), replicas, engine)
+    out.records = _chain(_tasks(engine, url, start, until, chosen, out.skipped, chunks,
+                                strict=since is not None), replicas, engine)
     return out
 
 
-def _first(conn, config: FleetConfig, warn: Callable[[str], None], until: float) -> float:
+def _first(conn, chunks: _Chunks, until: float) -> float | None:
     """t=0 without --since: the first receipt stored, or the send of a chunk among the
     first rows stored (the oldest kept), which the ledger says came before it."""
     c = tasks.c
     seen_at = func.coalesce(c.received, c.first_seen)
     first = conn.execute(select(func.min(seen_at))).scalar()
     if first is None:
-        return until
+        return None
     start = min(float(first), until)
     oldest = conn.execute(select(c.uuid, seen_at.label("seen")).order_by(c.seq)
                           .limit(BATCH)).all()
-    known = _Chunks(config, warn).lookup(row.uuid for row in oldest)
+    known = chunks.lookup(row.uuid for row in oldest)
     for row in oldest:
         if row.uuid in known:
             sent_at, _, sends = known[row.uuid]
@@ -154,9 +159,9 @@ def _chain(first: Iterator[Task], then: list[Replicas], engine: Engine
         engine.dispose()
 
 
-def _tasks(config: FleetConfig, engine: Engine, url: str, start: float, until: float,
-           queues: list[str], skipped: dict[str, int], warn: Callable[[str], None],
-           strict: bool = True) -> Iterator[Task]:
+def _tasks(engine: Engine, url: str, start: float, until: float, queues: list[str],
+           skipped: dict[str, int], chunks: _Chunks, strict: bool = True
+           ) -> Iterator[Task]:
     """Task rows in insertion order (the primary key: no sort of a million rows), those
     whose sent falls in the window. A chunk's sent (the ledger's) comes before its
     received, so rows are picked by received >= start and checked again once sent is
@@ -169,7 +174,6 @@ def _tasks(config: FleetConfig, engine: Engine, url: str, start: float, until: f
              .where(seen_at >= start).order_by(c.seq))
     if queues:
         query = query.where(c.queue.in_(queues))
-    chunks = _Chunks(config, warn)
     try:
         with engine.connect() as conn:
             result = conn.execution_options(yield_per=BATCH).execute(query)

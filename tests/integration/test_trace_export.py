@@ -236,3 +236,17 @@ def test_export_streams_from_postgresql_and_says_what_it_left_out(fleet, postgre
         ("io", 0, 1, "backlog")]
     assert replicas[0].at == pytest.approx(10, abs=1e-3)
     assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_an_empty_dashboard_database_is_exit_2_not_an_empty_trace(fleet, tmp_path):
+    from fleet.dashboard.store import Store
+
+    url = f"sqlite:///{tmp_path / 'empty.sqlite'}"
+    Store(url).close()
+    done = export(fleet, "-o", str(tmp_path / "t.jsonl"), database=url)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "holds no tasks: nothing to export" in done.stderr
+    done = export(fleet, "-o", str(tmp_path / "t.jsonl"), "--since", "1h", database=url)
+    assert done.returncode == 0, done.stderr  # a window given: an empty trace of it
+    header, tasks, _ = read(tmp_path / "t.jsonl")
+    assert tasks == [] and header.duration == pytest.approx(3600, abs=5)
