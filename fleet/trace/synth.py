@@ -331,6 +331,12 @@ def _check_diurnal(v: dict[str, Any]) -> None:
                          f"({v['max_rate']:g})")
 
 
+def _check_bursts(v: dict[str, Any]) -> None:
+    if v["spread"] >= v["every"]:  # a burst would still be sending when the next starts
+        raise SynthError(f"bursts: spread ({v['spread']:g}s) must be shorter than every "
+                         f"({v['every']:g}s)")
+
+
 RATE = Param(1.0, positive, "arrivals per second (Poisson)")
 SHAPES: dict[str, Shape] = {s.name: s for s in (
     Shape("steady", "Poisson arrivals at a constant rate", {"rate": RATE}, _single(_steady)),
@@ -362,4 +368,5 @@ SHAPES: dict[str, Shape] = {s.name: s for s in (
         "heavy_alpha": Param(1.5, alpha, "heavy tasks: Pareto tail index"),
     }, _mixed, {"median": 0.2, "task": "synthetic.short"}),
 )}
-CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"diurnal": _check_diurnal}
+CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"diurnal": _check_diurnal,
+                                                        "bursts": _check_bursts}

@@ -284,6 +284,8 @@ def test_mixed_sends_short_tasks_to_default_and_heavy_ones_to_heavy():
     ("bursts", {"every": "soon"}, "bursts: every: expected a duration like 30s"),
     ("bursts", {"every": "0s"}, "bursts: every: must be > 0"),
     ("diurnal", {"min_rate": 3, "max_rate": 2}, "diurnal: min_rate (3) is above max_rate"),
+    ("bursts", {"every": "10s", "spread": "10s"}, "bursts: spread (10s) must be shorter "
+                                                  "than every (10s)"),
     ("mixed", {"heavy_queue": "gpu"}, "mixed: heavy_queue: 'gpu' is not a queue"),
 ])
 def test_a_bad_parameter_is_named(shape, params, message):
