@@ -694,6 +694,95 @@ def probe(queue: str, hostname: str | None, max_age: float, config_path: str | N
                f"{now - report.at:.1f}s ago")
 
 
+@cli.group()
+def trace() -> None:
+    """Traces: a fleet's tasks and scaling decisions, or a synthetic workload, as JSON
+    lines for `fleet simulate` (docs/tuning.md, "Traces")."""
+
+
+@trace.command("synth")
+@click.argument("shape")
+@click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
+              help="A parameter of SHAPE (rate=2, every=5m, service=pareto). Repeatable.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="The same seed gives the same trace.")
+@click.option("--duration", default="1h", show_default=True, help="What the trace covers.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="The trace file (.jsonl, or .jsonl.gz for gzip).")
+@pass_config_path
+def trace_synth(shape: str, params: tuple[str, ...], seed: int, duration: str, out: str,
+                config_path: str | None) -> None:
+    """Write a synthetic trace of SHAPE: steady, bursts, diurnal, spike, heavy-tailed or
+    mixed (their parameters and defaults: docs/tuning.md). Queue names are checked
+    against queues.yaml's."""
+    from fleet.trace.io import write_trace
+    from fleet.trace.synth import synthesize
+    from fleet.units import format_duration, parse_duration
+
+    config = _load(config_path)
+    given: dict[str, str] = {}
+    for pair in params:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--param")
+        if key.strip() in given:
+            raise click.BadParameter(f"{key.strip()!r} given twice", param_hint="--param")
+        given[key.strip()] = value.strip()
+    try:
+        seconds = parse_duration(duration)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--duration") from None
+    header, tasks = synthesize(shape, given, duration=seconds, seed=seed,
+                               queues=list(config.queues))
+    written = write_trace(out, header, tasks)
+    click.echo(f"{out}: {written} tasks, {shape} over {format_duration(seconds)} "
+               f"(seed {seed})")
+
+
+@trace.command("export")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="The trace file (.jsonl, or .jsonl.gz for gzip).")
+@click.option("--since", default=None, metavar="WHEN",
+              help="Tasks sent from then: a duration ago (1h, 2d) or an ISO time "
+                   "(UTC unless it has an offset). Default: the first one stored.")
+@click.option("--until", default=None, metavar="WHEN", help="... until then (default: now).")
+@click.option("--queue", "-q", "queues", multiple=True, help="Only this queue. Repeatable.")
+@click.option("--database", default=None,
+              help="The dashboard's SQLAlchemy URL (default: dashboard.database).")
+@pass_config_path
+def trace_export(out: str, since: str | None, until: str | None, queues: tuple[str, ...],
+                 database: str | None, config_path: str | None) -> None:
+    """Write a trace of what the fleet did, from the dashboard's tasks, the job ledger's
+    chunks and the autoscaler's decisions (what they cannot know: docs/tuning.md)."""
+    from fleet.dashboard import traces_module
+    from fleet.trace.io import write_trace
+    from fleet.trace.model import Task
+
+    traces = traces_module()
+    config = _load(config_path)
+    now = time.time()
+    window = {}
+    for option, text in (("since", since), ("until", until)):
+        if text is not None:
+            try:
+                window[option] = traces.instant(text, now)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint=f"--{option}") from None
+    done = traces.export(config, database, queues=queues, now=now,
+                  warn=lambda m: click.echo(f"fleet: warning: {m}", err=True), **window)
+    counts = {"task": 0, "replicas": 0}
+
+    def counted():
+        for record in done.records:
+            counts["task" if isinstance(record, Task) else "replicas"] += 1
+            yield record
+
+    write_trace(out, done.header, counted())
+    left = "".join(f"; {n} left out: {why}" for why, n in done.skipped.items())
+    click.echo(f"{out}: {counts['task']} tasks and {counts['replicas']} decisions from "
+               f"{done.header.params['since']} to {done.header.params['until']}{left}")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

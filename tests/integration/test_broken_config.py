@@ -37,6 +37,8 @@ ARGS = {
     ("autoscale",): ["--backend", "local", "--workdir", "{tmp}/work"],
     ("reconcile",): ["--once"],
     ("probe",): ["--queue", "default"],
+    ("trace", "synth"): ["steady", "-o", "{tmp}/trace.jsonl"],
+    ("trace", "export"): ["-o", "{tmp}/trace.jsonl"],
 }
 #: Those that import the task modules of `imports:` (the others never need them).
 IMPORTING = [("validate",), ("worker",), ("submit",), ("up",), ("demo",), ("autoscale",)]
