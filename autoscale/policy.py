@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fleet.config import FleetConfig, QueueClass
-from fleet.observe.model import QueueMetrics, ScaleDecision
+from fleet.observe import overrides
+from fleet.observe.model import Observation, QueueMetrics, ScaleDecision
 from fleet.units import cpu_cores, format_duration
 
 logger = logging.getLogger("autoscale.policy")
@@ -238,3 +239,19 @@ def decide(now: float, metrics: dict[str, QueueMetrics], current: dict[str, int]
             last_change[name] = now
         decisions.append(ScaleDecision(name, now_n, granted[name], reason))
     return decisions, History(recs, last_change)
+
+
+def decide_poll(obs: Observation, metrics: dict[str, QueueMetrics], current: dict[str, int],
+                config: FleetConfig, history: History, budget: Budget
+                ) -> tuple[list[ScaleDecision], History]:
+    """One poll's decisions as the loop makes them: the operator overrides that the poll
+    read replace the bounds, and a paused queue's reason says so. The loop
+    (autoscale.loop) and the simulator (autoscale.sim) both call this, so a simulation
+    runs the very rules the live fleet runs."""
+    held = obs.overrides
+    decisions, history = decide(obs.at, metrics, current, overrides.apply(config, held),
+                                history, budget)
+    decisions = [replace(d, reason=d.reason + "; paused from the dashboard")
+                 if held.get(d.queue, overrides.Override()).paused else d
+                 for d in decisions]
+    return decisions, history
