@@ -23,9 +23,9 @@ from collections.abc import Iterable
 
 from autoscale.policy import History, budget_from, decide_poll
 from autoscale.sim.backend import Replica, SimBackend
+from autoscale.sim.errors import SimulationError
 from autoscale.sim.report import QueueReport, Report
 from fleet.config import FleetConfig, QueueClass
-from fleet.errors import FleetError
 from fleet.observe.model import Observation, QueueSample, WorkerSample
 from fleet.observe.rates import RateTracker
 from fleet.trace.model import Header, Task
@@ -33,12 +33,6 @@ from fleet.trace.model import Header, Task
 _FINISH, _READY, _ARRIVAL, _POLL = range(4)
 #: How long past the trace's end the simulation runs on to finish what is left.
 DRAIN_LIMIT = 86_400.0
-
-
-class SimulationError(FleetError):
-    """The trace does not fit the config (an unknown queue, tasks out of order)."""
-
-    exit_code = 2
 
 
 class _Observation(Observation):

@@ -18,7 +18,7 @@ Parameters with defaults, not facts: a fleet measures its own and passes seconds
 
 from __future__ import annotations
 
-from fleet.errors import FleetError
+from autoscale.sim.errors import SimulationError
 
 STARTUP: dict[str, float] = {"local": 3.0, "container": 4.0, "kubernetes": 8.0}
 
@@ -33,8 +33,8 @@ def startup_delay(spec: str | float) -> float:
         try:
             seconds = float(spec)
         except ValueError:
-            raise FleetError(f"start-up delay {spec!r}: expected one of "
+            raise SimulationError(f"start-up delay {spec!r}: expected one of "
                              f"{', '.join(STARTUP)} or a number of seconds") from None
     if not seconds >= 0 or seconds == float("inf"):
-        raise FleetError(f"start-up delay {spec!r}: seconds must be finite and >= 0")
+        raise SimulationError(f"start-up delay {spec!r}: seconds must be finite and >= 0")
     return seconds

@@ -9,7 +9,8 @@ import random
 import pytest
 
 from autoscale.sim import simulate, startup_delay
-from autoscale.sim.engine import Simulation, SimulationError
+from autoscale.sim.engine import Simulation
+from autoscale.sim.errors import SimulationError
 from fleet.config import parse_config
 from fleet.errors import FleetError
 from fleet.trace.model import Header, Task
@@ -214,3 +215,53 @@ def test_startup_delays_by_kind_or_seconds():
         startup_delay("nomad")
     with pytest.raises(FleetError):
         startup_delay("-1")
+
+
+def _trace_file(tmp_path, lines: list[dict]):
+    path = tmp_path / "trace.jsonl"
+    head = {"kind": "header", "version": 1, "source": "synth:test", "duration": 300,
+            "queues": ["a"]}
+    path.write_text("\n".join(json.dumps(x) for x in [head, *lines]) + "\n")
+    return path
+
+
+def _config_file(tmp_path):
+    path = tmp_path / "queues.yaml"
+    path.write_text("version: 1\ndefault_queue: a\nqueues:\n  a: {concurrency: 2}\n")
+    return path
+
+
+def test_the_command_reports_per_queue_and_in_total(tmp_path):
+    from click.testing import CliRunner
+
+    from fleet.cli import cli
+
+    lines = [{"kind": "task", "queue": "a", "name": "t", "sent": 10 + i, "service": 3}
+             for i in range(20)]
+    lines.insert(5, {"kind": "replicas", "at": 12, "queue": "a", "current": 1, "desired": 2})
+    args = ["simulate", str(_trace_file(tmp_path, lines)), "--config",
+            str(_config_file(tmp_path)), "--startup", "kubernetes"]
+    done = CliRunner().invoke(cli, [*args, "--json"])
+    assert done.exit_code == 0, done.output
+    out = json.loads(done.output)
+    assert out["startup"] == 8.0
+    assert out["total"]["finished"] == out["queues"][0]["finished"] == 20
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    assert [line.split()[0] for line in done.output.splitlines()[1:3]] == ["a", "total"]
+
+
+def test_a_bad_trace_line_is_named_by_file_and_line(tmp_path):
+    from autoscale.sim.tracefile import read_trace
+
+    path = _trace_file(tmp_path, [{"kind": "task", "queue": "a", "name": "t", "sent": 1,
+                                   "service": 1},
+                                  {"kind": "task", "queue": "a", "name": "t", "sent": "soon",
+                                   "service": 1}])
+    _, tasks = read_trace(path)
+    with pytest.raises(SimulationError, match=rf"{path}:3: task\.sent: "):
+        list(tasks)
+    path.write_text('{"kind": "header", "version": 2, "source": "x", "duration": 1, '
+                    '"queues": []}\n')
+    with pytest.raises(SimulationError, match=rf"{path}:1: trace version 2"):
+        read_trace(path)
