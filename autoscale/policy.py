@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
+from itertools import compress, repeat
+from operator import itemgetter, le
 
 from fleet.config import FleetConfig, QueueClass
 from fleet.observe import overrides
@@ -29,6 +31,7 @@ logger = logging.getLogger("autoscale.policy")
 #: saturated: the policy holds it and, with a backlog, adds one.
 SATURATION = 0.9
 _EPS = 1e-9
+_TIME, _N = itemgetter(0), itemgetter(1)
 
 
 @dataclass(frozen=True)
@@ -132,17 +135,14 @@ def stabilize(queue: QueueClass, name: str, current: int, recommended: int, now:
     """Apply the windows, cooldown and step; return (desired, why held, kept recs)."""
     a = queue.autoscaling
     horizon = now - max(a.scale_up_stabilization, a.scale_down_stabilization)
-    recs = tuple(r for r in history.recommendations.get(name, ()) if r[0] >= horizon)
-    recs = (*recs, (now, recommended))
+    recs = (*_since(history.recommendations.get(name, ()), horizon), (now, recommended))
     if recommended > current:
-        window = [n for t, n in recs if t >= now - a.scale_up_stabilization]
-        desired = max(current, min(window))
+        desired = max(current, min(map(_N, _since(recs, now - a.scale_up_stabilization))))
         note = None if desired == recommended else (
             f"scale-up stabilization {format_duration(a.scale_up_stabilization)}")
         return desired, note, recs
     if recommended < current:
-        window = [n for t, n in recs if t >= now - a.scale_down_stabilization]
-        desired = max(window)
+        desired = max(map(_N, _since(recs, now - a.scale_down_stabilization)))
         if desired >= current:
             return current, (f"scale-down stabilization "
                              f"{format_duration(a.scale_down_stabilization)} (highest "
@@ -155,6 +155,13 @@ def stabilize(queue: QueueClass, name: str, current: int, recommended: int, now:
         note = None if stepped == desired else f"step of {a.scale_down_step}"
         return stepped, note, recs
     return current, None, recs
+
+
+def _since(recs: tuple[tuple[float, int], ...], start: float):
+    """The (time, n) pairs of ``recs`` at or after ``start``, in order. Iterated in C
+    (compress/map): a window of 300 s at a 2 s interval is 150 pairs per queue per poll,
+    the policy's largest cost in a simulation of thousands of polls."""
+    return compress(recs, map(le, repeat(start), map(_TIME, recs)))
 
 
 def fit_budget(config: FleetConfig, wanted: dict[str, int], current: dict[str, int],
