@@ -265,3 +265,15 @@ def test_a_bad_trace_line_is_named_by_file_and_line(tmp_path):
                     '"queues": []}\n')
     with pytest.raises(SimulationError, match=rf"{path}:1: trace version 2"):
         read_trace(path)
+
+
+def test_the_indexed_observation_answers_workers_of_as_the_real_one():
+    from autoscale.sim.engine import _Observation
+    from fleet.observe.model import Observation, WorkerSample
+
+    workers = [WorkerSample(f"w{i}", q, "p", i, 2, 1, 0, i, 0.0, 0, 0, 0, 1.0)
+               for i, q in enumerate(["a", "b", "a", None, "c", "a"])]
+    mine, real = _Observation(1.0, {}, workers), Observation(1.0, {}, workers)
+    for q in ("a", "b", "c", "d", None):
+        assert mine.workers_of(q) == real.workers_of(q)
+    assert isinstance(mine, Observation)
