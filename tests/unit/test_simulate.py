@@ -277,3 +277,32 @@ def test_the_indexed_observation_answers_workers_of_as_the_real_one():
     for q in ("a", "b", "c", "d", None):
         assert mine.workers_of(q) == real.workers_of(q)
     assert isinstance(mine, Observation)
+
+
+def test_scale_down_stops_the_idle_replica_and_polls_count_held_messages():
+    tasks = [task(10.0, 100.0)] + [task(10.0 + i, 1.0) for i in range(1, 4)]
+    sim = Simulation(header(400), tasks, config({"a": fixed(2)}), startup=0.0)
+    sim.advance(10.5)
+    q = sim.queues["a"]
+    busy, idle = sorted(q.replicas, key=lambda r: -r.held)
+    assert (busy.running, idle.held) == (1, 0)
+    # Turns alternate: 11 goes to the idle one (done at 12), 12 into the busy one's buffer.
+    sim.advance(12.5)
+    assert (len(busy.reserved), idle.held) == (1, 0)
+    sim.backend.scale("a", 1, [])
+    assert q.replicas == [busy] and idle.gone and not busy.draining
+    # What the next poll reports: the held message is unacked, not waiting, and the
+    # rates see it as backlog (held by a busy worker), not as a free slot.
+    figures = {}
+    real = sim.tracker.update
+
+    def spy(obs):
+        figures.update(real(obs))
+        return figures
+
+    sim.tracker.update = spy
+    sim.advance(14.0)
+    m = figures["a"]
+    assert (m.waiting, m.running, m.slots) == (0, 1, 1)
+    # 13 came after the scale-down: the one replica left took it into its buffer too.
+    assert (m.unacked, m.backlog, len(busy.reserved)) == (3, 2, 2)
