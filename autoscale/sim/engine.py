@@ -25,6 +25,7 @@ from autoscale.policy import History, budget_from, decide_poll
 from autoscale.sim.backend import Replica, SimBackend
 from autoscale.sim.errors import SimulationError
 from autoscale.sim.report import QueueReport, Report
+from autoscale.sim.startup import STARTUP
 from fleet.config import FleetConfig, QueueClass
 from fleet.observe.model import Observation, QueueSample, WorkerSample
 from fleet.observe.rates import RateTracker
@@ -105,7 +106,7 @@ class Simulation:
     """One run: ``Simulation(header, tasks, config, ...).run()`` returns a Report."""
 
     def __init__(self, header: Header, tasks: Iterable[Task], config: FleetConfig, *,
-                 startup: float = 3.0, startup_jitter: float = 0.0, seed: int = 0,
+                 startup: float = STARTUP["local"], startup_jitter: float = 0.0, seed: int = 0,
                  cpu_per_task: float = 100.0, rss: int = 0, aggregate_workers: bool = True,
                  drain_limit: float = DRAIN_LIMIT):
         unknown = [q for q in header.queues if q not in config.queues]
@@ -154,8 +155,8 @@ class Simulation:
     def _next_arrival(self) -> None:
         for task in self._tasks:
             if task.queue not in self.queues:
-                raise SimulationError(f"task {task.name} of queue {task.queue!r}: "
-                                      f"no such queue in {self.config.source}")
+                raise SimulationError(f"a task sent at {task.sent} is of queue "
+                                      f"{task.queue!r}: no such queue in {self.config.source}")
             if task.sent < self._last_sent:
                 raise SimulationError(f"tasks must come in the order they were sent: "
                                       f"{task.sent} after {self._last_sent}")
@@ -309,7 +310,7 @@ class Simulation:
             return  # stopped while starting
         q = self.queues[r.queue]
         r.ready = True
-        self._sample_add(q, r)
+        q.sampled[r.id] = r
         r.in_turn = True
         q.turn.append(r)
         self._dispatch(q)
@@ -338,9 +339,6 @@ class Simulation:
             q.retired_processed = 0
             q.incarnation += 1
         self._gone(q, r)
-
-    def _sample_add(self, q: _Queue, r: Replica) -> None:
-        q.sampled[r.id] = r
 
     def _gone(self, q: _Queue, r: Replica) -> None:
         r.gone = True
