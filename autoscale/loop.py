@@ -12,16 +12,15 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import redis
 
 from autoscale.backends.base import Backend, BackendError, BudgetedBackend, PlanningBackend
 from autoscale.passes import Passes
-from autoscale.policy import Budget, History, budget_from, decide
+from autoscale.policy import Budget, History, budget_from, decide_poll
 from fleet.config import FleetConfig
 from fleet.keys import changes_key, latest_decisions_key
-from fleet.observe import overrides
 from fleet.observe.metrics import RedisMetrics
 from fleet.observe.model import ScaleDecision
 from fleet.observe.rates import RateTracker
@@ -50,13 +49,8 @@ class Autoscaler(Passes):
         obs = self.metrics.poll()
         figures = self.tracker.update(obs)
         current = self.backend.replicas()
-        held = obs.overrides
-        config = overrides.apply(self.config, held)
-        decisions, self.history = decide(obs.at, figures, current, config, self.history,
-                                         self._budget())
-        decisions = [replace(d, reason=d.reason + "; paused from the dashboard")
-                     if held.get(d.queue, overrides.Override()).paused else d
-                     for d in decisions]
+        decisions, self.history = decide_poll(obs, figures, current, self.config,
+                                              self.history, self._budget())
         for d in decisions:
             if not d.changes:
                 continue

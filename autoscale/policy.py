@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import compress, repeat
+from operator import itemgetter, le
 
 from fleet.config import FleetConfig, QueueClass
-from fleet.observe.model import QueueMetrics, ScaleDecision
+from fleet.observe import overrides
+from fleet.observe.model import Observation, QueueMetrics, ScaleDecision
 from fleet.units import cpu_cores, format_duration
 
 logger = logging.getLogger("autoscale.policy")
@@ -28,6 +31,7 @@ logger = logging.getLogger("autoscale.policy")
 #: saturated: the policy holds it and, with a backlog, adds one.
 SATURATION = 0.9
 _EPS = 1e-9
+_TIME, _N = itemgetter(0), itemgetter(1)
 
 
 @dataclass(frozen=True)
@@ -131,17 +135,14 @@ def stabilize(queue: QueueClass, name: str, current: int, recommended: int, now:
     """Apply the windows, cooldown and step; return (desired, why held, kept recs)."""
     a = queue.autoscaling
     horizon = now - max(a.scale_up_stabilization, a.scale_down_stabilization)
-    recs = tuple(r for r in history.recommendations.get(name, ()) if r[0] >= horizon)
-    recs = (*recs, (now, recommended))
+    recs = (*_since(history.recommendations.get(name, ()), horizon), (now, recommended))
     if recommended > current:
-        window = [n for t, n in recs if t >= now - a.scale_up_stabilization]
-        desired = max(current, min(window))
+        desired = max(current, min(map(_N, _since(recs, now - a.scale_up_stabilization))))
         note = None if desired == recommended else (
             f"scale-up stabilization {format_duration(a.scale_up_stabilization)}")
         return desired, note, recs
     if recommended < current:
-        window = [n for t, n in recs if t >= now - a.scale_down_stabilization]
-        desired = max(window)
+        desired = max(map(_N, _since(recs, now - a.scale_down_stabilization)))
         if desired >= current:
             return current, (f"scale-down stabilization "
                              f"{format_duration(a.scale_down_stabilization)} (highest "
@@ -154,6 +155,13 @@ def stabilize(queue: QueueClass, name: str, current: int, recommended: int, now:
         note = None if stepped == desired else f"step of {a.scale_down_step}"
         return stepped, note, recs
     return current, None, recs
+
+
+def _since(recs: tuple[tuple[float, int], ...], start: float):
+    """The (time, n) pairs of ``recs`` at or after ``start``, in order. Iterated in C
+    (compress/map): a window of 300 s at a 2 s interval is 150 pairs per queue per poll,
+    the policy's largest cost in a simulation of thousands of polls."""
+    return compress(recs, map(le, repeat(start), map(_TIME, recs)))
 
 
 def fit_budget(config: FleetConfig, wanted: dict[str, int], current: dict[str, int],
@@ -238,3 +246,19 @@ def decide(now: float, metrics: dict[str, QueueMetrics], current: dict[str, int]
             last_change[name] = now
         decisions.append(ScaleDecision(name, now_n, granted[name], reason))
     return decisions, History(recs, last_change)
+
+
+def decide_poll(obs: Observation, metrics: dict[str, QueueMetrics], current: dict[str, int],
+                config: FleetConfig, history: History, budget: Budget
+                ) -> tuple[list[ScaleDecision], History]:
+    """One poll's decisions as the loop makes them: the operator overrides that the poll
+    read replace the bounds, and a paused queue's reason says so. The loop
+    (autoscale.loop) and the simulator (autoscale.sim) both call this, so a simulation
+    runs the very rules the live fleet runs."""
+    held = obs.overrides
+    decisions, history = decide(obs.at, metrics, current, overrides.apply(config, held),
+                                history, budget)
+    decisions = [replace(d, reason=d.reason + "; paused from the dashboard")
+                 if held.get(d.queue, overrides.Override()).paused else d
+                 for d in decisions]
+    return decisions, history

@@ -627,6 +627,56 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
 
 
 @cli.command()
+@click.argument("trace", type=click.Path(dir_okay=False))
+@click.option("--startup", default="local", show_default=True, metavar="KIND|SECONDS",
+              help="A new replica's start-up delay: local, container, kubernetes or seconds.")
+@click.option("--startup-jitter", type=click.FloatRange(0, 1), default=0.0,
+              help="Each start-up delay varies by up to this fraction (drawn with --seed).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_config_path
+def simulate(trace: str, startup: str, startup_jitter: float, seed: int, as_json: bool,
+             config_path: str | None) -> None:
+    """Replay a trace against queues.yaml's autoscaling (the real policy, simulated
+    replicas): worker-seconds, waits, backlog, SLO violations and scale events."""
+    from autoscale.sim import simulate as run_simulation
+    from autoscale.sim import startup_delay
+    from autoscale.sim.tracefile import read_trace
+
+    config = _load(config_path)
+    delay = startup_delay(startup)
+    header, tasks = read_trace(trace)
+    began = time.monotonic()
+    report = run_simulation(header, tasks, config, startup=delay,
+                            startup_jitter=startup_jitter, seed=seed)
+    wall = time.monotonic() - began
+    if as_json:
+        click.echo(json.dumps({**report.as_dict(), "startup": delay, "seed": seed}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    tty = sys.stdout.isatty()
+    table = Table(box=None if not tty else Table().box, pad_edge=False)
+    columns = ("queue", "tasks", "worker-h", "wait p50", "p95", "p99", "max backlog",
+               "SLO viol. s", "scale events", "flaps", "max replicas")
+    for column in columns:
+        table.add_column(column, no_wrap=True, justify="left" if column == "queue" else "right")
+    for q in [*report.queues.values(), report.total]:
+        w = q.waits
+        table.add_row(q.name, f"{q.tasks:,}", f"{q.worker_seconds / 3600:,.1f}",
+                      *(f"{w.quantile(p):.1f}s" for p in (0.5, 0.95, 0.99)),
+                      f"{q.max_backlog:,}", f"{q.slo_violation_seconds:,.0f}",
+                      str(q.scale_events), str(q.flaps), str(q.max_replicas),
+                      end_section=q is not report.total and q.name == list(report.queues)[-1])
+    Console(width=None if tty else 200).print(table)
+    click.echo(f"simulated {report.simulated / 3600:.1f}h in {wall:.1f}s ({report.polls:,} "
+               f"polls, start-up {delay:g}s" + (f", {report.skipped:,} tasks without a "
+                                               "service time skipped" if report.skipped else "")
+               + ")")
+
+
+@cli.command()
 @click.option("--once", is_flag=True, help="One pass: say what was lost and re-sent, exit.")
 @click.option("--interval", type=float, default=None,
               help="Seconds between passes (default: jobs.reconciler.interval).")

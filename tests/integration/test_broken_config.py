@@ -35,6 +35,7 @@ ARGS = {
     ("dashboard",): ["--port", "0"],
     ("demo",): ["--workdir", "{tmp}/work"],
     ("autoscale",): ["--backend", "local", "--workdir", "{tmp}/work"],
+    ("simulate",): ["{data}"],
     ("reconcile",): ["--once"],
     ("probe",): ["--queue", "default"],
     ("trace", "synth"): ["steady", "-o", "{tmp}/trace.jsonl"],
