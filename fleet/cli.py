@@ -641,11 +641,13 @@ def simulate(trace: str, startup: str, startup_jitter: float, seed: int, as_json
     replicas): worker-seconds, waits, backlog, SLO violations and scale events."""
     from autoscale.sim import simulate as run_simulation
     from autoscale.sim import startup_delay
-    from autoscale.sim.tracefile import read_trace
+    from autoscale.sim.tracefile import tasks_in_send_order
+    from fleet.trace.io import read_trace
 
     config = _load(config_path)
     delay = startup_delay(startup)
-    header, tasks = read_trace(trace)
+    header, records = read_trace(trace)
+    tasks = tasks_in_send_order(records)
     began = time.monotonic()
     report = run_simulation(header, tasks, config, startup=delay,
                             startup_jitter=startup_jitter, seed=seed)

@@ -1,7 +1,7 @@
 """A discrete-event simulation of the fleet that drives the real policy and rates.
 
 ``simulate(header, tasks, config)`` replays a trace (fleet.trace.model) against simulated
-replicas (backend.py) and returns a Report (report.py); see docs/simulation-draft.md.
+replicas (backend.py) and returns a Report (report.py); see docs/tuning.md, "Simulation".
 """
 
 from autoscale.sim.engine import simulate

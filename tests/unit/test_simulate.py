@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -251,20 +253,28 @@ def test_the_command_reports_per_queue_and_in_total(tmp_path):
     assert [line.split()[0] for line in done.output.splitlines()[1:3]] == ["a", "total"]
 
 
-def test_a_bad_trace_line_is_named_by_file_and_line(tmp_path):
-    from autoscale.sim.tracefile import read_trace
-
+def test_a_bad_trace_line_is_exit_2_naming_file_and_line(tmp_path):
     path = _trace_file(tmp_path, [{"kind": "task", "queue": "a", "name": "t", "sent": 1,
                                    "service": 1},
                                   {"kind": "task", "queue": "a", "name": "t", "sent": "soon",
                                    "service": 1}])
-    _, tasks = read_trace(path)
-    with pytest.raises(SimulationError, match=rf"{path}:3: task\.sent: "):
-        list(tasks)
-    path.write_text('{"kind": "header", "version": 2, "source": "x", "duration": 1, '
-                    '"queues": []}\n')
-    with pytest.raises(SimulationError, match=rf"{path}:1: trace version 2"):
-        read_trace(path)
+    args = ["simulate", str(path), "--config", str(_config_file(tmp_path))]
+    done = subprocess.run([sys.executable, "-m", "fleet.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"{path}:3: sent: " in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_exported_trace_out_of_send_order_is_replayed_in_send_order():
+    from autoscale.sim.tracefile import tasks_in_send_order
+    from fleet.trace.model import Replicas, Task
+
+    records = [Task(queue="a", name="t", sent=5, service=1),
+               Replicas(at=1, queue="a", current=0, desired=1),
+               Task(queue="a", name="t", sent=2, service=1, task_id="x"),
+               Task(queue="a", name="t", sent=2, service=1, task_id="y")]
+    assert [(t.sent, t.task_id) for t in tasks_in_send_order(records)] == [
+        (2, "x"), (2, "y"), (5, None)]
 
 
 def test_the_indexed_observation_answers_workers_of_as_the_real_one():
