@@ -2,9 +2,10 @@
 
 Events on a heap (finishes, replicas ready, arrivals, polls), ordered by time and, at
 one instant, in that order. Each poll builds a real ``Observation`` from the state,
-feeds ``RateTracker.update`` and ``autoscale.policy.decide_poll`` (what the live loop
-calls), and applies the decisions to the simulated backend, as ``Autoscaler.run_once``
-does. Nothing else of the fleet is modelled: no Redis, no Celery, no network.
+passes it to the controller (controllers.py; by default the fleet's: ``RateTracker.update``
+and ``autoscale.policy.decide_poll``, what the live loop calls; a baseline's otherwise),
+and applies the decisions to the simulated backend, as ``Autoscaler.run_once`` does.
+Nothing else of the fleet is modelled: no Redis, no Celery, no network.
 
 Delivery follows kombu's Redis transport: a worker holds at most concurrency x
 ``prefetch_multiplier`` messages (only concurrency with ``disable_prefetch``), running
@@ -21,14 +22,13 @@ import random
 from collections import deque
 from collections.abc import Iterable
 
-from autoscale.policy import History, budget_from, decide_poll
 from autoscale.sim.backend import Replica, SimBackend
+from autoscale.sim.controllers import Controller, FleetController
 from autoscale.sim.errors import SimulationError
 from autoscale.sim.report import QueueReport, Report
 from autoscale.sim.startup import STARTUP
 from fleet.config import FleetConfig, QueueClass
 from fleet.observe.model import Observation, QueueSample, WorkerSample
-from fleet.observe.rates import RateTracker
 from fleet.trace.model import Header, Task
 
 _FINISH, _READY, _ARRIVAL, _POLL = range(4)
@@ -108,14 +108,16 @@ class Simulation:
     def __init__(self, header: Header, tasks: Iterable[Task], config: FleetConfig, *,
                  startup: float = STARTUP["local"], startup_jitter: float = 0.0, seed: int = 0,
                  cpu_per_task: float = 100.0, rss: int = 0, aggregate_workers: bool = True,
-                 drain_limit: float = DRAIN_LIMIT):
+                 drain_limit: float = DRAIN_LIMIT, controller: Controller | None = None):
         unknown = [q for q in header.queues if q not in config.queues]
         if unknown:
             raise SimulationError(f"the trace's queue {unknown[0]!r} is not in "
                                   f"{config.source}")
         self.header = header
         self.config = config
-        self.interval = config.autoscaler.interval
+        #: What decides at each poll: the fleet's policy unless told (controllers.py).
+        self.controller = controller if controller is not None else FleetController(config)
+        self.interval = self.controller.interval
         self.startup = startup
         self.jitter = startup_jitter
         self.random = random.Random(seed)
@@ -125,9 +127,8 @@ class Simulation:
         self.horizon = header.duration + drain_limit
         self.queues = {name: _Queue(name, cls) for name, cls in config.queues.items()}
         self.backend = SimBackend(self)
-        self.tracker = RateTracker(config)
-        self.history = History()
-        self.budget = budget_from(config)
+        # The fleet's rates, for tests that look at what the policy was given.
+        self.tracker = getattr(self.controller, "tracker", None)
         self.now = 0.0
         self.epoch = 0
         self.polls = 0
@@ -356,10 +357,7 @@ class Simulation:
         obs = _Observation(now, samples, self._worker_samples())
         self.epoch += 1
         self.polls += 1
-        figures = self.tracker.update(obs)
-        current = self.backend.replicas()
-        decisions, self.history = decide_poll(obs, figures, current, self.config,
-                                              self.history, self.budget)
+        decisions = self.controller.decide(now, obs, self.backend.replicas())
         for d in decisions:
             if not d.changes:
                 continue
