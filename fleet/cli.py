@@ -634,26 +634,65 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
               help="Each start-up delay varies by up to this fraction (drawn with --seed).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--compare", "baselines", default=None, metavar="NAME[,NAME]",
+              help="Also run the trace through baselines, side by side with ratios "
+                   "(baseline / fleet): keda (KEDA's Redis list scaler with the HPA's "
+                   "defaults), fixed (a fixed-size fleet; docs/tuning.md, \"Baselines\").")
+@click.option("--fixed-replicas", default=None, metavar="N|QUEUE=N,...",
+              help="The fixed fleet's replicas (default per queue: the most the fleet's "
+                   "policy ran it at in the same simulation).")
 @pass_config_path
 def simulate(trace: str, startup: str, startup_jitter: float, seed: int, as_json: bool,
+             baselines: str | None, fixed_replicas: str | None,
              config_path: str | None) -> None:
     """Replay a trace against queues.yaml's autoscaling (the real policy, simulated
-    replicas): worker-seconds, waits, backlog, SLO violations and scale events."""
+    replicas): worker-seconds, waits, backlog, SLO violations and scale events.
+    --compare keda,fixed runs the same trace under baselines too."""
     from autoscale.sim import simulate as run_simulation
     from autoscale.sim import startup_delay
+    from autoscale.sim.baselines import BASELINES
+    from autoscale.sim.compare import compare, parse_fixed
     from autoscale.sim.tracefile import tasks_in_send_order
     from fleet.trace.io import read_trace
 
     config = _load(config_path)
     delay = startup_delay(startup)
+    names: list[str] = []
+    if baselines is not None:
+        names = [n.strip() for n in baselines.split(",") if n.strip()]
+        bad = [n for n in names if n not in BASELINES] or ([] if names else [baselines])
+        if bad:
+            raise click.BadParameter(f"unknown baseline {bad[0]!r}: expected one or more "
+                                     f"of {', '.join(BASELINES)}", param_hint="--compare")
+        names = list(dict.fromkeys(names))
+    try:
+        fixed_all, fixed = parse_fixed(fixed_replicas, list(config.queues))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fixed-replicas") from None
     header, records = read_trace(trace)
     tasks = tasks_in_send_order(records)
     began = time.monotonic()
-    report = run_simulation(header, tasks, config, startup=delay,
-                            startup_jitter=startup_jitter, seed=seed)
+    options = {"startup": delay, "startup_jitter": startup_jitter, "seed": seed}
+    if names:
+        compared = compare(header, tasks, config, names, fixed_all=fixed_all, fixed=fixed,
+                           **options)
+        report = compared.fleet
+    else:
+        compared = None
+        report = run_simulation(header, tasks, config, **options)
     wall = time.monotonic() - began
     if as_json:
-        click.echo(json.dumps({**report.as_dict(), "startup": delay, "seed": seed}))
+        out = {**report.as_dict(), "startup": delay, "seed": seed}
+        if compared is not None:
+            out["compare"] = compared.as_dict()
+        click.echo(json.dumps(out))
+        return
+    if compared is not None:
+        _print_comparison(compared)
+        click.echo(f"simulated {report.simulated / 3600:.1f}h x {1 + len(names)} in "
+                   f"{wall:.1f}s (start-up {delay:g}s; ratios are baseline / fleet"
+                   + (f"; fixed replicas {_replica_list(compared.fixed)}" if compared.fixed
+                      else "") + ")")
         return
     from rich.console import Console
     from rich.table import Table
@@ -676,6 +715,56 @@ def simulate(trace: str, startup: str, startup_jitter: float, seed: int, as_json
                f"polls, start-up {delay:g}s" + (f", {report.skipped:,} tasks without a "
                                                "service time skipped" if report.skipped else "")
                + ")")
+
+
+def _replica_list(sizes: dict[str, int]) -> str:
+    return ",".join(f"{q}={n}" for q, n in sizes.items())
+
+
+def _print_comparison(compared) -> None:
+    """Per queue (those any run used) and in total, the fleet's row and each
+    baseline's, every figure of a baseline with its ratio to the fleet's."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from autoscale.sim.compare import ratio
+
+    tty = sys.stdout.isatty()
+    table = Table(box=None if not tty else Table().box, pad_edge=False)
+    columns = ("queue", "policy", "worker-h", "wait p50", "p95", "p99", "max backlog",
+               "SLO viol. s", "scale events", "max replicas")
+    for column in columns:
+        table.add_column(column, no_wrap=True,
+                         justify="left" if column in ("queue", "policy") else "right")
+    runs = [("fleet", compared.fleet), *compared.baselines.items()]
+    # A queue no run used (no task, no replica) is a row of zeros: left out.
+    names = [n for n in compared.fleet.queues
+             if any(r.queues[n].tasks or r.queues[n].worker_seconds for _, r in runs)]
+    names.append("total")
+
+    def figures(q):
+        w = q.waits
+        return [(q.worker_seconds / 3600, "{:,.1f}"), *((w.quantile(p), "{:.1f}s")
+                for p in (0.5, 0.95, 0.99)), (q.max_backlog, "{:,}"),
+                (q.slo_violation_seconds, "{:,.0f}"), (q.scale_events, "{}")]
+
+    for i, name in enumerate(names):
+        base = None
+        for policy, report in runs:
+            q = report.total if name == "total" else report.queues[name]
+            cells = []
+            for j, (value, fmt) in enumerate(figures(q)):
+                cell = fmt.format(value)
+                if base is not None:
+                    r = ratio(value, base[j][0])
+                    cell += " (-)" if r is None else f" ({r:.2f}x)"
+                cells.append(cell)
+            if base is None:
+                base = figures(q)
+            table.add_row(name if policy == "fleet" else "", policy, *cells,
+                          str(q.max_replicas),
+                          end_section=policy == runs[-1][0] and i < len(names) - 1)
+    Console(width=None if tty else 240).print(table)
 
 
 @cli.command()
