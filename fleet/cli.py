@@ -665,6 +665,9 @@ def simulate(trace: str, startup: str, startup_jitter: float, seed: int, as_json
             raise click.BadParameter(f"unknown baseline {bad[0]!r}: expected one or more "
                                      f"of {', '.join(BASELINES)}", param_hint="--compare")
         names = list(dict.fromkeys(names))
+    if fixed_replicas is not None and "fixed" not in names:
+        raise click.BadParameter("sizes the fixed baseline: give --compare fixed too",
+                                 param_hint="--fixed-replicas")
     try:
         fixed_all, fixed = parse_fixed(fixed_replicas, list(config.queues))
     except ValueError as exc:

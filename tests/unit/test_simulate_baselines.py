@@ -198,3 +198,9 @@ def test_compare_with_an_unknown_baseline_is_exit_2_naming_the_known_ones(tmp_pa
     done = CliRunner().invoke(cli, [*_files(tmp_path), "--compare", "nope"])
     assert done.exit_code == 2
     assert "nope" in done.output and "keda, fixed" in done.output
+
+    for bad in (["--compare", "fixed", "--fixed-replicas", "b=2"],
+                ["--compare", "fixed", "--fixed-replicas", "-1"],
+                ["--fixed-replicas", "2"]):
+        done = CliRunner().invoke(cli, [*_files(tmp_path), *bad])
+        assert done.exit_code == 2 and "--fixed-replicas" in done.output, bad
