@@ -626,6 +626,13 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
         run_supervised(scaler, signals, click.echo, interval, registry, units)
 
 
+def _plot_files(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
+    for value in values:
+        if Path(value).suffix.lower() not in (".png", ".svg"):
+            raise click.BadParameter(f"{value!r}: a plot is a .png or .svg file")
+    return values
+
+
 @cli.command()
 @click.argument("trace", type=click.Path(dir_okay=False))
 @click.option("--startup", default="local", show_default=True, metavar="KIND|SECONDS",
@@ -634,24 +641,37 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
               help="Each start-up delay varies by up to this fraction (drawn with --seed).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--plot", "plots", multiple=True, metavar="FILE", callback=_plot_files,
+              help="Draw backlog, replicas and wait per queue over time into FILE "
+                   "(.png or .svg; repeatable). Needs fleet[tune].")
 @pass_config_path
 def simulate(trace: str, startup: str, startup_jitter: float, seed: int, as_json: bool,
-             config_path: str | None) -> None:
+             plots: tuple[str, ...], config_path: str | None) -> None:
     """Replay a trace against queues.yaml's autoscaling (the real policy, simulated
     replicas): worker-seconds, waits, backlog, SLO violations and scale events."""
-    from autoscale.sim import simulate as run_simulation
     from autoscale.sim import startup_delay
+    from autoscale.sim.engine import Simulation
     from autoscale.sim.tracefile import tasks_in_send_order
     from fleet.trace.io import read_trace
 
+    if plots:
+        from autoscale.sim import plot
+
+        plot.require()  # before a long run, not after it
     config = _load(config_path)
     delay = startup_delay(startup)
     header, records = read_trace(trace)
     tasks = tasks_in_send_order(records)
     began = time.monotonic()
-    report = run_simulation(header, tasks, config, startup=delay,
-                            startup_jitter=startup_jitter, seed=seed)
+    sim = Simulation(header, tasks, config, startup=delay, startup_jitter=startup_jitter,
+                     seed=seed, record=bool(plots))
+    report = sim.run()
     wall = time.monotonic() - began
+    if plots:
+        active = [n for n, q in report.queues.items() if q.tasks]
+        fig = plot.figure(sim.series, config, duration=report.simulated, active=active,
+                          title=f"fleet simulate {Path(trace).name} (start-up {delay:g}s)")
+        plot.save(fig, plots)
     if as_json:
         click.echo(json.dumps({**report.as_dict(), "startup": delay, "seed": seed}))
         return
@@ -676,6 +696,8 @@ def simulate(trace: str, startup: str, startup_jitter: float, seed: int, as_json
                f"polls, start-up {delay:g}s" + (f", {report.skipped:,} tasks without a "
                                                "service time skipped" if report.skipped else "")
                + ")")
+    for path in plots:
+        click.echo(f"plot: {path}")
 
 
 @cli.command()

@@ -1,11 +1,23 @@
-"""`fleet simulate --plot`'s recorded series: bounded, maxima kept, what the backend
-had at each poll. No services."""
+"""`fleet simulate --plot`: the recorded series (bounded, maxima kept, what the backend
+had at each poll) and the figures (PNG, SVG), and the errors (a bad suffix, no
+matplotlib). No services."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
 
 from autoscale.sim.engine import Simulation
 from autoscale.sim.series import QueueSeries, Series
 from tests.unit.test_simulate import SCALING, bursty, config, header
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_series_stays_bounded_and_keeps_the_maxima_and_the_last_replicas():
@@ -75,3 +87,92 @@ def test_without_record_nothing_is_recorded():
     sim = Simulation(header(3600), bursty(), config(SCALING), startup=5.0)
     sim.run()
     assert sim.series is None
+
+
+def _files(tmp_path):
+    head = {"kind": "header", "version": 1, "source": "synth:test", "duration": 900,
+            "queues": ["alpha", "beta"]}
+    lines = [{"kind": "task", "queue": "alpha", "name": "t", "sent": 10 + i * 0.5,
+              "service": 5} for i in range(200)]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join(json.dumps(x) for x in [head, *lines]) + "\n")
+    cfg = tmp_path / "queues.yaml"
+    cfg.write_text("version: 1\ndefault_queue: alpha\nqueues:\n"
+                   "  alpha: {concurrency: 2, autoscaling: {max_replicas: 6, "
+                   "target_wait: 20s}}\n  beta: {concurrency: 2}\n")
+    return trace, cfg
+
+
+def test_plots_as_png_and_svg(tmp_path):
+    from click.testing import CliRunner
+
+    from fleet.cli import cli
+
+    trace, cfg = _files(tmp_path)
+    png, svg = tmp_path / "out.png", tmp_path / "out.svg"
+    done = CliRunner().invoke(cli, ["simulate", str(trace), "--config", str(cfg),
+                                    "--plot", str(png), "--plot", str(svg)])
+    assert done.exit_code == 0, done.output
+    assert f"plot: {png}" in done.output and f"plot: {svg}" in done.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    root = ET.parse(svg).getroot()
+    assert root.tag.endswith("svg")
+    text = " ".join("".join(e.itertext()) for e in root.iter() if e.tag.endswith("text"))
+    for label in ("alpha: backlog", "alpha: replicas", "alpha: wait", "messages",
+                  "replicas", "age (s)", "simulated time (min)", "target_wait 20s",
+                  "left out, no tasks: beta"):
+        assert label in text, label
+    assert "beta: backlog" not in text
+
+
+def test_plots_with_json_keep_stdout_json(tmp_path):
+    from click.testing import CliRunner
+
+    from fleet.cli import cli
+
+    trace, cfg = _files(tmp_path)
+    done = CliRunner().invoke(cli, ["simulate", str(trace), "--config", str(cfg), "--json",
+                                    "--plot", str(tmp_path / "x.svg")])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output)["total"]["tasks"] == 200
+    assert (tmp_path / "x.svg").stat().st_size > 0
+
+
+def _cli(tmp_path, *args, pythonpath=str(ROOT)):
+    return subprocess.run([sys.executable, "-m", "fleet.cli", *args], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": pythonpath})
+
+
+def test_a_plot_file_of_another_format_is_exit_2(tmp_path):
+    trace, cfg = _files(tmp_path)
+    done = _cli(tmp_path, "simulate", str(trace), "--config", str(cfg),
+                "--plot", "out.txt")
+    assert done.returncode == 2, done.stderr
+    assert "'out.txt': a plot is a .png or .svg file" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out.txt").exists()
+
+
+@pytest.fixture
+def no_matplotlib(tmp_path) -> str:
+    """A PYTHONPATH on which matplotlib cannot be imported, as after `pip install fleet`
+    without the tune extra."""
+    shadow = tmp_path / "shadow" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'matplotlib'\", name='matplotlib')\n")
+    return f"{shadow.parent}{os.pathsep}{ROOT}"
+
+
+def test_plots_without_matplotlib_are_exit_2_naming_the_extra(tmp_path, no_matplotlib):
+    trace, cfg = _files(tmp_path)
+    done = _cli(tmp_path, "simulate", str(trace), "--config", str(cfg),
+                "--plot", "x.png", pythonpath=no_matplotlib)
+    assert done.returncode == 2, done.stderr
+    assert "plots need matplotlib, which is not installed here: pip install 'fleet[tune]'" \
+        in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "x.png").exists()
+    # Without --plot the command never imports it.
+    done = _cli(tmp_path, "simulate", str(trace), "--config", str(cfg),
+                pythonpath=no_matplotlib)
+    assert done.returncode == 0, done.stderr
