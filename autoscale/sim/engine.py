@@ -148,6 +148,8 @@ class Simulation:
         self.counted = 0
         #: With ``record``, each queue's figures at every poll, bounded (series.py).
         self.series = Series(self.queues) if record else None
+        if self.series is not None:
+            self.series.watch(q.report for q in self.queues.values())
 
     # -- events -------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 Per queue, over simulated time: the backlog (messages waiting in the list, and held by
 workers: running or prefetched), the replicas (ready, and starting, with the queue's
 min/max_replicas dashed) and the wait (the oldest waiting message's age, with the
-queue's target_wait dashed). Queues without tasks are left out (the title names them).
+queue's target_wait dashed, and the p95 of the waits started between polls as dots).
+Queues without tasks are left out (the title names them).
 
 matplotlib is the optional extra ``fleet[tune]``: it is imported only here, when a
 figure is drawn, and with the Agg canvas (no display, no global backend switched).
@@ -117,8 +118,13 @@ def _row(axes, s: QueueSeries, config: FleetConfig, unit: str, size: float,
 
     # Nothing waiting is no wait: 0, not a gap.
     ages = [0.0 if a is None else a for a in s.oldest]
-    wunit, wsize = time_unit(max([scaling.target_wait, *ages]))
+    p95 = [math.nan if w is None else w for w in s.wait_p95]
+    wunit, wsize = time_unit(max([scaling.target_wait, *ages,
+                                  *(w for w in s.wait_p95 if w is not None)]))
     wait.step(t, [a / wsize for a in ages], where="pre", label="oldest waiting message")
+    if any(w is not None for w in s.wait_p95):
+        wait.plot(t, [w / wsize for w in p95], linestyle="none", marker=".", markersize=3,
+                  label="p95 of waits started")
     wait.axhline(scaling.target_wait / wsize, color="red", linestyle="--", linewidth=1,
                  label=f"target_wait {scaling.target_wait:g}s")
     wait.set_title(f"{s.name}: wait")

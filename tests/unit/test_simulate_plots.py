@@ -54,6 +54,31 @@ def test_a_series_short_of_its_capacity_is_every_poll_as_given():
     assert s.span == 2
 
 
+def test_a_points_p95_is_of_the_waits_started_since_the_last_poll_merged_as_the_max():
+    s = QueueSeries("a", capacity=4)
+    s.add(0.0, 0, 0, 0, 0, None)
+    for w in range(1, 101):
+        s.add_wait(float(w))
+    s.add(2.0, 0, 0, 0, 0, None)
+    s.add(4.0, 0, 0, 0, 0, None)  # nothing started in between
+    assert s.wait_p95[0] is None and s.wait_p95[1] == pytest.approx(95, rel=0.01)
+    assert s.wait_p95[2] is None
+    s.add_wait(500.0)
+    s.add(6.0, 0, 0, 0, 0, None)  # full: (0, 2) and (4, 6) merge
+    assert s.time == [2.0, 6.0]
+    assert s.wait_p95[0] == pytest.approx(95, rel=0.01)
+    assert s.wait_p95[1] == pytest.approx(500, rel=0.01)
+
+
+def test_recording_changes_no_figure_of_the_report():
+    runs = [Simulation(header(3600), bursty(), config(SCALING), startup=5.0,
+                       record=record) for record in (False, True)]
+    plain, recorded = (json.dumps(sim.run().as_dict()) for sim in runs)
+    assert plain == recorded
+    s = runs[1].series["a"]
+    assert max(w for w in s.wait_p95 if w is not None) > 0
+
+
 def test_a_day_of_100_queues_at_a_2s_poll_is_bounded():
     series = Series([f"q{i}" for i in range(100)])
     q = series["q0"]
@@ -120,6 +145,7 @@ def test_plots_as_png_and_svg(tmp_path):
     text = " ".join("".join(e.itertext()) for e in root.iter() if e.tag.endswith("text"))
     for label in ("alpha: backlog", "alpha: replicas", "alpha: wait", "messages",
                   "replicas", "age (s)", "simulated time (min)", "target_wait 20s",
+                  "p95 of waits started",
                   "left out, no tasks: beta"):
         assert label in text, label
     assert "beta: backlog" not in text
