@@ -27,6 +27,8 @@ INSTALL_HINT = "pip install 'fleet[tune]'"
 _UNITS = ((600.0, "s", 1.0), (5 * 3600.0, "min", 60.0), (math.inf, "h", 3600.0))
 #: Queues named in the title when left out (then "and N more").
 _NAMED = 8
+#: Rows up to which the layout is solved (constrained); beyond, fixed margins.
+_SOLVED = 12
 
 
 class PlotError(SimulationError):
@@ -76,20 +78,30 @@ def figure(series: Series, config: FleetConfig, *, duration: float,
     left_out = [n for n in series.queues if n not in set(names)]
     unit, size = time_unit(duration)
     rows = max(1, len(names))
-    fig = Figure(figsize=(15, 1.0 + 2.6 * rows), layout="constrained")
+    height = 1.0 + 2.6 * rows
+    # constrained layout solves for every axis (seconds for 100 queues' 300): a few
+    # rows get it, many get fixed margins in inches, which is what it would find.
+    fig = Figure(figsize=(15, height), layout="constrained" if rows <= _SOLVED else None)
+    if rows > _SOLVED:
+        fig.subplots_adjust(left=0.05, right=0.99, wspace=0.2, top=1 - 1.1 / height,
+                            bottom=0.5 / height, hspace=0.55)
     Canvas(fig)
     heading = title
     if left_out:
         shown = ", ".join(left_out[:_NAMED])
         more = f" and {len(left_out) - _NAMED} more" if len(left_out) > _NAMED else ""
         heading += f"\n(left out, no tasks: {shown}{more})"
-    fig.suptitle(heading)
+    if rows > _SOLVED:  # at the top, not at 98% of a very tall figure
+        fig.suptitle(heading, y=1 - 0.15 / height, va="top")
+    else:
+        fig.suptitle(heading)
     if not names:
         ax = fig.add_subplot(1, 1, 1)
         ax.set_axis_off()
         ax.text(0.5, 0.5, "no queue had tasks", ha="center", va="center")
         return fig
-    axes = fig.subplots(rows, 3, squeeze=False, sharex=True)
+    # Not sharex: every axis gets the same limits anyway, and sharing costs n^2 in rows.
+    axes = fig.subplots(rows, 3, squeeze=False)
     for row, name in zip(axes, names, strict=True):
         _row(row, series[name], config, unit, size, duration)
     return fig
@@ -134,7 +146,6 @@ def _row(axes, s: QueueSeries, config: FleetConfig, unit: str, size: float,
         ax.set_xlim(0, duration / size)
         ax.set_ylim(bottom=0)
         ax.set_xlabel(f"simulated time ({unit})")
-        ax.tick_params(labelbottom=True)  # every row's, not only the last's
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right", fontsize="small")
 

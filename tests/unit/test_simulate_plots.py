@@ -202,3 +202,30 @@ def test_plots_without_matplotlib_are_exit_2_naming_the_extra(tmp_path, no_matpl
     done = _cli(tmp_path, "simulate", str(trace), "--config", str(cfg),
                 pythonpath=no_matplotlib)
     assert done.returncode == 0, done.stderr
+
+
+def test_many_queues_are_drawn_with_fixed_margins_all_named(tmp_path):
+    from autoscale.sim import plot
+    from bench.simulate import config as bench_config
+
+    names, cfg = bench_config(20, 2)
+    series = Series(names)
+    for i in range(50):
+        for n in names:
+            series[n].add(2.0 * i, i, 1, 2, 0, float(i))
+    fig = plot.figure(series, cfg, duration=100.0, active=names[:-1])
+    plot.save(fig, [tmp_path / "many.svg"])
+    text = (tmp_path / "many.svg").read_text()
+    assert all(f"{n}: replicas" in text for n in names[:-1])
+    assert "left out, no tasks: q019" in text and "simulated time (s)" in text
+    assert fig.get_layout_engine() is None  # 19 rows: not solved
+
+
+def test_time_units_follow_the_length():
+    from autoscale.sim.plot import PlotError, format_of, time_unit
+
+    assert [time_unit(x)[0] for x in (30, 599, 600, 7200, 5 * 3600, 86400)] == [
+        "s", "s", "min", "min", "h", "h"]
+    assert (format_of("a.PNG"), format_of("b.svg")) == ("png", "svg")
+    with pytest.raises(PlotError, match=r"c\.pdf: a plot is a \.png or \.svg file"):
+        format_of("c.pdf")
