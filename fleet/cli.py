@@ -627,9 +627,15 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
 
 
 def _plot_files(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
-    for value in values:
-        if Path(value).suffix.lower() not in (".png", ".svg"):
-            raise click.BadParameter(f"{value!r}: a plot is a .png or .svg file")
+    """A usage error before anything runs for a plot file of no known format."""
+    if values:
+        from autoscale.sim.plot import PlotError, format_of  # matplotlib only when drawn
+
+        for value in values:
+            try:
+                format_of(value)
+            except PlotError as exc:
+                raise click.BadParameter(str(exc)) from None
     return values
 
 

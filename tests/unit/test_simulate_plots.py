@@ -175,7 +175,8 @@ def test_a_plot_file_of_another_format_is_exit_2(tmp_path):
     done = _cli(tmp_path, "simulate", str(trace), "--config", str(cfg),
                 "--plot", "out.txt")
     assert done.returncode == 2, done.stderr
-    assert "'out.txt': a plot is a .png or .svg file" in done.stderr
+    assert "Invalid value for '--plot': out.txt: a plot is a .png or .svg file" \
+        in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out.txt").exists()
 
 
