@@ -626,6 +626,19 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
         run_supervised(scaler, signals, click.echo, interval, registry, units)
 
 
+def _plot_files(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
+    """A usage error before anything runs for a plot file of no known format."""
+    if values:
+        from autoscale.sim.plot import PlotError, format_of  # matplotlib only when drawn
+
+        for value in values:
+            try:
+                format_of(value)
+            except PlotError as exc:
+                raise click.BadParameter(str(exc)) from None
+    return values
+
+
 @cli.command()
 @click.argument("trace", type=click.Path(dir_okay=False))
 @click.option("--startup", default="local", show_default=True, metavar="KIND|SECONDS",
@@ -641,20 +654,27 @@ def autoscale(backend: str | None, interval: float | None, once: bool, dry_run: 
 @click.option("--fixed-replicas", default=None, metavar="N|QUEUE=N,...",
               help="The fixed fleet's replicas (default per queue: the most the fleet's "
                    "policy ran it at in the same simulation).")
+@click.option("--plot", "plots", multiple=True, metavar="FILE", callback=_plot_files,
+              help="Draw backlog, replicas and wait per queue over time into FILE "
+                   "(.png or .svg; repeatable), for the fleet's policy. Needs fleet[tune].")
 @pass_config_path
 def simulate(trace: str, startup: str, startup_jitter: float, seed: int, as_json: bool,
-             baselines: str | None, fixed_replicas: str | None,
+             baselines: str | None, fixed_replicas: str | None, plots: tuple[str, ...],
              config_path: str | None) -> None:
     """Replay a trace against queues.yaml's autoscaling (the real policy, simulated
     replicas): worker-seconds, waits, backlog, SLO violations and scale events.
     --compare keda,fixed runs the same trace under baselines too."""
-    from autoscale.sim import simulate as run_simulation
     from autoscale.sim import startup_delay
     from autoscale.sim.baselines import BASELINES
     from autoscale.sim.compare import compare, parse_fixed
+    from autoscale.sim.engine import Simulation
     from autoscale.sim.tracefile import tasks_in_send_order
     from fleet.trace.io import read_trace
 
+    if plots:
+        from autoscale.sim import plot
+
+        plot.require()  # before a long run, not after it
     config = _load(config_path)
     delay = startup_delay(startup)
     names: list[str] = []
@@ -676,14 +696,16 @@ def simulate(trace: str, startup: str, startup_jitter: float, seed: int, as_json
     tasks = tasks_in_send_order(records)
     began = time.monotonic()
     options = {"startup": delay, "startup_jitter": startup_jitter, "seed": seed}
-    if names:
-        compared = compare(header, tasks, config, names, fixed_all=fixed_all, fixed=fixed,
-                           **options)
-        report = compared.fleet
-    else:
-        compared = None
-        report = run_simulation(header, tasks, config, **options)
+    sim = Simulation(header, tasks, config, record=bool(plots), **options)
+    report = sim.run()
+    compared = (compare(header, tasks, config, names, fixed_all=fixed_all, fixed=fixed,
+                        fleet=report, **options) if names else None)
     wall = time.monotonic() - began
+    if plots:
+        active = [n for n, q in report.queues.items() if q.tasks]
+        fig = plot.figure(sim.series, config, duration=report.simulated, active=active,
+                          title=f"fleet simulate {Path(trace).name} (start-up {delay:g}s)")
+        plot.save(fig, plots)
     if as_json:
         out = {**report.as_dict(), "startup": delay, "seed": seed}
         if compared is not None:
@@ -718,6 +740,8 @@ def simulate(trace: str, startup: str, startup_jitter: float, seed: int, as_json
                f"polls, start-up {delay:g}s" + (f", {report.skipped:,} tasks without a "
                                                "service time skipped" if report.skipped else "")
                + ")")
+    for path in plots:
+        click.echo(f"plot: {path}")
 
 
 def _replica_list(sizes: dict[str, int]) -> str:

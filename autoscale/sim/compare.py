@@ -91,14 +91,16 @@ def parse_fixed(text: str | None, queues: Sequence[str]) -> tuple[int | None, di
 
 def compare(header: Header, tasks: Sequence[Task], config: FleetConfig,
             names: Sequence[str], *, fixed_all: int | None = None,
-            fixed: Mapping[str, int] | None = None, **options) -> Comparison:
+            fixed: Mapping[str, int] | None = None, fleet: Report | None = None,
+            **options) -> Comparison:
     """The fleet's run and each baseline's of ``names`` on the same ``tasks`` (a
-    sequence: it is replayed once per run) and simulator ``options``."""
+    sequence: it is replayed once per run) and simulator ``options``; ``fleet`` is the
+    fleet's report when the caller has run it already (recording its plots)."""
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise SimulationError(f"unknown baseline {unknown[0]!r}: expected one of "
                               f"{', '.join(BASELINES)}")
-    result = Comparison(Simulation(header, tasks, config, **options).run())
+    result = Comparison(fleet or Simulation(header, tasks, config, **options).run())
     for name in names:
         if name == "keda":
             controller = KedaController(config)

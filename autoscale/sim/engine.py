@@ -26,6 +26,7 @@ from autoscale.sim.backend import Replica, SimBackend
 from autoscale.sim.controllers import Controller, FleetController
 from autoscale.sim.errors import SimulationError
 from autoscale.sim.report import QueueReport, Report
+from autoscale.sim.series import Series
 from autoscale.sim.startup import STARTUP
 from fleet.config import FleetConfig, QueueClass
 from fleet.observe.model import Observation, QueueSample, WorkerSample
@@ -108,7 +109,8 @@ class Simulation:
     def __init__(self, header: Header, tasks: Iterable[Task], config: FleetConfig, *,
                  startup: float = STARTUP["local"], startup_jitter: float = 0.0, seed: int = 0,
                  cpu_per_task: float = 100.0, rss: int = 0, aggregate_workers: bool = True,
-                 drain_limit: float = DRAIN_LIMIT, controller: Controller | None = None):
+                 drain_limit: float = DRAIN_LIMIT, controller: Controller | None = None,
+                 record: bool = False):
         unknown = [q for q in header.queues if q not in config.queues]
         if unknown:
             raise SimulationError(f"the trace's queue {unknown[0]!r} is not in "
@@ -146,6 +148,10 @@ class Simulation:
         self._started = False
         #: Replicas the backend counts (starting or ready) in all queues, and the most.
         self.counted = 0
+        #: With ``record``, each queue's figures at every poll, bounded (series.py).
+        self.series = Series(self.queues) if record else None
+        if self.series is not None:
+            self.series.watch(q.report for q in self.queues.values())
 
     # -- events -------------------------------------------------------------------
 
@@ -368,6 +374,16 @@ class Simulation:
                 q.report.flaps += 1
             q.last_direction, q.last_change = direction, now
             self.backend.scale(d.queue, d.desired, obs.workers_of(d.queue))
+        if self.series is not None:
+            self._record(now)
+
+    def _record(self, now: float) -> None:
+        """Each queue's figures after the poll's decisions (what the plots draw)."""
+        for name, q in self.queues.items():
+            ready = sum(1 for r in q.replicas if r.ready)
+            self.series[name].add(now, len(q.waiting), q.running + q.reserved, ready,
+                                  len(q.replicas) - ready,
+                                  now - q.waiting[0][0] if q.waiting else None)
 
     def _worker_samples(self) -> list[WorkerSample]:
         """The live workers' self-reports: per replica, or one per queue with the sums.
