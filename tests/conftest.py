@@ -38,6 +38,16 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def without_module(tmp_path: Path, module: str) -> str:
+    """A PYTHONPATH (this repository last) on which ``module`` cannot be imported, as
+    after a ``pip install fleet`` without the extra that brings it."""
+    shadow = tmp_path / "shadow" / module
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        f"raise ModuleNotFoundError(\"No module named '{module}'\", name={module!r})\n")
+    return f"{shadow.parent}{os.pathsep}{ROOT}"
+
+
 def shipped_config() -> dict:
     return yaml.safe_load((ROOT / "queues.yaml").read_text())
 

@@ -31,7 +31,7 @@ from fleet.observe.model import WorkerSample
 from fleet.payloads import LocalStore, open_store
 from fleet.plugins import BACKENDS, PAYLOAD_STORES, PluginError
 from fleet.stubstore import StubStore
-from tests.conftest import ROOT, shipped_config
+from tests.conftest import ROOT, shipped_config, without_module
 
 
 def write_config(tmp_path: Path, change) -> Path:
@@ -250,13 +250,8 @@ def test_an_unknown_backend_on_the_command_line_is_exit_2_with_the_names(tmp_pat
 
 @pytest.fixture
 def no_dashboard_libraries(tmp_path) -> str:
-    """A PYTHONPATH on which FastAPI cannot be imported, as after `pip install fleet`
-    without the dashboard extra."""
-    shadow = tmp_path / "shadow" / "fastapi"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text(
-        "raise ModuleNotFoundError(\"No module named 'fastapi'\", name='fastapi')\n")
-    return f"{shadow.parent}{os.pathsep}{ROOT}"
+    """FastAPI cannot be imported: `pip install fleet` without the dashboard extra."""
+    return without_module(tmp_path, "fastapi")
 
 
 def test_the_dashboard_without_its_extra_is_exit_2_naming_the_extra(

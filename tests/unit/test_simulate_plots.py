@@ -9,15 +9,13 @@ import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
 from autoscale.sim.engine import Simulation
 from autoscale.sim.series import QueueSeries, Series
+from tests.conftest import ROOT, without_module
 from tests.unit.test_simulate import SCALING, bursty, config, header
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_series_stays_bounded_and_keeps_the_maxima_and_the_last_replicas():
@@ -200,13 +198,8 @@ def test_a_plot_file_of_another_format_is_exit_2(tmp_path):
 
 @pytest.fixture
 def no_matplotlib(tmp_path) -> str:
-    """A PYTHONPATH on which matplotlib cannot be imported, as after `pip install fleet`
-    without the tune extra."""
-    shadow = tmp_path / "shadow" / "matplotlib"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text(
-        "raise ModuleNotFoundError(\"No module named 'matplotlib'\", name='matplotlib')\n")
-    return f"{shadow.parent}{os.pathsep}{ROOT}"
+    """matplotlib cannot be imported: `pip install fleet` without the tune extra."""
+    return without_module(tmp_path, "matplotlib")
 
 
 def test_plots_without_matplotlib_are_exit_2_naming_the_extra(tmp_path, no_matplotlib):
