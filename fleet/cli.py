@@ -922,11 +922,10 @@ def trace_export(out: str, since: str | None, until: str | None, queues: tuple[s
                  database: str | None, config_path: str | None) -> None:
     """Write a trace of what the fleet did, from the dashboard's tasks, the job ledger's
     chunks and the autoscaler's decisions (what they cannot know: docs/tuning.md)."""
-    from fleet.dashboard import traces_module
+    from fleet.dashboard import traces  # SQLAlchemy only: no need of the dashboard extra
     from fleet.trace.io import write_trace
     from fleet.trace.model import Task
 
-    traces = traces_module()
     config = _load(config_path)
     now = time.time()
     window = {}

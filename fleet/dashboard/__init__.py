@@ -41,11 +41,3 @@ def server_module() -> ModuleType:
             f"the dashboard is not installed here ({missing} is missing): "
             f"{INSTALL_HINT}") from None
     return server
-
-
-def traces_module() -> ModuleType:
-    """``fleet.dashboard.traces`` (``fleet trace export``): the import contract lets the
-    CLI import this package itself, not its modules (pyproject.toml, import-linter)."""
-    from fleet.dashboard import traces
-
-    return traces
