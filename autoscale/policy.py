@@ -85,9 +85,13 @@ def recommend(m: QueueMetrics, queue: QueueClass, current: int) -> tuple[int, st
     if work == 0:
         return a.min_replicas, f"idle: nothing waiting or running{floor}"
     if m.service_time is not None and m.service_time > _EPS:
-        need = m.arrival_rate + m.backlog / max(a.target_wait, _EPS)
-        per_replica = c / m.service_time
-        n = math.ceil(need / per_replica - _EPS)
+        # Slots busy with what arrives (Little's law), plus slots to drain the backlog
+        # within target_wait; never more than a slot per waiting message, which starts
+        # them all at once (sized as a rate, 2 waiting tasks of 27 s with a 10 s target
+        # asked for 5.4 slots).
+        keep_up = m.arrival_rate * m.service_time
+        drain = min(m.backlog * m.service_time / max(a.target_wait, _EPS), m.backlog)
+        n = math.ceil((keep_up + drain) / c - _EPS)
         reason = (f"backlog {m.backlog}, arrivals {m.arrival_rate:.2f}/s, service "
                   f"{m.service_time:.2f}s: {n} to keep up and drain within "
                   f"{format_duration(a.target_wait)}")

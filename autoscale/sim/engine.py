@@ -108,7 +108,7 @@ class Simulation:
 
     def __init__(self, header: Header, tasks: Iterable[Task], config: FleetConfig, *,
                  startup: float = STARTUP["local"], startup_jitter: float = 0.0, seed: int = 0,
-                 cpu_per_task: float = 100.0, rss: int = 0, aggregate_workers: bool = True,
+                 cpu_per_task: float = 0.0, rss: int = 0, aggregate_workers: bool = True,
                  drain_limit: float = DRAIN_LIMIT, controller: Controller | None = None,
                  record: bool = False):
         unknown = [q for q in header.queues if q not in config.queues]

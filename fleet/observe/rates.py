@@ -3,14 +3,28 @@
 No publisher counts its messages (that would be a Redis round trip per message), so
 rates are derived from what the polls see. Completions are the workers' own counters
 (per worker, so one that restarts or vanishes does not make a negative rate);
-arrivals are completions plus the growth of the queue's messages; the mean service
-time follows from Little's law, tasks running / completion rate. All three are
-smoothed (EWMA) over polls, so one noisy interval does not swing the policy.
+arrivals are completions plus the growth of the queue's messages. Both rates are
+smoothed (EWMA) with a time constant, ``RATE_TIME_CONSTANT`` seconds, not a weight per
+poll: a poll of 2 s sees 0, 1 or 2 arrivals of a 0.2/s stream, and a weight of one half
+per poll (what this was) let the policy size for four times the mean rate; a time
+constant also keeps the smoothing the same whatever ``autoscaler.interval`` is. A burst
+does not wait for the smoothing: the policy drains the backlog itself.
+
+The mean service time follows from Little's law over a window, not from the two
+smoothed rates: busy slot-seconds (tasks running, integrated over the polls) divided
+by the tasks completed in the same span. A ratio of EWMAs explodes when completions
+are sparse (a 20 s task on one slot completes once per ten 2 s polls; the smoothed
+completion rate halves at every poll in between, and the estimate reached 3,535 s,
+sending the queue to max_replicas). The window is sized in completions (the shortest
+recent span with ``WINDOW_COMPLETIONS`` of them), so it is short for short tasks and
+long for long ones, and a change of workload shows within that many tasks.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections import deque
 from dataclasses import dataclass, field
 
 from fleet.config import FleetConfig
@@ -18,19 +32,27 @@ from fleet.observe.model import Observation, QueueMetrics, QueueSample
 
 logger = logging.getLogger("fleet.observe.rates")
 
-ALPHA = 0.5  # weight of the newest interval in the moving averages
+#: Seconds over which the arrival and completion rates are smoothed (an interval of dt
+#: weighs 1 - exp(-dt / RATE_TIME_CONSTANT) in the moving average).
+RATE_TIME_CONSTANT = 20.0
 _EPS = 1e-9
+#: Completions the service-time window spans when it can (fewer until there are).
+WINDOW_COMPLETIONS = 10
+#: Marks the window keeps at most: it needs WINDOW_COMPLETIONS + 1 (one per interval
+#: that completed something); the bound is a guard on memory, not a tuning knob.
+WINDOW_POLLS = 64
 
 
 @dataclass
 class _Smoothed:
     arrival: float = 0.0
     completion: float = 0.0
-    running: float = 0.0
-    #: The last positive Little's-law estimate: a poll that catches no task running
-    #: (short tasks finish between samples) says nothing about how long one takes.
+    #: The last positive Little's-law estimate: a window whose polls caught no task
+    #: running (short tasks finish between samples) says nothing about how long one takes.
     service_time: float | None = None
     primed: bool = False
+    last_running: int = 0
+    window: ServiceWindow = field(default_factory=lambda: ServiceWindow())
 
 
 @dataclass
@@ -67,14 +89,17 @@ class RateTracker:
             completion = done / dt
             arrival = max(0.0, (done + grown) / dt)
             if s.primed:
-                s.completion += ALPHA * (completion - s.completion)
-                s.arrival += ALPHA * (arrival - s.arrival)
-                s.running += ALPHA * (running - s.running)
+                alpha = -math.expm1(-dt / RATE_TIME_CONSTANT)
+                s.completion += alpha * (completion - s.completion)
+                s.arrival += alpha * (arrival - s.arrival)
             else:
-                s.completion, s.arrival, s.running, s.primed = (
-                    completion, arrival, float(running), True)
-            if s.completion > _EPS and s.running > _EPS:
-                s.service_time = s.running / s.completion
+                s.completion, s.arrival, s.primed = completion, arrival, True
+            # Busy slot-seconds of the interval: the running counts at its two ends,
+            # averaged (what the polls can see of it).
+            estimate = s.window.add((s.last_running + running) / 2 * dt, done)
+            if estimate is not None:
+                s.service_time = estimate
+        s.last_running = running
         return QueueMetrics(
             name=name, waiting=sample.waiting, unacked=sample.unacked, running=running,
             oldest_age=sample.oldest_age, arrival_rate=s.arrival,
@@ -84,6 +109,40 @@ class RateTracker:
             cpu_per_slot=(sum(w.cpu_percent for w in workers) / slots) if slots else 0.0,
             memory_fraction=memory_fraction(self.config, name, workers),
         )
+
+
+class ServiceWindow:
+    """Little's law over the shortest recent span holding ``WINDOW_COMPLETIONS``
+    completions (fewer until there are): busy slot-seconds / tasks completed.
+
+    Only an interval that completed something gives an estimate, and the window starts
+    at such an interval too: between completions the busy time grows while the count
+    does not, so a window ending (or starting) there reads long (or short), by up to
+    one whole task on every slot. Amortised O(1) per poll: the window holds cumulative
+    sums, one per interval that completed something, trimmed from the front.
+    """
+
+    __slots__ = ("busy", "done", "marks")
+
+    def __init__(self) -> None:
+        self.busy = 0.0
+        self.done = 0
+        #: (cumulative busy, cumulative completions) after each interval that completed
+        #: something, oldest first; the first is where counting began.
+        self.marks: deque = deque([(0.0, 0)], maxlen=WINDOW_POLLS)
+
+    def add(self, busy: float, done: int) -> float | None:
+        self.busy += busy
+        self.done += done
+        if done <= 0:
+            return None
+        marks = self.marks
+        marks.append((self.busy, self.done))
+        while len(marks) > 2 and self.done - marks[1][1] >= WINDOW_COMPLETIONS:
+            marks.popleft()
+        first_busy, first_done = marks[0]
+        worked = self.busy - first_busy
+        return worked / (self.done - first_done) if worked > _EPS else None
 
 
 def completed_between(prev: Observation, obs: Observation, queue: str) -> int:

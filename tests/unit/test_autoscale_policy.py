@@ -215,3 +215,13 @@ def test_a_queue_whose_figures_break_the_policy_is_held_and_the_others_still_sca
     assert by_queue["default"].desired == 2
     assert by_queue["default"].reason.startswith("policy error (")
     assert by_queue["heavy"].desired >= 1
+
+
+def test_a_backlog_never_asks_for_more_than_a_slot_per_waiting_message():
+    """Tasks longer than target_wait: draining 2 waiting 27 s tasks within 10 s, sized
+    as a rate, asked for 5.4 slots; two slots start both at once."""
+    n, _ = recommend(qm(waiting=2, service=27.0, workers=1, slots=2), DEFAULT, 1)
+    assert n == 1  # concurrency 2: one replica holds both
+    # Short tasks: the rate still decides (60 waiting 1 s tasks in 10 s: 6 slots).
+    n, _ = recommend(qm(waiting=60, service=1.0, workers=1, slots=2), DEFAULT, 1)
+    assert n == 3

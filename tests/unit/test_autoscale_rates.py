@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from fleet.config import parse_config
 from fleet.observe.model import Observation, QueueSample, WorkerSample
-from fleet.observe.rates import RateTracker, completed_between
+from fleet.observe.rates import (
+    RATE_TIME_CONSTANT,
+    WINDOW_POLLS,
+    RateTracker,
+    completed_between,
+)
 from tests.conftest import shipped_config
 
 CONFIG = parse_config(shipped_config(), "test")
@@ -41,7 +48,23 @@ def test_rates_are_smoothed_over_polls():
     tracker.update(obs(0.0, 0, 0, [worker("a", 0)]))
     tracker.update(obs(1.0, 0, 0, [worker("a", 10)]))
     m = tracker.update(obs(2.0, 0, 0, [worker("a", 10)]))["default"]
-    assert m.completion_rate == pytest.approx(5.0)  # half way from 10/s towards 0/s
+    # One second of 0/s moves the average from 10/s by 1 - exp(-1/20) of the way.
+    assert m.completion_rate == pytest.approx(10.0 * math.exp(-1 / RATE_TIME_CONSTANT))
+
+
+def test_the_smoothing_does_not_depend_on_the_poll_interval():
+    """Ten polls of 1 s and two of 5 s over the same 10 s of silence end equal."""
+    ends = []
+    for step in (1.0, 5.0):
+        tracker = RateTracker(CONFIG)
+        tracker.update(obs(0.0, 0, 0, [worker("a", 0)]))
+        tracker.update(obs(1.0, 0, 0, [worker("a", 10)]))
+        at = 1.0
+        while at < 11.0:
+            at += step
+            m = tracker.update(obs(at, 0, 0, [worker("a", 10)]))["default"]
+        ends.append(m.completion_rate)
+    assert ends[0] == pytest.approx(ends[1]) == pytest.approx(10.0 * math.exp(-0.5))
 
 
 def test_a_restarted_or_vanished_worker_never_makes_a_negative_rate():
@@ -64,6 +87,63 @@ def test_no_running_task_seen_keeps_the_last_service_time_instead_of_zero():
     m = tracker.update(obs(1.0, 0, 0, [worker("a", 10, active=0)]))["default"]
     assert m.completion_rate == pytest.approx(10.0) and m.service_time is None
     m = tracker.update(obs(2.0, 0, 0, [worker("a", 20, active=2)]))["default"]
-    assert m.service_time == pytest.approx(1.0 / 10.0)  # smoothed: 1 running / 10 per s
-    m = tracker.update(obs(3.0, 0, 0, [worker("a", 30, active=0)]))["default"]
-    assert m.service_time == pytest.approx(0.5 / 10.0)  # running decays, still positive
+    # 1 busy slot-second (0 then 2 running over 1 s) over the window's last ten done.
+    assert m.service_time == pytest.approx(1.0 / 10)
+    for at in (3.0, 4.0, 5.0):
+        m = tracker.update(obs(at, 0, 0, [worker("a", 20, active=0)]))["default"]
+    # Nothing more completed: no new estimate, the last one holds (never zero).
+    assert m.service_time == pytest.approx(1.0 / 10)
+    m = tracker.update(obs(6.0, 0, 0, [worker("a", 30, active=0)]))["default"]
+    # Ten more done, with one busy slot-second (2 then 0 running from 2 s to 3 s).
+    assert m.service_time == pytest.approx(1.0 / 10)
+
+
+def run_one_slot(tracker, service: float, start: float, until: float, done: int,
+                 poll: float = 2.0):
+    """One slot busy with back-to-back tasks of ``service`` seconds, polled every
+    ``poll`` seconds; returns the service times the tracker reported, and the count."""
+    seen = []
+    at = start
+    while at < until:
+        at += poll
+        done_now = done + int((at - start) / service)
+        m = tracker.update(obs(at, 5, 1, [worker("a", done_now, active=1)]))["default"]
+        seen.append(m.service_time)
+    return seen, done + int((at - start) / service), at
+
+
+def test_sparse_completions_do_not_inflate_the_service_time():
+    """A 20 s task on one slot completes once every ten 2 s polls. The ratio of two
+    EWMAs this replaced read 3,535 s here (the smoothed completion rate halves at every
+    poll without one) and sent the queue to max_replicas."""
+    tracker = RateTracker(CONFIG)
+    tracker.update(obs(0.0, 5, 1, [worker("a", 0, active=1)]))
+    seen, _, _ = run_one_slot(tracker, 20.0, 0.0, 400.0, 0)
+    known = [s for s in seen if s is not None]
+    assert seen[8] is None and known  # nothing known before the first completion
+    assert all(10.0 <= s <= 22.0 for s in known), max(known)
+    assert known[-1] == pytest.approx(20.0, rel=0.05)
+
+
+def test_the_service_time_follows_a_change_of_workload_within_the_window():
+    tracker = RateTracker(CONFIG)
+    tracker.update(obs(0.0, 5, 1, [worker("a", 0, active=1)]))
+    _, done, at = run_one_slot(tracker, 20.0, 0.0, 400.0, 0)
+    # Now 1 s tasks: WINDOW_COMPLETIONS of them take 10 s, five polls.
+    seen, _, _ = run_one_slot(tracker, 1.0, at, at + 30.0, done)
+    assert seen[-1] == pytest.approx(1.0, rel=0.1)
+
+
+def test_the_window_stays_bounded_when_nothing_completes():
+    tracker = RateTracker(CONFIG)
+    for i in range(WINDOW_POLLS + 500):
+        tracker.update(obs(float(i), 5, 1, [worker("a", 7, active=1)]))
+    assert len(tracker.smoothed["default"].window.marks) <= WINDOW_POLLS
+
+
+def test_the_window_stays_bounded_when_everything_completes():
+    tracker = RateTracker(CONFIG)
+    for i in range(500):
+        tracker.update(obs(float(i), 5, 1, [worker("a", 3 * i, active=1)]))
+    # Three a poll: the shortest span with ten is four intervals, five marks.
+    assert len(tracker.smoothed["default"].window.marks) == 5
