@@ -795,6 +795,170 @@ def _print_comparison(compared) -> None:
 
 
 @cli.command()
+@click.argument("trace", type=click.Path(dir_okay=False))
+@click.option("--slo-wait-p95", "slo", default=None, metavar="DURATION",
+              help="The SLO of every queue: wait p95 at most this (30s, 2m). Default: "
+                   "each queue's autoscaling.target_wait.")
+@click.option("--trials", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Simulations the search runs (each a replay of the whole trace).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the sampler and the simulation: the same seed, the same result.")
+@click.option("--startup", default="local", show_default=True, metavar="KIND|SECONDS",
+              help="A new replica's start-up delay: local, container, kubernetes or seconds.")
+@click.option("--progress", "show_progress", is_flag=True,
+              help="A progress bar on stderr.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Write the recommendation (a queues.yaml fragment) here, not to stdout.")
+@click.option("--write-config", type=click.Path(dir_okay=False), default=None,
+              metavar="FILE", help="Also write queues.yaml with the recommendation merged "
+                                   "in (what `fleet validate` checks; comments not kept).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_config_path
+def tune(trace: str, slo: str | None, trials: int, seed: int, startup: str,
+         show_progress: bool, out: str | None, write_config: str | None, as_json: bool,
+         config_path: str | None) -> None:
+    """Search the autoscaling settings (per queue, and the poll interval) that run
+    TRACE cheapest while wait p95 meets the SLO on every queue; print the trade-off
+    (the Pareto front of cost and wait, beside the current settings and KEDA) and the
+    recommendation as a queues.yaml fragment. Exit 1 when no trial met the SLO."""
+    from fleet.units import parse_duration
+
+    tuning = _tune_module()
+    from autoscale.sim import startup_delay
+    from autoscale.sim.tracefile import tasks_in_send_order
+    from fleet.trace.io import read_trace
+
+    seconds = None
+    if slo is not None:
+        try:
+            seconds = parse_duration(slo)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--slo-wait-p95") from None
+        if not seconds > 0:
+            raise click.BadParameter(f"{slo!r}: must be more than 0", param_hint="--slo-wait-p95")
+    config = _load(config_path)
+    delay = startup_delay(startup)
+    header, records = read_trace(trace)
+    tasks = tasks_in_send_order(records)
+    began = time.monotonic()
+    with _tune_progress(show_progress) as progress:
+        result = tuning.recommend(header, tasks, config, slo_wait_p95=seconds, trials=trials,
+                                  seed=seed, startup=delay, progress=progress)
+    wall = time.monotonic() - began
+    fragment = result.fragment() if result.best is not None else None
+    if fragment is not None:
+        text = _fragment_text(fragment, trace, result)
+        if out is not None:
+            Path(out).write_text(text, encoding="utf-8")
+        if write_config is not None:
+            _write_tuned_config(config, fragment, write_config)
+    if as_json:
+        click.echo(json.dumps({**result.as_dict(), "wall": round(wall, 3)}))
+    else:
+        _print_tune(result)
+        click.echo(f"{trials} trials of {header.duration / 3600:.1f}h in {wall:.1f}s "
+                   f"(seed {seed}, start-up {delay:g}s)")
+        if fragment is not None:
+            click.echo(f"recommendation written to {out}" if out else text.rstrip("\n"))
+            if write_config is not None:
+                click.echo(f"merged config written to {write_config}")
+    if fragment is None:
+        raise tuning.SloNotMet(tuning.no_recommendation(result))
+
+
+class _MissingExtra(FleetError):
+    """An optional dependency of a command is not installed: a usage problem (exit 2)."""
+
+    exit_code = 2
+
+
+def _tune_module():
+    """autoscale.sim.tune, or exit 2 naming the extra when optuna is missing."""
+    try:
+        from autoscale.sim import tune as tuning
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "optuna":
+            raise
+        raise _MissingExtra("fleet tune needs optuna, which is not installed here: "
+                         "pip install 'fleet[tune]'") from None
+    return tuning
+
+
+def _tune_progress(show: bool):
+    """A rich progress bar on stderr (stdout stays the table or the JSON), or nothing."""
+    import contextlib
+
+    if not show:
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    @contextlib.contextmanager
+    def bar():
+        with Progress("tuning", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=Console(stderr=True), transient=True) as p:
+            task = p.add_task("tuning", total=None)
+            yield lambda done, total: p.update(task, completed=done, total=total)
+
+    return bar()
+
+
+def _fragment_text(fragment: dict, trace: str, result) -> str:
+    import yaml
+
+    c = result.best
+    return (f"# fleet tune {Path(trace).name}: {c.label}, {c.worker_seconds / 3600:,.2f} "
+            f"worker-h, wait p95 {c.wait_p95:.1f}s ({result.trials} trials, seed "
+            f"{result.seed}).\n# Merge into queues.yaml: each key replaces the one at "
+            "its path (docs/tuning.md, \"Tuning\").\n"
+            + yaml.safe_dump(fragment, sort_keys=False))
+
+
+def _write_tuned_config(config: FleetConfig, fragment: dict, path: str) -> None:
+    """The source file's own keys (not the environment's overrides) with the fragment
+    merged in, validated as `fleet validate` would before it is written."""
+    import yaml
+
+    from fleet.config import parse_config
+    from fleet.yamlfile import load_yaml
+
+    tuning = _tune_module()
+    data, _, _ = load_yaml(Path(config.source))
+    data = tuning.merged(data, fragment)
+    parse_config(data, path)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def _print_tune(result) -> None:
+    """One row per run: the current settings, KEDA, then the front by cost; the
+    recommendation marked. Per queue, its wait p95 against its SLO."""
+    from rich.console import Console
+    from rich.table import Table
+
+    tty = sys.stdout.isatty()
+    table = Table(box=None if not tty else Table().box, pad_edge=False)
+    queues = list(result.slo)
+    for column in ("run", "worker-h", "vs current", "wait p95",
+                   *(f"{q} p95 (<= {result.slo[q]:g}s)" for q in queues), "SLO", ""):
+        table.add_column(column, no_wrap=True, justify="left" if column == "run" else "right")
+    base = result.current.worker_seconds
+    rows = [result.current, result.keda, *result.front]
+    if result.best is None and result.closest not in result.front:
+        rows.append(result.closest)
+    for c in rows:
+        mark = ("<- recommended" if c is result.best else
+                "<- closest" if result.best is None and c is result.closest else "")
+        table.add_row(c.label, f"{c.worker_seconds / 3600:,.2f}",
+                      f"{c.worker_seconds / base:.2f}x" if base else "-",
+                      f"{c.wait_p95:.1f}s",
+                      *(f"{c.queues[q].wait_p95:.1f}s" if not c.queues[q].unstarted
+                        else "not drained" for q in queues),
+                      "met" if c.meets_slo else "missed", mark,
+                      end_section=c is result.keda)
+    Console(width=None if tty else 200).print(table)
+
+
+@cli.command()
 @click.option("--once", is_flag=True, help="One pass: say what was lost and re-sent, exit.")
 @click.option("--interval", type=float, default=None,
               help="Seconds between passes (default: jobs.reconciler.interval).")
