@@ -796,9 +796,9 @@ def _print_comparison(compared) -> None:
 
 @cli.command()
 @click.argument("trace", type=click.Path(dir_okay=False))
-@click.option("--slo-wait-p95", "slo", default=None, metavar="DURATION",
-              help="The SLO of every queue: wait p95 at most this (30s, 2m). Default: "
-                   "each queue's autoscaling.target_wait.")
+@click.option("--slo-wait-p95", "slo", default=None, metavar="DURATION|QUEUE=DURATION,...",
+              help="The SLO: wait p95 at most this on every queue (30s), or per queue "
+                   "(default=10s,heavy=2m). Default: each queue's autoscaling.target_wait.")
 @click.option("--trials", type=click.IntRange(min=1), default=60, show_default=True,
               help="Simulations the search runs (each a replay of the whole trace).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -821,22 +821,13 @@ def tune(trace: str, slo: str | None, trials: int, seed: int, startup: str,
     TRACE cheapest while wait p95 meets the SLO on every queue; print the trade-off
     (the Pareto front of cost and wait, beside the current settings and KEDA) and the
     recommendation as a queues.yaml fragment. Exit 1 when no trial met the SLO."""
-    from fleet.units import parse_duration
-
     tuning = _tune_module()
     from autoscale.sim import startup_delay
     from autoscale.sim.tracefile import tasks_in_send_order
     from fleet.trace.io import read_trace
 
-    seconds = None
-    if slo is not None:
-        try:
-            seconds = parse_duration(slo)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--slo-wait-p95") from None
-        if not seconds > 0:
-            raise click.BadParameter(f"{slo!r}: must be more than 0", param_hint="--slo-wait-p95")
     config = _load(config_path)
+    seconds = None if slo is None else _tune_slo(slo, list(config.queues))
     delay = startup_delay(startup)
     header, records = read_trace(trace)
     tasks = tasks_in_send_order(records)
@@ -870,6 +861,32 @@ class _MissingExtra(FleetError):
     """An optional dependency of a command is not installed: a usage problem (exit 2)."""
 
     exit_code = 2
+
+
+def _tune_slo(text: str, queues: list[str]) -> float | dict[str, float]:
+    """``--slo-wait-p95``: a duration for every queue, or ``QUEUE=DURATION,...``."""
+    from fleet.units import parse_duration
+
+    def seconds(value: str, what: str) -> float:
+        try:
+            out = parse_duration(value.strip())
+        except ValueError as exc:
+            raise click.BadParameter(f"{what}{exc}", param_hint="--slo-wait-p95") from None
+        if not out > 0:
+            raise click.BadParameter(f"{what}{value.strip()!r}: must be more than 0",
+                                     param_hint="--slo-wait-p95")
+        return out
+
+    if "=" not in text:
+        return seconds(text, "")
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in queues:
+            raise click.BadParameter(f"{part.strip()!r}: expected QUEUE=DURATION with QUEUE "
+                                     f"one of {', '.join(queues)}", param_hint="--slo-wait-p95")
+        out[name.strip()] = seconds(value, f"{name.strip()}: ")
+    return out
 
 
 def _tune_module():

@@ -96,15 +96,17 @@ def _around(value: float, low: int, high: int, *, log: bool = False) -> IntRange
     return IntRange(low, max(high, low), log=log and low >= 1)
 
 
-def queue_space(scaling: Autoscaling) -> dict[str, IntRange]:
+def queue_space(scaling: Autoscaling, slo: float | None = None) -> dict[str, IntRange]:
     """One queue's bounds from its source settings.
 
     - min_replicas 0..max(1, source): warm replicas cost all day; more than a team
       asked for is never searched. max_replicas from half the source's (at least the
       min's upper bound, so min <= max always holds) to twice it: more room for
       bursts, bounded still by ``autoscaler.capacity``.
-    - target_wait (what the policy drains the backlog within) from a quarter to four
-      times the source's, log-scaled; activation_threshold 1..max(20, source).
+    - target_wait (what the policy drains the backlog within) from a quarter of the
+      source's to four times it or twice the SLO, whichever is more, log-scaled (an
+      SLO far above the source's target_wait is met by a policy that drains slower,
+      with fewer replicas); activation_threshold 1..max(20, source).
     - scale_up_stabilization 0..max(60 s, 2 x source); scale_down_stabilization
       10 s..max(10 min, 2 x source), log (the window that costs or saves most);
       scale_down_step 1..max(4, source max); cooldown 0..max(2 min, 2 x source).
@@ -116,7 +118,8 @@ def queue_space(scaling: Autoscaling) -> dict[str, IntRange]:
         "min_replicas": _around(s.min_replicas, 0, min_high),
         "max_replicas": _around(s.max_replicas, max_low, max(2 * s.max_replicas, max_low)),
         "target_wait": _around(s.target_wait, max(1, round(s.target_wait / 4)),
-                               max(2, round(s.target_wait * 4)), log=True),
+                               max(2, round(s.target_wait * 4), round(2 * (slo or 0))),
+                               log=True),
         "activation_threshold": _around(s.activation_threshold, 1,
                                         max(20, s.activation_threshold), log=True),
         "scale_up_stabilization": _around(s.scale_up_stabilization, 0,
@@ -129,14 +132,16 @@ def queue_space(scaling: Autoscaling) -> dict[str, IntRange]:
     }
 
 
-def search_space(config: FleetConfig, queues: list[str]) -> SearchSpace:
+def search_space(config: FleetConfig, queues: list[str],
+                 slo: dict[str, float] | None = None) -> SearchSpace:
     """The space for ``queues`` of ``config``; the interval 1 s..max(10 s, 2 x source)
     in half seconds (a shorter poll reacts sooner but costs a Redis round trip each, and
     simulates slower; past 10 s, a burst waits a whole poll before anything starts)."""
     source = config.autoscaler.interval
     low = max(0.5, min(1.0, math.floor(source * 2) / 2))
     high = max(10.0, math.ceil(source * 4) / 2)
-    return SearchSpace((low, high), {q: queue_space(config.queues[q].autoscaling)
+    return SearchSpace((low, high), {q: queue_space(config.queues[q].autoscaling,
+                                                    (slo or {}).get(q))
                                      for q in queues})
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import optuna
@@ -194,23 +194,30 @@ def choose(candidates: Sequence[Candidate]) -> tuple[list[Candidate], Candidate 
 
 
 def slo_per_queue(config: FleetConfig, queues: Sequence[str],
-                  slo_wait_p95: float | None) -> dict[str, float]:
-    """The SLO of each queue: ``slo_wait_p95`` for all, else each one's target_wait
-    (what the team already said a task may wait)."""
-    if slo_wait_p95 is not None and not 0 < slo_wait_p95 < float("inf"):
-        raise SimulationError(f"SLO wait p95 {slo_wait_p95!r}: seconds must be more than 0")
-    return {q: slo_wait_p95 if slo_wait_p95 is not None
-            else config.queues[q].autoscaling.target_wait for q in queues}
+                  slo_wait_p95: float | Mapping[str, float] | None) -> dict[str, float]:
+    """The SLO of each queue: ``slo_wait_p95`` for all (or, a mapping, for those it
+    names), else the queue's target_wait (what the team already said a task may wait)."""
+    given = (dict(slo_wait_p95) if isinstance(slo_wait_p95, Mapping)
+             else {} if slo_wait_p95 is None else dict.fromkeys(queues, slo_wait_p95))
+    for queue, seconds in given.items():
+        if queue not in config.queues:
+            raise SimulationError(f"SLO of queue {queue!r}: no such queue in {config.source}")
+        if not 0 < seconds < float("inf"):
+            raise SimulationError(f"SLO wait p95 {seconds!r} of {queue}: seconds must be "
+                                  "more than 0")
+    return {q: given.get(q, config.queues[q].autoscaling.target_wait) for q in queues}
 
 
 def recommend(header: Header, tasks: Sequence[Task], config: FleetConfig, *,
-              slo_wait_p95: float | None = None, trials: int = DEFAULT_TRIALS,
+              slo_wait_p95: float | Mapping[str, float] | None = None,
+              trials: int = DEFAULT_TRIALS,
               seed: int = 0, startup: float = STARTUP["local"],
               progress: Callable[[int, int], None] | None = None) -> TuneResult:
     """Tune the autoscaling of the trace's queues (and the poll interval) for ``tasks``
     (a sequence in order of ``sent``: it is replayed once per trial).
 
-    ``slo_wait_p95``: seconds, for every queue; None: each queue's target_wait.
+    ``slo_wait_p95``: seconds, for every queue; a mapping queue -> seconds for those it
+    names; None (and a queue the mapping leaves out): the queue's target_wait.
     ``progress(done, total)`` is called after every run (the two references and each
     trial). The same arguments give the same result (the sampler is seeded by
     ``seed``, which also seeds the simulation)."""
@@ -225,7 +232,7 @@ def recommend(header: Header, tasks: Sequence[Task], config: FleetConfig, *,
     if not queues:
         raise SimulationError("the trace has no tasks: nothing to tune for")
     slo = slo_per_queue(config, queues, slo_wait_p95)
-    space = search_space(config, queues)
+    space = search_space(config, queues, slo)
     total = trials + 2
     done = 0
 
