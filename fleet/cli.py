@@ -926,9 +926,10 @@ def _fragment_text(fragment: dict, trace: str, result) -> str:
     c = result.best
     return (f"# fleet tune {Path(trace).name}: {c.label}, {c.worker_seconds / 3600:,.2f} "
             f"worker-h, wait p95 {c.wait_p95:.1f}s ({result.trials} trials, seed "
-            f"{result.seed}).\n# Merge into queues.yaml: each key replaces the one at "
-            "its path (docs/tuning.md, \"Tuning\").\n"
-            + yaml.safe_dump(fragment, sort_keys=False))
+            f"{result.seed}); tuned: {', '.join(result.slo)}.\n# A valid queues.yaml "
+            "alone; merge it into yours (each key replaces the one at its path; the other "
+            "queues' autoscaling is\n# as it was) or use --write-config "
+            "(docs/tuning.md, \"Tuning\").\n" + yaml.safe_dump(fragment, sort_keys=False))
 
 
 def _write_tuned_config(config: FleetConfig, fragment: dict, path: str) -> None:

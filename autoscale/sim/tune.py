@@ -31,6 +31,7 @@ from autoscale.sim.startup import STARTUP
 from fleet.config import FleetConfig, parse_config
 from fleet.errors import FleetError
 from fleet.trace.model import Header, Task
+from fleet.units import format_duration
 
 #: Trials when not told: about 10 s on a one-hour trace of a few queues (0.15 s each).
 DEFAULT_TRIALS = 60
@@ -120,13 +121,20 @@ class TuneResult:
     history: list[Candidate] = field(default_factory=list)
 
     def fragment(self) -> dict:
-        """The queues.yaml keys of the recommendation, as plain data: merged into the
-        source queues.yaml (each key replaces the one at its path) it gives ``config``.
-        Raises SloNotMet when there is no recommendation."""
+        """The recommendation as plain data of a queues.yaml: the poll interval and
+        every queue's autoscaling (a queue the trace did not use as it was), with the
+        source's ``imports`` and ``default_queue``. Alone it is a valid queues.yaml
+        (what ``fleet validate`` checks: the keys left out take their defaults);
+        merged into the source file (each key replacing the one at its path; the
+        copied keys change nothing) it gives ``config``. Raises SloNotMet when there
+        is no recommendation."""
         if self.best is None:
             raise SloNotMet(no_recommendation(self))
-        assert self.best.settings is not None
-        return {"version": 1, **self.best.settings.fragment()}
+        c = self.config
+        return {"version": 1, "imports": list(c.imports), "default_queue": c.default_queue,
+                "autoscaler": {"interval": format_duration(c.autoscaler.interval)},
+                "queues": {q: {"autoscaling": cls.autoscaling.model_dump(mode="json")}
+                           for q, cls in c.queues.items()}}
 
     def as_dict(self) -> dict:
         return {
