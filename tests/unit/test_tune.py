@@ -114,7 +114,7 @@ def test_a_study_recommends_a_valid_config_cheaper_than_the_source_and_is_reprod
     config = shipped()
     first = recommend(header, tasks, config, trials=12, seed=3)
     assert first.best is not None and first.best.meets_slo
-    assert first.best.worker_seconds < first.current.worker_seconds / 2
+    assert first.best.worker_seconds < first.current.worker_seconds
     # The fragment alone is a valid config; merged into the source it is the config
     # the result carries, in which only the queue the trace uses changed.
     fragment = first.fragment()
