@@ -15,9 +15,10 @@ the first trial, so a source that meets the SLO is never beaten by a dearer tria
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import optuna
@@ -26,7 +27,7 @@ from autoscale.sim.baselines import KedaController
 from autoscale.sim.engine import Simulation
 from autoscale.sim.errors import SimulationError
 from autoscale.sim.report import Report
-from autoscale.sim.space import SearchSpace, Settings, search_space, source_settings
+from autoscale.sim.space import Settings, search_space, source_settings
 from autoscale.sim.startup import STARTUP
 from fleet.config import FleetConfig, parse_config
 from fleet.errors import FleetError
@@ -302,22 +303,22 @@ def _study(seed: int, trials: int) -> optuna.Study:
         return optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
 
 
-class _quiet:
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
     """optuna logs every trial at INFO and warns that multivariate TPE is experimental:
-    noise on a CLI's stderr, and global state a dashboard shares, so restored after."""
-
-    def __enter__(self):
-        self._logger = logging.getLogger("optuna")
-        self._level = self._logger.level
-        self._logger.setLevel(logging.WARNING)
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return self
-
-    def __exit__(self, *exc):
-        self._warnings.__exit__(*exc)
-        self._logger.setLevel(self._level)
+    noise on a CLI's stderr. Both are process-wide state (a dashboard calling this
+    shares them), so they are restored after; ``warnings.catch_warnings`` is not
+    thread-safe, so two studies at once in one process may briefly see each other's
+    filters (harmless: only ExperimentalWarning is touched)."""
+    logger = logging.getLogger("optuna")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _validated(config: FleetConfig, settings: Settings | None) -> FleetConfig:
@@ -328,5 +329,5 @@ def _validated(config: FleetConfig, settings: Settings | None) -> FleetConfig:
     return parse_config(data, config.source)
 
 
-__all__ = ["Candidate", "QueueFigures", "SearchSpace", "SloNotMet", "TuneResult",
-           "choose", "pareto_front", "recommend"]
+__all__ = ["Candidate", "QueueFigures", "Settings", "SloNotMet", "TuneResult", "choose",
+           "merged", "no_recommendation", "pareto_front", "recommend"]
