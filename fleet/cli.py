@@ -808,10 +808,11 @@ def _print_comparison(compared) -> None:
 @click.option("--progress", "show_progress", is_flag=True,
               help="A progress bar on stderr.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
-              help="Write the recommendation (a queues.yaml fragment) here, not to stdout.")
+              help="Write the recommendation (the tuned keys as a queues.yaml, valid "
+                   "alone and to merge into yours) here, not to stdout.")
 @click.option("--write-config", type=click.Path(dir_okay=False), default=None,
-              metavar="FILE", help="Also write queues.yaml with the recommendation merged "
-                                   "in (what `fleet validate` checks; comments not kept).")
+              metavar="FILE", help="Also write your queues.yaml with the recommendation "
+                                   "merged in (validated; its comments are not kept).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_config_path
 def tune(trace: str, slo: str | None, trials: int, seed: int, startup: str,
