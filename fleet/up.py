@@ -333,7 +333,10 @@ def _start_dashboard(config: FleetConfig, workdir: Path, port: int | None, conso
     if database == type(config.dashboard)().database:
         database = f"sqlite:///{(workdir / 'dashboard.sqlite').resolve()}"
     try:
-        board = DashboardServer(config, port=port, database=database)
+        from autoscale.sim import whatif  # the "what if" view's simulator and tuner
+
+        board = DashboardServer(config, port=port, database=database,
+                                whatif=whatif.build())
     except PortTakenError:
         console.print(f"[yellow]port {port} is taken: no dashboard "
                       "(pass --dashboard-port)[/yellow]")
