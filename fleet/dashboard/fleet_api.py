@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from fleet.dashboard import schemas
 from fleet.dashboard.auth import LEVEL
-from fleet.dashboard.deps import CallerDep, GateDep, ServiceDep, role_router
+from fleet.dashboard.deps import ERRORS, CallerDep, GateDep, ServiceDep, role_router
 from fleet.dashboard.downsample import TOP, WindowError
 from fleet.dashboard.gate import MAX_INT, Denied
 from fleet.dashboard.views import TaskFilter
@@ -34,6 +34,12 @@ class SVGResponse(Response):
     """A what-if plot; shown by the page as an image (no script runs in an <img>)."""
 
     media_type = "image/svg+xml"
+
+
+#: Its refusals are JSON still; FastAPI would document them in the route's media type.
+JSON_REFUSALS = {status: {"description": answer["description"], "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for status, answer in ERRORS.items()}
 
 
 @viewer.get("/metrics", response_class=PlainTextResponse)
@@ -210,7 +216,8 @@ def whatif(svc: ServiceDep, since: str | None = None, until: str | None = None,
 
 @viewer.get("/api/fleet/whatif/{run}/{side}.svg", response_class=SVGResponse,
             responses={200: {"content": {"image/svg+xml": {}},
-                             "description": "the replay's plot"}})
+                             "description": "the replay's plot"},
+                       **JSON_REFUSALS})
 def whatif_plot(svc: ServiceDep, run: str, side: Literal["current", "candidate"]):
     """The plot of one side of a what-if answer, while the answer is kept (a minute)."""
     svg = svc.whatif.plot(run, side)
