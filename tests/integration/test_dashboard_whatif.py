@@ -27,7 +27,10 @@ from fleet.dashboard import traces
 from fleet.dashboard.events import TASK_FIELDS
 from fleet.dashboard.store import Store
 from fleet.whatif import UnavailableWhatIf
+from tests.conftest import wait_for
 from tests.integration.dashboard_util import FAST, start_dashboard
+from tests.integration.test_dashboard_browser import browser, shots  # noqa: F401 (fixtures)
+from tests.integration.test_dashboard_plots import serve_with_csp
 
 pytestmark = pytest.mark.slow
 
@@ -218,3 +221,28 @@ def test_without_the_simulator_the_view_says_what_is_missing(board):
     reply = board.get("/api/fleet/whatif", params={"since": "30m"})
     assert reply.status_code == 501
     assert reply.json()["error"] == "what-if needs matplotlib: pip install x"
+
+
+def test_the_page_shows_both_sides_and_their_plots_under_the_csp(board, browser, shots):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    violations = serve_with_csp(page)
+    try:
+        page.goto(board.base + "/#/whatif")
+        page.wait_for_selector("#whatif-candidate-total", timeout=20000)
+        d = board.json("/api/fleet/whatif")  # the page's answer, kept
+        assert d["cached"] is True
+        hours = f"{d['candidate']['total']['worker_seconds'] / 3600:.2f}"
+        assert hours in page.inner_text("#whatif-candidate-total")
+        assert "Current settings" in page.inner_text("#whatif-current")
+        assert "Tuner's settings" in page.inner_text("#whatif-candidate")
+        wait_for(lambda: page.eval_on_selector_all(
+            "img.whatif-plot", "els => els.filter(e => e.naturalWidth > 0).length") == 2,
+            10, what="both plots to load")
+        page.screenshot(path=str(shots / "whatif.png"), full_page=True)
+        page.click("button[data-whatif-since='15m']")
+        wait_for(lambda: "since=15m" in page.url and page.input_value(
+            "#whatif-form input[name=since]") == "15m", 10, what="the 15-min window")
+        page.wait_for_selector("#whatif-status:not(:has-text('replaying'))", timeout=20000)
+        assert violations == []
+    finally:
+        page.close()

@@ -261,7 +261,8 @@ function whatifSide(side, d, other) {
     table([["Queue", (q) => esc(q.queue)], ["Tasks", (q) => num(q.tasks), "num"], ["Worker-h", (q) => num(q.worker_seconds / 3600, 2), "num"],
       ["Wait p95", (q) => age(q.wait_p95), "num"], ["SLO s", (q) => num(q.slo_violation_seconds), "num"],
       ["Scale events", (q) => num(q.scale_events), "num"], ["Max replicas", (q) => num(q.max_replicas), "num"]], side.queues, `whatif-${side.label}-queues`) +
-    (side.plot ? `<img class="whatif-plot" alt="${esc(title)}: backlog, replicas and wait per queue over the window" src="${esc(BASE + side.plot)}">` : "") +
+    (side.plot ? `<a href="${esc(BASE + side.plot)}" target="_blank" rel="noopener" title="open the plot full size">` +
+      `<img class="whatif-plot" alt="${esc(title)}: backlog, replicas and wait per queue over the window" src="${esc(BASE + side.plot)}"></a>` : "") +
     "</section>";
 }
 
@@ -475,6 +476,7 @@ document.addEventListener("submit", (e) => {
   const q = new URLSearchParams();
   for (const [k, v] of new FormData(e.target)) if (v.trim()) q.set(k, v.trim());
   const hash = "#/whatif?" + q;
+  document.activeElement.blur();  // render() leaves a page alone while its form has focus
   if (location.hash === hash) { whatif.key = null; render(); } else location.hash = hash;  // Replay again
 });
 document.addEventListener("click", (e) => {
@@ -482,6 +484,7 @@ document.addEventListener("click", (e) => {
   if (!b) return;
   const q = new URLSearchParams(location.hash.split("?")[1] || "");
   q.set("since", b.dataset.whatifSince); q.delete("until");
+  b.blur();
   location.hash = "#/whatif?" + q;
 });
 document.addEventListener("submit", (e) => {
