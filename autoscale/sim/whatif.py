@@ -41,7 +41,7 @@ def tuner_proposal(header: Header, tasks: list[Task], config: FleetConfig) -> Fl
         from autoscale.sim.tune import recommend
     except ImportError:
         raise WhatIfUnavailable("the tuner (autoscale.sim.tune) is not installed here: "
-                                "paste candidate settings instead") from None
+                                "give candidate settings instead") from None
     return recommend(header, tasks, config, trials=TUNER_TRIALS, seed=0,
                      startup=startup_for(config)).config
 

@@ -21,7 +21,13 @@ from fleet.dashboard.deps import ERRORS, CallerDep, GateDep, ServiceDep, role_ro
 from fleet.dashboard.downsample import TOP, WindowError
 from fleet.dashboard.gate import MAX_INT, Denied
 from fleet.dashboard.views import TaskFilter
-from fleet.dashboard.whatif import TTL, WhatIfBusy, WhatIfWindowError
+from fleet.dashboard.whatif import (
+    MAX_CANDIDATE,
+    TTL,
+    CandidateError,
+    WhatIfBusy,
+    WhatIfWindowError,
+)
 from fleet.whatif import WhatIfUnavailable
 
 viewer = role_router("viewer", tags=["fleet"])
@@ -198,15 +204,17 @@ def series(svc: ServiceDep, window: Literal["15m", "1h", "24h"] | None = None,
                        501: {"model": schemas.Error,
                              "description": "what-if is not available here"}})
 def whatif(svc: ServiceDep, since: str | None = None, until: str | None = None,
-           queue: Annotated[list[str] | None, Query()] = None):
+           queue: Annotated[list[str] | None, Query()] = None,
+           candidate: str | None = Query(None, max_length=MAX_CANDIDATE)):
     """The window ``since``..``until`` (durations ago, ``1h``, or ISO times; default the
-    last hour) replayed by the simulator under the current settings and the tuner's:
-    cost, waits, SLO seconds per side. Changes nothing, so a viewer may ask. A def, not
-    async: FastAPI runs it in its thread pool, and the seconds of simulation leave the
-    event loop serving every other page."""
+    last hour) replayed by the simulator under the current settings and the tuner's, or
+    ``candidate``'s (a queues.yaml fragment: ``queues``, ``autoscaler``): cost, waits,
+    SLO seconds per side. A GET: it changes nothing, so a viewer may ask (every POST is
+    an action). A def, not async: FastAPI runs it in its thread pool, and the seconds
+    of simulation leave the event loop serving every other page."""
     try:
-        return svc.whatif.answer(since, until, queue or ())
-    except WhatIfWindowError as exc:
+        return svc.whatif.answer(since, until, queue or (), candidate)
+    except (WhatIfWindowError, CandidateError) as exc:
         raise Denied(400, str(exc)) from None
     except WhatIfBusy as exc:
         raise Denied(429, str(exc), {"Retry-After": str(exc.retry_after)}) from None

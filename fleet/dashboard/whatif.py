@@ -24,9 +24,11 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-from fleet.config import FleetConfig
+import yaml
+
+from fleet.config import FleetConfig, parse_config
 from fleet.dashboard import traces
-from fleet.errors import FleetError
+from fleet.errors import ConfigError, FleetError
 from fleet.trace.model import Task
 from fleet.whatif import Outcome, Side, WhatIf, WhatIfUnavailable, ratios
 
@@ -42,6 +44,11 @@ NOT_WIRED = ("what-if is not configured in this dashboard: `fleet dashboard` and
 
 class WhatIfWindowError(FleetError):
     """A window that cannot be replayed; the message says why (400)."""
+
+
+class CandidateError(FleetError):
+    """Pasted candidate settings that are not a queues.yaml fragment of the settings a
+    what-if may change (400, with the file's problems)."""
 
 
 class WhatIfBusy(FleetError):
@@ -75,6 +82,49 @@ def window(since: str | None, until: str | None, now: float) -> tuple[float, flo
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+#: What a pasted candidate may set: the autoscaler's settings and the queues' (names
+#: queues.yaml has; a new queue would have no tasks, a queue's settings no other meaning).
+CANDIDATE_KEYS = ("queues", "autoscaler")
+MAX_CANDIDATE = 4000
+
+
+def candidate_config(current: FleetConfig, text: str) -> FleetConfig:
+    """The current settings with a pasted queues.yaml fragment over them, e.g.
+    ``queues: {io: {autoscaling: {max_replicas: 6}}}``, parsed and validated as
+    queues.yaml is (the same problems, the same messages)."""
+    if len(text) > MAX_CANDIDATE:
+        raise CandidateError(f"candidate settings: at most {MAX_CANDIDATE} characters")
+    try:
+        fragment = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CandidateError(f"candidate settings are not YAML: {exc}") from None
+    if not isinstance(fragment, dict) or not fragment:
+        raise CandidateError("candidate settings: expected a mapping such as "
+                             "queues: {io: {autoscaling: {max_replicas: 6}}}")
+    if extra := [k for k in fragment if k not in CANDIDATE_KEYS]:
+        raise CandidateError(f"candidate settings: {', '.join(map(str, extra))} cannot be "
+                             f"changed here (only {', '.join(CANDIDATE_KEYS)})")
+    queues = fragment.get("queues") or {}
+    if not isinstance(queues, dict):
+        raise CandidateError("candidate settings: queues must be a mapping of queue names")
+    if unknown := [q for q in queues if q not in current.queues]:
+        raise CandidateError(f"candidate settings: no queue {', '.join(map(repr, unknown))} "
+                             f"in {current.source} (queues: {', '.join(current.queues)})")
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = (merge(out[key], value) if isinstance(value, dict)
+                        and isinstance(out.get(key), dict) else value)
+        return out
+
+    try:
+        return parse_config(merge(current.model_dump(mode="json"), fragment),
+                            "candidate settings")
+    except ConfigError as exc:
+        raise CandidateError("; ".join(exc.lines())) from None
 
 
 def config_hash(config: FleetConfig) -> str:
@@ -121,9 +171,10 @@ class WhatIfRunner:
     # -- what the routes call ----------------------------------------------------------
 
     def answer(self, since: str | None = None, until: str | None = None,
-               queues: Iterable[str] = ()) -> dict[str, Any]:
-        """The what-if of the window (blocking: run it in a thread). Raises
-        WhatIfUnavailable, WhatIfWindowError or WhatIfBusy."""
+               queues: Iterable[str] = (), candidate: str | None = None) -> dict[str, Any]:
+        """The what-if of the window (blocking: run it in a thread), against the tuner's
+        settings or ``candidate`` (a pasted queues.yaml fragment). Raises
+        WhatIfUnavailable, WhatIfWindowError, CandidateError or WhatIfBusy."""
         if self.whatif is None:
             raise WhatIfUnavailable(NOT_WIRED)
         chosen = list(dict.fromkeys(q for part in queues for q in part.split(",") if q))
@@ -133,7 +184,9 @@ class WhatIfRunner:
                                     f"{', '.join(self.config.queues)})")
         now = self.clock()
         start, end = window(since, until, now)
-        key = self._key(since or DEFAULT_SINCE, until or "", chosen)
+        given = candidate_config(self.config, candidate) if candidate else None
+        key = self._key(since or DEFAULT_SINCE, until or "", chosen,
+                        config_hash(given) if given else "tuner")
         while True:
             if (kept := self._cached(key)) is not None:
                 return {**kept, "cached": True}
@@ -144,7 +197,7 @@ class WhatIfRunner:
             began = time.monotonic()
             with self._guard:
                 self._running = (key, began, threading.Event())
-            out, outcome = self._run(key, start, end, chosen, now)
+            out, outcome = self._run(key, start, end, chosen, now, given)
             out["seconds"] = round(time.monotonic() - began, 3)
             with self._guard:
                 self._kept[key] = (self.clock() + TTL, out, outcome)
@@ -169,9 +222,9 @@ class WhatIfRunner:
 
     # -- the parts ----------------------------------------------------------------------
 
-    def _key(self, since: str, until: str, queues: list[str]) -> str:
+    def _key(self, since: str, until: str, queues: list[str], candidate: str) -> str:
         text = "\x00".join([since.strip(), until.strip(), ",".join(sorted(queues)),
-                            config_hash(self.config)])
+                            config_hash(self.config), candidate])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _cached(self, key: str) -> dict[str, Any] | None:
@@ -199,8 +252,8 @@ class WhatIfRunner:
         raise WhatIfBusy(f"another what-if is running (for {busy_for:.0f} s); one runs at "
                          "a time: try again shortly", retry_after=max(1, round(busy_for)))
 
-    def _run(self, key: str, start: float, end: float, queues: list[str], now: float
-             ) -> tuple[dict[str, Any], Outcome | None]:
+    def _run(self, key: str, start: float, end: float, queues: list[str], now: float,
+             candidate: FleetConfig | None) -> tuple[dict[str, Any], Outcome | None]:
         # The config's queues only: a stored task of a queue queues.yaml no longer has
         # cannot be replayed under its settings.
         done = traces.export(self.config, self.database, since=start, until=end,
@@ -214,11 +267,11 @@ class WhatIfRunner:
             return {**base, "status": "empty",
                     "message": f"no tasks in this window ({_iso(start)} to "
                                f"{_iso(end)}): nothing to replay"}, None
-        outcome = self.whatif.replay(done.header, tasks, self.config)
+        outcome = self.whatif.replay(done.header, tasks, self.config, candidate=candidate)
         cur, cand = outcome.current, outcome.candidate
         return {**base, "status": "ok",
                 "message": f"{len(tasks)} tasks replayed under the current settings and "
-                           f"the {cand.source}'s",
+                           + ("the tuner's" if cand.source == "tuner" else "the candidate's"),
                 "current": side_json(cur, key), "candidate": side_json(cand, key),
                 "ratios": ratios(cand.total, cur.total),
                 "changes": changes(cur.config, cand.config),

@@ -190,6 +190,40 @@ def test_a_second_window_while_one_runs_is_429_and_the_same_one_waits(board):
     assert board.proposer.calls == 1
 
 
+def test_pasted_settings_are_the_candidate_instead_of_the_tuners(fleet, board):
+    since, until = board.t0, board.t0 + 3600
+    pasted = "queues:\n  default:\n    autoscaling: {max_replicas: 2}\n"
+    d = board.json("/api/fleet/whatif", params={"since": iso(since), "until": iso(until),
+                                                "candidate": pasted})
+    assert d["candidate"]["source"] == "given" and board.proposer.calls == 0
+    most = fleet.config.queues["default"].autoscaling.max_replicas
+    assert d["changes"] == [{"setting": "queues.default.autoscaling.max_replicas",
+                             "current": most, "candidate": 2}]
+    done = traces.export(fleet.config, board.url, since=since, until=until,
+                         queues=list(fleet.config.queues))
+    tasks = tasks_in_send_order(list(done.records))
+    cls = fleet.config.queues["default"]
+    config = fleet.config.model_copy(update={"queues": {**fleet.config.queues, "default":
+        cls.model_copy(update={"autoscaling": cls.autoscaling.model_copy(
+            update={"max_replicas": 2})})}})
+    total = Simulation(done.header, tasks, config, startup=STARTUP["local"]).run().total
+    assert d["candidate"]["total"]["worker_seconds"] == pytest.approx(total.worker_seconds)
+    assert d["candidate"]["total"]["max_replicas"] == total.max_replicas
+
+
+@pytest.mark.parametrize(("candidate", "says"), [
+    ("queues: {nosuch: {autoscaling: {max_replicas: 1}}}", "no queue 'nosuch'"),
+    ("dashboard: {max_tasks: 1}", "dashboard cannot be changed here"),
+    ("queues: {io: {autoscaling: {max_replicas: -1}}}",
+     "candidate settings: queues.io.autoscaling.max_replicas"),
+    ("[1, 2", "not YAML"),
+])
+def test_bad_pasted_settings_are_400_saying_why(board, candidate, says):
+    reply = board.get("/api/fleet/whatif", params={"candidate": candidate})
+    assert reply.status_code == 400, reply.text
+    assert says in reply.json()["error"]
+
+
 @pytest.mark.parametrize(("params", "says"), [
     ({"since": "banana"}, "since: expected a duration ago"),
     ({"since": "1h", "until": "2h"}, "the window is empty"),

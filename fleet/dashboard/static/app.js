@@ -232,6 +232,7 @@ function whatifQuery() {
   const f = new URLSearchParams(location.hash.split("?")[1] || "");
   const q = new URLSearchParams({since: f.get("since") || "1h"});
   if (f.get("until")) q.set("until", f.get("until"));
+  if (f.get("candidate")) q.set("candidate", f.get("candidate"));
   for (const name of (f.get("queue") || "").split(",").map((s) => s.trim()).filter(Boolean)) q.append("queue", name);
   return q;
 }
@@ -429,7 +430,9 @@ const pages = {
       `</span><input name="since" placeholder="since (1h or ISO time)" value="${esc(chosen)}">` +
       `<input name="until" placeholder="until (default now)" value="${esc(q.get("until"))}">` +
       `<input name="queue" placeholder="queues (default all)" value="${esc(q.getAll("queue").join(","))}">` +
-      `<button type="submit">Replay</button></form>` + whatifBody()};
+      `<button type="submit">Replay</button>` +
+      `<textarea name="candidate" rows="3" cols="60" placeholder="candidate settings instead of the tuner's (queues.yaml YAML), e.g. queues: {io: {autoscaling: {max_replicas: 6}}}">${esc(q.get("candidate"))}</textarea>` +
+      `</form>` + whatifBody()};
   },
   async audit() {
     const rows = await get("/api/fleet/audit");
