@@ -20,7 +20,7 @@ field would turn 60 into 60.0.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
@@ -363,7 +363,7 @@ class WhatIf(BaseModel):
     """A window replayed under the current settings and the candidate's."""
 
     #: ok, or empty: no tasks in the window (``message`` says so; no sides).
-    status: str
+    status: Literal["ok", "empty"]
     message: str
     #: The answer's id (its plots' paths hold it), epoch seconds of the window.
     run: str

@@ -30,7 +30,7 @@ from fleet.config import FleetConfig, parse_config
 from fleet.dashboard import traces
 from fleet.errors import ConfigError, FleetError
 from fleet.trace.model import Task
-from fleet.whatif import Outcome, Side, WhatIf, WhatIfUnavailable, ratios
+from fleet.whatif import Outcome, Side, UnavailableWhatIf, WhatIf, WhatIfUnavailable, ratios
 
 #: Seconds an answer is kept, and answers kept at most (each holds two SVG plots).
 TTL = 60.0
@@ -177,6 +177,8 @@ class WhatIfRunner:
         WhatIfUnavailable, WhatIfWindowError, CandidateError or WhatIfBusy."""
         if self.whatif is None:
             raise WhatIfUnavailable(NOT_WIRED)
+        if isinstance(self.whatif, UnavailableWhatIf):  # say so before any export
+            raise WhatIfUnavailable(self.whatif.reason)
         chosen = list(dict.fromkeys(q for part in queues for q in part.split(",") if q))
         if unknown := [q for q in chosen if q not in self.config.queues]:
             raise WhatIfWindowError(f"no queue {', '.join(map(repr, unknown))} in "
