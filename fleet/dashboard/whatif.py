@@ -156,6 +156,10 @@ def side_json(side: Side, run: str) -> dict[str, Any]:
 
 
 class WhatIfRunner:
+    """One per dashboard process (the rule of one run at a time is per process: each
+    dashboard replica has its own CPU); its answers and their plots in memory, since
+    they are a minute's worth and cheap to make again."""
+
     def __init__(self, config: FleetConfig, database: str, whatif: WhatIf | None, *,
                  clock: Callable[[], float] = time.time):
         self.config = config
