@@ -542,9 +542,12 @@ def dashboard(address: str, port: int, url_prefix: str, database: str | None,
                 update={"tokens": [*board.tokens, token]})})
         return config
 
+    from autoscale.sim import whatif  # the "what if" view's simulator and tuner
+
     server = DashboardServer(load(), address=address, port=port,
                              url_prefix=url_prefix, database=database,
-                             insecure=insecure_no_auth, log_level="info")
+                             insecure=insecure_no_auth, log_level="info",
+                             whatif=whatif.build())
 
     def reload(_signum, _frame):
         try:

@@ -332,8 +332,11 @@ def _start_dashboard(config: FleetConfig, workdir: Path, port: int | None, conso
     database = config.dashboard.database
     if database == type(config.dashboard)().database:
         database = f"sqlite:///{(workdir / 'dashboard.sqlite').resolve()}"
+    from autoscale.sim import whatif  # the "what if" view's simulator and tuner
+
     try:
-        board = DashboardServer(config, port=port, database=database)
+        board = DashboardServer(config, port=port, database=database,
+                                whatif=whatif.build())
     except PortTakenError:
         console.print(f"[yellow]port {port} is taken: no dashboard "
                       "(pass --dashboard-port)[/yellow]")

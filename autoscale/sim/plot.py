@@ -160,3 +160,15 @@ def save(fig, paths: Iterable[str | Path]) -> None:
         with rc_context({"svg.fonttype": "none", "svg.hashsalt": "fleet"}):
             fig.savefig(path, format=fmt, dpi=100,
                         metadata={"Date": None} if fmt == "svg" else None)
+
+
+def to_svg(fig) -> str:
+    """``fig`` as an SVG document, with ``save``'s settings (for a page, not a file)."""
+    from io import StringIO
+
+    from matplotlib import rc_context
+
+    out = StringIO()
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "fleet"}):
+        fig.savefig(out, format="svg", dpi=100, metadata={"Date": None})
+    return out.getvalue()

@@ -17,15 +17,35 @@ from starlette.responses import Response
 
 from fleet.dashboard import schemas
 from fleet.dashboard.auth import LEVEL
-from fleet.dashboard.deps import CallerDep, GateDep, ServiceDep, role_router
+from fleet.dashboard.deps import ERRORS, CallerDep, GateDep, ServiceDep, role_router
 from fleet.dashboard.downsample import TOP, WindowError
 from fleet.dashboard.gate import MAX_INT, Denied
 from fleet.dashboard.views import TaskFilter
+from fleet.dashboard.whatif import (
+    MAX_CANDIDATE,
+    TTL,
+    CandidateError,
+    WhatIfBusy,
+    WhatIfWindowError,
+)
+from fleet.whatif import WhatIfUnavailable
 
 viewer = role_router("viewer", tags=["fleet"])
 operator = role_router("operator", tags=["fleet"])
 admin = role_router("admin", tags=["fleet"])
 routers = (viewer, operator, admin)
+
+
+class SVGResponse(Response):
+    """A what-if plot; shown by the page as an image (no script runs in an <img>)."""
+
+    media_type = "image/svg+xml"
+
+
+#: Its refusals are JSON still; FastAPI would document them in the route's media type.
+JSON_REFUSALS = {status: {"description": answer["description"], "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for status, answer in ERRORS.items()}
 
 
 @viewer.get("/metrics", response_class=PlainTextResponse)
@@ -177,6 +197,42 @@ def series(svc: ServiceDep, window: Literal["15m", "1h", "24h"] | None = None,
         return svc.live.plots(window, since, until, queue, what, top)
     except WindowError as exc:
         raise Denied(400, str(exc)) from None
+
+
+@viewer.get("/api/fleet/whatif", response_model=schemas.WhatIf,
+            responses={429: {"model": schemas.Error, "description": "another what-if runs"},
+                       501: {"model": schemas.Error,
+                             "description": "what-if is not available here"}})
+def whatif(svc: ServiceDep, since: str | None = None, until: str | None = None,
+           queue: Annotated[list[str] | None, Query()] = None,
+           candidate: str | None = Query(None, max_length=MAX_CANDIDATE)):
+    """The window ``since``..``until`` (durations ago, ``1h``, or ISO times; default the
+    last hour) replayed by the simulator under the current settings and the tuner's, or
+    ``candidate``'s (a queues.yaml fragment: ``queues``, ``autoscaler``): cost, waits,
+    SLO seconds per side. A GET: it changes nothing, so a viewer may ask (every POST is
+    an action). A def, not async: FastAPI runs it in its thread pool, and the seconds
+    of simulation leave the event loop serving every other page."""
+    try:
+        return svc.whatif.answer(since, until, queue or (), candidate)
+    except (WhatIfWindowError, CandidateError) as exc:
+        raise Denied(400, str(exc)) from None
+    except WhatIfBusy as exc:
+        raise Denied(429, str(exc), {"Retry-After": str(exc.retry_after)}) from None
+    except WhatIfUnavailable as exc:
+        raise Denied(501, str(exc)) from None
+
+
+@viewer.get("/api/fleet/whatif/{run}/{side}.svg", response_class=SVGResponse,
+            responses={200: {"content": {"image/svg+xml": {}},
+                             "description": "the replay's plot"},
+                       **JSON_REFUSALS})
+def whatif_plot(svc: ServiceDep, run: str, side: Literal["current", "candidate"]):
+    """The plot of one side of a what-if answer, while the answer is kept (a minute)."""
+    svg = svc.whatif.plot(run, side)
+    if svg is None:
+        raise Denied(404, f"no what-if {run!r} kept (answers are kept {TTL:g} s): "
+                          "ask /api/fleet/whatif again")
+    return SVGResponse(svg)
 
 
 @operator.get("/api/fleet/audit", response_model=list[schemas.AuditEntry])

@@ -20,7 +20,7 @@ field would turn 60 into 60.0.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
@@ -322,6 +322,68 @@ class Plots(BaseModel):
     #: Figures by name (waiting, completion_rate, actual; rss): {} when not asked.
     queues: dict[str, Figure]
     workers: dict[str, Figure]
+
+
+class WhatIfFigures(BaseModel):
+    """One queue's (or the total's) figures in one replay (docs/tuning.md, "The
+    figures"): seconds, counts."""
+
+    queue: str
+    tasks: int
+    worker_seconds: float
+    wait_p50: float
+    wait_p95: float
+    wait_p99: float
+    slo_violation_seconds: float
+    scale_events: int
+    max_replicas: int
+    max_backlog: int
+
+
+class WhatIfSide(BaseModel):
+    #: current or candidate; where the settings came from (queues.yaml, tuner, given).
+    label: str
+    source: str
+    total: WhatIfFigures
+    #: The queues that had tasks in the window.
+    queues: list[WhatIfFigures]
+    #: Path (under the dashboard's base) of the replay's SVG plot; None: not drawn.
+    plot: str | None
+
+
+class WhatIfChange(BaseModel):
+    """A setting the candidate has otherwise: its dotted key in queues.yaml."""
+
+    setting: str
+    current: Any
+    candidate: Any
+
+
+class WhatIf(BaseModel):
+    """A window replayed under the current settings and the candidate's."""
+
+    #: ok, or empty: no tasks in the window (``message`` says so; no sides).
+    status: Literal["ok", "empty"]
+    message: str
+    #: The answer's id (its plots' paths hold it), epoch seconds of the window.
+    run: str
+    since: float
+    until: float
+    queues: list[str]
+    tasks: int
+    current: WhatIfSide | None
+    candidate: WhatIfSide | None
+    #: candidate / current of the totals' figures (None: the current one is 0).
+    ratios: dict[str, float | None]
+    changes: list[WhatIfChange]
+    #: Simulated seconds; tasks without a service time (not replayed).
+    simulated: float
+    skipped: int
+    notes: list[str]
+    #: When it was computed, in how many seconds, and whether this answer was kept.
+    computed_at: float
+    seconds: float
+    cached: bool
 
 
 class AuditEntry(BaseModel):

@@ -21,6 +21,7 @@ from fleet.dashboard.auth import Authenticator, is_loopback
 from fleet.dashboard.headers import SecurityHeaders
 from fleet.dashboard.service import DashboardService
 from fleet.errors import FleetError
+from fleet.whatif import WhatIf
 
 
 class UnsafeBindError(FleetError):
@@ -87,8 +88,9 @@ class DashboardServer:
 
     def __init__(self, config: FleetConfig, *, address: str = "127.0.0.1", port: int = 5555,
                  url_prefix: str = "", database: str | None = None, insecure: bool = False,
-                 log_level: str = "warning", auth: Authenticator | None = None):
-        self.svc = DashboardService(config, database, auth)
+                 log_level: str = "warning", auth: Authenticator | None = None,
+                 whatif: WhatIf | None = None):
+        self.svc = DashboardService(config, database, auth, whatif)
         check_bind(address, self.svc, insecure)
         self.listener = bind_listener(address, port)
         self.address, self.port = address, self.listener.getsockname()[1]

@@ -22,21 +22,27 @@ from fleet.dashboard.sessions import SessionStore
 from fleet.dashboard.store import Store
 from fleet.dashboard.throttle import LoginThrottle
 from fleet.dashboard.views import Views
+from fleet.dashboard.whatif import WhatIfRunner
 from fleet.keys import broker_client, workers_key
 from fleet.observe.metrics import parse_worker
+from fleet.whatif import WhatIf
 
 logger = logging.getLogger("fleet.dashboard")
 
 
 class DashboardService:
     def __init__(self, config: FleetConfig, database: str | None = None,
-                 auth: Authenticator | None = None):
+                 auth: Authenticator | None = None, whatif: WhatIf | None = None):
+        """``whatif``: what replays a window for the "what if" view, given by the
+        composition root (the simulator lives in autoscale/, which the dashboard may
+        not import); None: the view says it is not configured."""
         from fleet.factory import create_app
 
         self.config = config
         self.app = create_app(config)
         self.store = Store(database or config.dashboard.database)
         self.views = Views(self.store)
+        self.whatif = WhatIfRunner(config, database or config.dashboard.database, whatif)
         self.registry = CollectorRegistry()
         self.counters = EventCounters(self.registry)
         self.ingester = Ingester(config, self.store, on_batch=self.counters.observe,

@@ -37,11 +37,11 @@ class RunningDashboard:
 
 
 def start_dashboard(config, database: str, url_prefix: str = "", auth=None,
-                    address: str = "127.0.0.1") -> RunningDashboard:
+                    address: str = "127.0.0.1", whatif=None) -> RunningDashboard:
     # Port 0: the server binds a free port itself, before it is started (no race with
     # another test for a port picked earlier).
     server = DashboardServer(config, address=address, port=0, url_prefix=url_prefix,
-                             database=database, auth=auth).start()
+                             database=database, auth=auth, whatif=whatif).start()
     base = f"http://127.0.0.1:{server.port}{server.prefix}"
     session = requests.Session()
 

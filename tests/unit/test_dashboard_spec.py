@@ -21,12 +21,14 @@ from fastapi.routing import APIRoute
 
 from fleet.config import load_config
 from fleet.dashboard.api import create_api
+from fleet.dashboard.fleet_api import SVGResponse
 from fleet.dashboard.service import DashboardService
 from tests.conftest import ROOT
 
-#: Responses that are not JSON (the metrics text, pages, files, redirects, streams).
+#: Responses that are not JSON (the metrics text, pages, files, redirects, streams, the
+#: what-if plots).
 NOT_JSON = (PlainTextResponse, HTMLResponse, RedirectResponse, StreamingResponse,
-            FileResponse)
+            FileResponse, SVGResponse)
 #: (method, path) kept out of the spec, and why: none of them is part of the API.
 OUTSIDE_THE_SPEC = {
     ("GET", "/"), ("GET", "/docs"),  # the pages

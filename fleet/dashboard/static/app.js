@@ -4,7 +4,7 @@ const BASE = document.querySelector('meta[name="fleet-base"]').content;
 const CSRF = document.querySelector('meta[name="fleet-csrf"]').content;
 const REFRESH_MS = 2000;
 const $page = document.getElementById("page");
-let timer = null, busy = false;
+let timer = null, busy = false, shown = null;
 
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const num = (v, d = 0) => v == null ? "–" : Number(v).toFixed(d);
@@ -213,6 +213,78 @@ async function deadLetters() {
   ], d.entries, "dead-letters");
 }
 
+// -- What if: a window replayed by the simulator under the current settings and the
+// tuner's (GET /api/fleet/whatif). It runs once per window asked, not on every 2-s
+// refresh: the answer is kept here and the page re-drawn only when it changes (the
+// plots are images, which a redraw would fetch again).
+const WHATIF_WINDOWS = {"15m": "15 min", "1h": "1 h", "6h": "6 h", "24h": "24 h"};
+const FIGURES = [
+  ["Cost (worker-hours)", (f) => num(f.worker_seconds / 3600, 2), "worker_seconds"],
+  ["Wait p50", (f) => age(f.wait_p50), "wait_p50"], ["Wait p95", (f) => age(f.wait_p95), "wait_p95"],
+  ["Wait p99", (f) => age(f.wait_p99), "wait_p99"],
+  ["SLO violation (s)", (f) => num(f.slo_violation_seconds), "slo_violation_seconds"],
+  ["Scale events", (f) => num(f.scale_events), "scale_events"],
+  ["Max replicas", (f) => num(f.max_replicas), "max_replicas"], ["Max backlog", (f) => num(f.max_backlog), "max_backlog"],
+];
+const whatif = {key: null, data: null, error: null, running: false};
+
+function whatifQuery() {
+  const f = new URLSearchParams(location.hash.split("?")[1] || "");
+  const q = new URLSearchParams({since: f.get("since") || "1h"});
+  if (f.get("until")) q.set("until", f.get("until"));
+  if (f.get("candidate")) q.set("candidate", f.get("candidate"));
+  for (const name of (f.get("queue") || "").split(",").map((s) => s.trim()).filter(Boolean)) q.append("queue", name);
+  return q;
+}
+
+async function runWhatif(key) {
+  whatif.key = key; whatif.running = true; whatif.data = whatif.error = null;
+  try {
+    const r = await fetch(BASE + "/api/fleet/whatif?" + key, {credentials: "same-origin"});
+    if (r.status === 401) { location.href = BASE + "/login"; return; }
+    const body = await r.json().catch(() => ({error: r.statusText}));
+    if (whatif.key !== key) return;  // another window was asked meanwhile
+    if (r.ok) whatif.data = body; else whatif.error = {status: r.status, message: body.error || r.statusText};
+  } catch (err) {
+    if (whatif.key === key) whatif.error = {status: 0, message: err.message};
+  } finally {
+    if (whatif.key === key) { whatif.running = false; render(); }
+  }
+}
+
+function whatifSide(side, d, other) {
+  const title = side.label === "current" ? "Current settings" : side.source === "tuner" ? "Tuner's settings" : "Candidate settings";
+  const rows = FIGURES.map(([name, fmt, key]) => [name, fmt(side.total), other ? d.ratios[key] : undefined]);
+  const cols = [["Figure", (r) => esc(r[0])], ["Value", (r) => esc(r[1]), "num"]];
+  if (other) cols.push(["× current", (r) => r[2] == null ? "–" : esc(num(r[2], 2) + "×"), "num"]);
+  return `<section class="whatif-side" id="whatif-${esc(side.label)}"><h3>${esc(title)} <span class="plot-note">(${esc(side.source)})</span></h3>` +
+    table(cols, rows, `whatif-${side.label}-total`) +
+    table([["Queue", (q) => esc(q.queue)], ["Tasks", (q) => num(q.tasks), "num"], ["Worker-h", (q) => num(q.worker_seconds / 3600, 2), "num"],
+      ["Wait p95", (q) => age(q.wait_p95), "num"], ["SLO s", (q) => num(q.slo_violation_seconds), "num"],
+      ["Scale events", (q) => num(q.scale_events), "num"], ["Max replicas", (q) => num(q.max_replicas), "num"]], side.queues, `whatif-${side.label}-queues`) +
+    (side.plot ? `<a href="${esc(BASE + side.plot)}" target="_blank" rel="noopener" title="open the plot full size">` +
+      `<img class="whatif-plot" alt="${esc(title)}: backlog, replicas and wait per queue over the window" src="${esc(BASE + side.plot)}"></a>` : "") +
+    "</section>";
+}
+
+function whatifBody() {
+  if (whatif.running) return `<p id="whatif-status">replaying the window under both settings…</p>`;
+  if (whatif.error) {
+    const why = whatif.error.status === 501 ? "What-if is not available here: " : whatif.error.status === 429 ? "Busy: " : "";
+    return `<p id="whatif-status" class="error">${esc(why + whatif.error.message)}</p>`;
+  }
+  const d = whatif.data;
+  if (!d) return "";
+  const head = `<p id="whatif-status">${esc(d.message)} — ${esc(new Date(d.since * 1000).toLocaleString())} to ${esc(new Date(d.until * 1000).toLocaleString())}` +
+    `${d.cached ? " (kept answer)" : ""}, ${esc(num(d.seconds, 1))} s to compute.</p>`;
+  if (d.status !== "ok") return head;
+  return head + `<div class="whatif-sides">${whatifSide(d.current, d, false)}${whatifSide(d.candidate, d, true)}</div>` +
+    `<h3>What the candidate changes</h3>` + table([["Setting", (c) => esc(c.setting)], ["Current", (c) => esc(JSON.stringify(c.current))],
+      ["Candidate", (c) => esc(JSON.stringify(c.candidate))]], d.changes, "whatif-changes") +
+    (d.notes.length ? `<ul>${d.notes.map((n) => `<li>${esc(n)}</li>`).join("")}</ul>` : "") +
+    (d.skipped ? `<p class="plot-note">${esc(d.skipped)} tasks without a service time were not replayed.</p>` : "");
+}
+
 const pages = {
   async workers() {
     const ws = await get("/api/fleet/workers");
@@ -347,6 +419,21 @@ const pages = {
       ["Queue", (q) => esc(q.name) + (q.exists ? "" : " (no such queue)")], ["Messages", (q) => num(q.messages), "num"], ["Consumers", (q) => num(q.consumers), "num"],
     ], r.queues, "rabbitmq") : "");
   },
+  async whatif() {
+    const q = whatifQuery(), key = q.toString();
+    if (key !== whatif.key) runWhatif(key);  // not awaited: the page says it is running
+    const chosen = q.get("since");
+    return {keep: true, title: `<h2>What if</h2>`, html: `<p class="plot-note">The window's tasks (as <code>fleet trace export</code> has them) replayed by the simulator ` +
+      `under the current settings and under the tuner's: cost and waits side by side (docs/dashboard.md, "What if").</p>` +
+      `<form class="filters" id="whatif-form"><span class="windows" role="group" aria-label="window">` +
+      Object.entries(WHATIF_WINDOWS).map(([w, label]) => `<button type="button" data-whatif-since="${w}" aria-pressed="${w === chosen && !q.get("until")}">last ${label}</button>`).join("") +
+      `</span><input name="since" placeholder="since (1h or ISO time)" value="${esc(chosen)}">` +
+      `<input name="until" placeholder="until (default now)" value="${esc(q.get("until"))}">` +
+      `<input name="queue" placeholder="queues (default all)" value="${esc(q.getAll("queue").join(","))}">` +
+      `<button type="submit">Replay</button>` +
+      `<textarea name="candidate" rows="3" cols="60" placeholder="candidate settings instead of the tuner's (queues.yaml YAML), e.g. queues: {io: {autoscaling: {max_replicas: 6}}}">${esc(q.get("candidate"))}</textarea>` +
+      `</form>` + whatifBody()};
+  },
   async audit() {
     const rows = await get("/api/fleet/audit");
     return `<h2>Audit log</h2>` + table([["At", (r) => new Date(r.at * 1000).toLocaleString()], ["Who", (r) => `${esc(r.user)} (${esc(r.role)})`],
@@ -375,9 +462,10 @@ async function render() {
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("on", a.hash === "#/" + name);
   try {
     const out = await page(decodeURIComponent(rest.join("/")));
-    const {title = "", html = out, plots: kind = null} = typeof out === "string" ? {} : out;
+    const {title = "", html = out, plots: kind = null, keep = false} = typeof out === "string" ? {} : out;
     const active = document.activeElement && document.activeElement.closest("form") ? document.activeElement : null;
-    if (!active) { $title.innerHTML = title; $view.innerHTML = html; }
+    // keep: a page whose HTML did not change is left alone (the what-if plots stay).
+    if (!active && !(keep && title + html === shown)) { $title.innerHTML = title; $view.innerHTML = html; shown = title + html; }
     await plots.show(kind);
     document.getElementById("status").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (err) {
@@ -385,6 +473,23 @@ async function render() {
   }
 }
 
+document.addEventListener("submit", (e) => {
+  if (e.target.id !== "whatif-form") return;
+  e.preventDefault();
+  const q = new URLSearchParams();
+  for (const [k, v] of new FormData(e.target)) if (v.trim()) q.set(k, v.trim());
+  const hash = "#/whatif?" + q;
+  document.activeElement.blur();  // render() leaves a page alone while its form has focus
+  if (location.hash === hash) { whatif.key = null; render(); } else location.hash = hash;  // Replay again
+});
+document.addEventListener("click", (e) => {
+  const b = e.target.closest("button[data-whatif-since]");
+  if (!b) return;
+  const q = new URLSearchParams(location.hash.split("?")[1] || "");
+  q.set("since", b.dataset.whatifSince); q.delete("until");
+  b.blur();
+  location.hash = "#/whatif?" + q;
+});
 document.addEventListener("submit", (e) => {
   if (e.target.id !== "task-filters") return;
   e.preventDefault();
