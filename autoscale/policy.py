@@ -138,15 +138,20 @@ def stabilize(queue: QueueClass, name: str, current: int, recommended: int, now:
               history: History) -> tuple[int, str | None, tuple[tuple[float, int], ...]]:
     """Apply the windows, cooldown and step; return (desired, why held, kept recs)."""
     a = queue.autoscaling
-    horizon = now - max(a.scale_up_stabilization, a.scale_down_stabilization)
+    up, down = a.scale_up_stabilization, a.scale_down_stabilization
+    horizon = now - max(up, down)
     recs = (*_since(history.recommendations.get(name, ()), horizon), (now, recommended))
+    # ``recs`` is already cut at the longer window's start: filtering it again for that
+    # window keeps every pair, so only the shorter window is filtered (the same pairs,
+    # one pass fewer over up to window / interval of them per queue per poll).
     if recommended > current:
-        desired = max(current, min(map(_N, _since(recs, now - a.scale_up_stabilization))))
+        window = recs if up >= down else _since(recs, now - up)
+        desired = max(current, min(map(_N, window)))
         note = None if desired == recommended else (
             f"scale-up stabilization {format_duration(a.scale_up_stabilization)}")
         return desired, note, recs
     if recommended < current:
-        desired = max(map(_N, _since(recs, now - a.scale_down_stabilization)))
+        desired = max(map(_N, recs if down >= up else _since(recs, now - down)))
         if desired >= current:
             return current, (f"scale-down stabilization "
                              f"{format_duration(a.scale_down_stabilization)} (highest "

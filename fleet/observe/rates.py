@@ -78,8 +78,14 @@ class RateTracker:
     def _update_queue(self, prev: Observation | None, obs: Observation, name: str,
                       sample: QueueSample) -> QueueMetrics:
         workers = obs.workers_of(name)
-        running = sum(w.active for w in workers)
-        slots = sum(w.concurrency for w in workers)
+        # One pass over the workers for the three sums (the simulator calls this for
+        # every queue at every poll); added in the same order, so the same floats.
+        running = slots = 0
+        cpu = 0
+        for w in workers:
+            running += w.active
+            slots += w.concurrency
+            cpu += w.cpu_percent
         s = self.smoothed.setdefault(name, _Smoothed())
         if prev is not None and name in prev.queues and obs.at > prev.at:
             dt = obs.at - prev.at
@@ -106,7 +112,7 @@ class RateTracker:
             completion_rate=s.completion,
             service_time=s.service_time,
             workers=len(workers), slots=slots,
-            cpu_per_slot=(sum(w.cpu_percent for w in workers) / slots) if slots else 0.0,
+            cpu_per_slot=(cpu / slots) if slots else 0.0,
             memory_fraction=memory_fraction(self.config, name, workers),
         )
 
