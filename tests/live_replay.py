@@ -363,3 +363,11 @@ def all_tasks() -> list[Task]:
     """Every shape's tasks, each shape shifted by its offset: what the live run sends."""
     return [t.model_copy(update={"sent": t.sent + SHAPES[name][3]})
             for name in SHAPES for t in trace_of(name)[1]]
+
+
+def describe(c: Comparison) -> str:
+    """One line of the side-by-side table (the test's failure message, the bench)."""
+    return (f"{c.shape:<7} {c.tasks:>5}  worker-s live {c.live_worker_seconds:7.1f} sim "
+            f"{c.sim_worker_seconds:7.1f} ({c.worker_seconds_error:5.1%})  wait p95 live "
+            f"{c.live_p95:5.2f}s sim {c.sim_p95:5.2f}s ({c.p95_error:5.1%}, "
+            f"{c.sim_p95 - c.live_p95:+.2f}s)  start-up {c.startup:.2f}s")
