@@ -45,6 +45,9 @@ def grow(target_mb: int = 512, step_mb: int = 16, pause: float = 0.02) -> dict:
 
 @shared_task(name="tasks.heavy.sleep")
 def sleep(seconds: float = 1.0, tag: str = "") -> dict:
-    """Occupy a heavy slot for ``seconds`` (lease and scale-down tests)."""
+    """Occupy a slot for ``seconds`` (lease and scale-down tests, and trace replays on
+    any queue). ``started`` is this worker's clock as the task began: a replay's wait
+    (started - sent) needs it, and a result is delivered where an event may be lost."""
+    started = time.time()
     time.sleep(seconds)
-    return {"slept": seconds, "tag": tag}
+    return {"slept": seconds, "tag": tag, "started": started}

@@ -49,7 +49,8 @@ def test_runaway_task_is_stopped_mid_task_and_the_worker_goes_on(fleet):
     assert elapsed < 30
     assert runaway.state == "FAILURE"
     # The neighbour in the other pool process was not affected.
-    assert neighbour.get(timeout=30) == {"slept": 3, "tag": "neighbour"}
+    done = neighbour.get(timeout=30)
+    assert (done["slept"], done["tag"]) == (3, "neighbour")
     # The worker goes on serving.
     assert worker.alive()
     assert app.send_task("tasks.heavy.sleep", kwargs={"seconds": 0.1}).get(timeout=30)
