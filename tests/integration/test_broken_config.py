@@ -36,6 +36,7 @@ ARGS = {
     ("demo",): ["--workdir", "{tmp}/work"],
     ("autoscale",): ["--backend", "local", "--workdir", "{tmp}/work"],
     ("simulate",): ["{data}"],
+    ("tune",): ["{data}"],
     ("reconcile",): ["--once"],
     ("probe",): ["--queue", "default"],
     ("trace", "synth"): ["steady", "-o", "{tmp}/trace.jsonl"],
