@@ -98,9 +98,12 @@ def recommend(m: QueueMetrics, queue: QueueClass, current: int) -> tuple[int, st
     else:
         n = math.ceil(work / c)
         reason = f"{work} to run, service time not known yet: a slot for each"
-    busy = math.ceil(m.running / c)
+    # Tasks finishing on a worker that is shutting down need no replica in its place:
+    # counted, they started one for every busy worker a scale-down had stopped.
+    staying = m.running - m.draining
+    busy = math.ceil(staying / c)
     if busy > n:
-        n, reason = busy, f"{m.running} running need {busy}"
+        n, reason = busy, f"{staying} running need {busy}"
     if m.waiting and m.oldest_age is not None and m.oldest_age > a.target_wait \
             and n <= current:
         n, reason = current + 1, (f"oldest message waited {format_duration(m.oldest_age)},"

@@ -120,6 +120,11 @@ class Heartbeat:
             hub.call_soon(self._mark_loop)  # runs on the event loop's next iteration
         cpu, rss_main, rss_children = self._cpu_and_rss()
         active = len(worker_state.active_requests)
+        # Celery sets these to the exit code (0 for a warm stop: compare with None and
+        # False as celery.worker.state does) when asked to stop; the pool finishes its
+        # tasks meanwhile, and the reports go on until the worker_shutdown signal.
+        stopping = any(flag is not None and flag is not False for flag in
+                       (worker_state.should_stop, worker_state.should_terminate))
         return WorkerSample(
             held=held_job_tasks(),
             hostname=self.worker.hostname, queue=self.queue, pod=self.pod, pid=os.getpid(),
@@ -127,7 +132,8 @@ class Heartbeat:
             reserved=max(0, len(worker_state.reserved_requests) - active),
             processed=int(worker_state.all_total_count[0]), cpu_percent=round(cpu, 1),
             rss_main=rss_main, rss_children=rss_children,
-            memory_available=memory_available(), at=time.time(), loop_at=self.loop_at)
+            memory_available=memory_available(), at=time.time(), loop_at=self.loop_at,
+            draining=active if stopping else 0)
 
     def publish(self) -> WorkerSample:
         sample = self.sample()

@@ -39,6 +39,10 @@ class WorkerSample:
     #: Ids of the job tasks (fleet.jobs.ids) this worker runs or holds: what the
     #: reconciler must not send again, even when Redis lost its record of them.
     held: tuple[str, ...] = ()
+    #: Of ``active``, the tasks of a worker in warm shutdown (asked to stop: it finishes
+    #: them and takes no more). The backend no longer counts it as a replica, so its
+    #: tasks must not make the policy ask for one in its place.
+    draining: int = 0
 
 
 #: The JSON type each report field must have (bool is not a number here).
@@ -47,9 +51,9 @@ _REPORT_TYPES = {
     "concurrency": (int,), "active": (int,), "reserved": (int,), "processed": (int,),
     "cpu_percent": (int, float), "rss_main": (int,), "rss_children": (int,),
     "memory_available": (int,), "at": (int, float), "loop_at": (int, float, type(None)),
-    "held": (list,),
+    "held": (list,), "draining": (int,),
 }
-_REQUIRED = {f.name for f in fields(WorkerSample)} - {"loop_at", "held"}
+_REQUIRED = {f.name for f in fields(WorkerSample)} - {"loop_at", "held", "draining"}
 #: More held ids than any worker holds (concurrency x prefetch) means a broken report.
 MAX_HELD = 10_000
 
@@ -134,6 +138,8 @@ class QueueMetrics:
     #: queue's per-replica limit (None when unknown).
     cpu_per_slot: float
     memory_fraction: float | None
+    #: Of ``running``, the tasks of workers in warm shutdown (WorkerSample.draining).
+    draining: int = 0
 
     @property
     def backlog(self) -> int:

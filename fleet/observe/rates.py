@@ -10,6 +10,12 @@ per poll (what this was) let the policy size for four times the mean rate; a tim
 constant also keeps the smoothing the same whatever ``autoscaler.interval`` is. A burst
 does not wait for the smoothing: the policy drains the backlog itself.
 
+The averages start from nothing, bias-corrected (divided by the weight the span seen
+so far holds, ``1 - exp(-span / RATE_TIME_CONSTANT)``): so the first polls give the
+mean rate over what they saw. Primed with the first interval's rate instead (what this
+was), one task in the first 0.5 s poll read 2/s, and that decayed over a minute: a
+queue that had seen two tasks in 6 s was sized for 1.5 arrivals a second.
+
 The mean service time follows from Little's law over a window, not from the two
 smoothed rates: busy slot-seconds (tasks running, integrated over the polls) divided
 by the tasks completed in the same span. A ratio of EWMAs explodes when completions
@@ -45,12 +51,14 @@ WINDOW_POLLS = 64
 
 @dataclass
 class _Smoothed:
+    #: The moving averages from zero, and the weight they hold (see the module's
+    #: docstring): the rates are ``arrival / weight`` and ``completion / weight``.
     arrival: float = 0.0
     completion: float = 0.0
+    weight: float = 0.0
     #: The last positive Little's-law estimate: a window whose polls caught no task
     #: running (short tasks finish between samples) says nothing about how long one takes.
     service_time: float | None = None
-    primed: bool = False
     last_running: int = 0
     window: ServiceWindow = field(default_factory=lambda: ServiceWindow())
 
@@ -80,12 +88,13 @@ class RateTracker:
         workers = obs.workers_of(name)
         # One pass over the workers for the three sums (the simulator calls this for
         # every queue at every poll); added in the same order, so the same floats.
-        running = slots = 0
+        running = slots = draining = 0
         cpu = 0
         for w in workers:
             running += w.active
             slots += w.concurrency
             cpu += w.cpu_percent
+            draining += w.draining
         s = self.smoothed.setdefault(name, _Smoothed())
         if prev is not None and name in prev.queues and obs.at > prev.at:
             dt = obs.at - prev.at
@@ -94,12 +103,10 @@ class RateTracker:
             grown = (sample.waiting + sample.unacked) - (before.waiting + before.unacked)
             completion = done / dt
             arrival = max(0.0, (done + grown) / dt)
-            if s.primed:
-                alpha = -math.expm1(-dt / RATE_TIME_CONSTANT)
-                s.completion += alpha * (completion - s.completion)
-                s.arrival += alpha * (arrival - s.arrival)
-            else:
-                s.completion, s.arrival, s.primed = completion, arrival, True
+            alpha = -math.expm1(-dt / RATE_TIME_CONSTANT)
+            s.weight += alpha * (1.0 - s.weight)
+            s.completion += alpha * (completion - s.completion)
+            s.arrival += alpha * (arrival - s.arrival)
             # Busy slot-seconds of the interval: the running counts at its two ends,
             # averaged (what the polls can see of it).
             estimate = s.window.add((s.last_running + running) / 2 * dt, done)
@@ -108,12 +115,14 @@ class RateTracker:
         s.last_running = running
         return QueueMetrics(
             name=name, waiting=sample.waiting, unacked=sample.unacked, running=running,
-            oldest_age=sample.oldest_age, arrival_rate=s.arrival,
-            completion_rate=s.completion,
+            oldest_age=sample.oldest_age,
+            arrival_rate=s.arrival / s.weight if s.weight else 0.0,
+            completion_rate=s.completion / s.weight if s.weight else 0.0,
             service_time=s.service_time,
             workers=len(workers), slots=slots,
             cpu_per_slot=(cpu / slots) if slots else 0.0,
             memory_fraction=memory_fraction(self.config, name, workers),
+            draining=draining,
         )
 
 

@@ -3,6 +3,7 @@ the oldest message's age, worker self-reports; one round trip per poll."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -90,6 +91,28 @@ def test_a_dead_worker_drops_out(fleet, redis_client):
     # stale after 3 intervals + 5 s: gone from the poll, and from Redis.
     wait_for(lambda: not m.poll().workers_of("default"), 15, what="the worker to drop out")
     assert not redis_client.hexists(workers_key(fleet.config), worker.hostname)
+
+
+@pytest.mark.slow
+def test_a_worker_in_warm_shutdown_reports_its_tasks_as_draining(fleet, redis_client):
+    """SIGTERM: Celery finishes the running task; until it exits, the worker's reports
+    say that task is draining (the policy needs no replica for it)."""
+    fleet.configure({"autoscaler": {"worker_metrics_interval": "0.5s"}})
+    worker = fleet.start_worker("default")
+    m = metrics(fleet, redis_client)
+    result = fleet.app().send_task("tasks.heavy.sleep", kwargs={"seconds": 8},
+                                   queue="default")
+
+    def running():
+        return [w for w in m.poll().workers_of("default") if w.active == 1]
+
+    assert wait_for(running, 15, what="the task to run")[0].draining == 0
+    worker.proc.send_signal(signal.SIGTERM)
+    seen = wait_for(lambda: [w for w in running() if w.draining == 1], 10,
+                    what="a report with the task draining")
+    assert seen[0].hostname == worker.hostname
+    assert result.get(timeout=20)["slept"] >= 8  # finished, not lost
+    worker.proc.wait(timeout=20)
 
 
 @pytest.mark.slow

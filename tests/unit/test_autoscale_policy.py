@@ -23,9 +23,10 @@ HEAVY = CONFIG.queues["heavy"]  # concurrency 1
 
 
 def qm(name="default", waiting=0, unacked=0, running=0, oldest=None, arrival=0.0,
-       completion=0.0, service=None, workers=1, slots=2, cpu=10.0, memory=None):
+       completion=0.0, service=None, workers=1, slots=2, cpu=10.0, memory=None,
+       draining=0):
     return QueueMetrics(name, waiting, unacked, running, oldest, arrival, completion,
-                        service, workers, slots, cpu, memory)
+                        service, workers, slots, cpu, memory, draining)
 
 
 UNBOUNDED = Budget()
@@ -79,6 +80,19 @@ def test_activation_threshold_keeps_a_queue_at_zero():
 def test_never_scales_in_while_all_slots_are_busy():
     n, reason = recommend(qm(running=4, workers=2, slots=4, service=30.0, completion=0.1),
                           DEFAULT, 2)
+    assert n == 2 and reason.startswith("4 running need 2")
+
+
+def test_tasks_finishing_on_a_stopped_worker_do_not_ask_for_a_replica():
+    """A scale-down stopped a busy worker (warm: it finishes its 3 tasks): the one
+    replica left runs 1; 4 running would need 2 replicas, the 1 that stays needs 1.
+    (It started a replica in the stopped one's place, in the validation runs.)"""
+    m = qm(running=4, draining=3, workers=2, slots=4, service=1.0, arrival=0.5,
+           completion=1.0)
+    n, reason = recommend(m, DEFAULT, 1)
+    assert n == 1, reason
+    n, reason = recommend(qm(running=4, workers=2, slots=4, service=1.0, arrival=0.5,
+                             completion=1.0), DEFAULT, 1)
     assert n == 2 and reason.startswith("4 running need 2")
 
 

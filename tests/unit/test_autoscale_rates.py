@@ -48,8 +48,39 @@ def test_rates_are_smoothed_over_polls():
     tracker.update(obs(0.0, 0, 0, [worker("a", 0)]))
     tracker.update(obs(1.0, 0, 0, [worker("a", 10)]))
     m = tracker.update(obs(2.0, 0, 0, [worker("a", 10)]))["default"]
-    # One second of 0/s moves the average from 10/s by 1 - exp(-1/20) of the way.
-    assert m.completion_rate == pytest.approx(10.0 * math.exp(-1 / RATE_TIME_CONSTANT))
+    # A second at 10/s, then a second at 0/s: their mean, the newer weighing more
+    # (exp(-1/20) to 1), so a little under 5/s; not 10/s decaying.
+    q = math.exp(-1 / RATE_TIME_CONSTANT)
+    assert m.completion_rate == pytest.approx(10.0 * q / (1 + q))
+    assert 4.8 < m.completion_rate < 5.0
+
+
+def test_a_task_in_the_first_poll_is_not_read_as_a_rate_for_a_minute():
+    """The first interval primes nothing: one arrival in the first 0.5 s, then 5.5 s
+    of none, is one task in six seconds (it read 1.5/s when the first interval's 2/s
+    was the starting value of the average)."""
+    tracker = RateTracker(CONFIG)
+    tracker.update(obs(0.0, 0, 0, []))
+    tracker.update(obs(0.5, 1, 0, []))
+    at = 0.5
+    while at < 6.0:
+        at += 0.5
+        m = tracker.update(obs(at, 1, 0, []))["default"]
+    # About 1/6 s (a little less: the oldest second weighs exp(-5.5/20) of the newest).
+    assert 0.12 < m.arrival_rate < 1 / 6
+
+
+def test_after_a_long_span_the_average_is_the_plain_moving_average():
+    tracker = RateTracker(CONFIG)
+    tracker.update(obs(0.0, 0, 0, [worker("a", 0)]))
+    done, at = 0, 0.0
+    while at < 40 * RATE_TIME_CONSTANT:  # a steady 3/s for long
+        at += 2.0
+        done += 6
+        tracker.update(obs(at, 0, 0, [worker("a", done)]))
+    at += 2.0
+    m = tracker.update(obs(at, 0, 0, [worker("a", done)]))["default"]  # then 2 s of none
+    assert m.completion_rate == pytest.approx(3.0 * math.exp(-2 / RATE_TIME_CONSTANT))
 
 
 def test_the_smoothing_does_not_depend_on_the_poll_interval():
@@ -64,7 +95,10 @@ def test_the_smoothing_does_not_depend_on_the_poll_interval():
             at += step
             m = tracker.update(obs(at, 0, 0, [worker("a", 10)]))["default"]
         ends.append(m.completion_rate)
-    assert ends[0] == pytest.approx(ends[1]) == pytest.approx(10.0 * math.exp(-0.5))
+    # 10/s for the first of 11 seconds, weighed exp(-10/20) against the newest.
+    tau = RATE_TIME_CONSTANT
+    mean = 10.0 * -math.expm1(-1 / tau) * math.exp(-10 / tau) / -math.expm1(-11 / tau)
+    assert ends[0] == pytest.approx(ends[1]) == pytest.approx(mean)
 
 
 def test_a_restarted_or_vanished_worker_never_makes_a_negative_rate():
@@ -147,3 +181,11 @@ def test_the_window_stays_bounded_when_everything_completes():
         tracker.update(obs(float(i), 5, 1, [worker("a", 3 * i, active=1)]))
     # Three a poll: the shortest span with ten is four intervals, five marks.
     assert len(tracker.smoothed["default"].window.marks) == 5
+
+
+def test_tasks_of_workers_in_warm_shutdown_are_counted_as_draining():
+    stopping = WorkerSample("b", "default", "pod", 2, 2, 2, 0, 5, 50.0, 100, 200, 10**9, 0.0,
+                            draining=2)
+    tracker = RateTracker(CONFIG)
+    m = tracker.update(obs(0.0, 0, 3, [worker("a", 0), stopping]))["default"]
+    assert (m.running, m.draining) == (3, 2)
