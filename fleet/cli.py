@@ -648,6 +648,12 @@ def _plot_files(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
               help="A new replica's start-up delay: local, container, kubernetes or seconds.")
 @click.option("--startup-jitter", type=click.FloatRange(0, 1), default=0.0,
               help="Each start-up delay varies by up to this fraction (drawn with --seed).")
+@click.option("--startup-cores", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Replicas starting at once share N cores (local workers on one "
+                   "machine); default: each starts in its own time (pods on many nodes).")
+@click.option("--shutdown", type=click.FloatRange(min=0, max=86_400), default=2.0,
+              show_default=True, metavar="SECONDS",
+              help="A stopped replica's seconds from its last task to its exit (costed).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--compare", "baselines", default=None, metavar="NAME[,NAME]",
@@ -661,8 +667,9 @@ def _plot_files(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
               help="Draw backlog, replicas and wait per queue over time into FILE "
                    "(.png or .svg; repeatable), for the fleet's policy. Needs fleet[tune].")
 @pass_config_path
-def simulate(trace: str, startup: str, startup_jitter: float, seed: int, as_json: bool,
-             baselines: str | None, fixed_replicas: str | None, plots: tuple[str, ...],
+def simulate(trace: str, startup: str, startup_jitter: float, startup_cores: int | None,
+             shutdown: float, seed: int, as_json: bool, baselines: str | None,
+             fixed_replicas: str | None, plots: tuple[str, ...],
              config_path: str | None) -> None:
     """Replay a trace against queues.yaml's autoscaling (the real policy, simulated
     replicas): worker-seconds, waits, backlog, SLO violations and scale events.
@@ -698,7 +705,8 @@ def simulate(trace: str, startup: str, startup_jitter: float, seed: int, as_json
     header, records = read_trace(trace)
     tasks = tasks_in_send_order(records)
     began = time.monotonic()
-    options = {"startup": delay, "startup_jitter": startup_jitter, "seed": seed}
+    options = {"startup": delay, "startup_jitter": startup_jitter,
+               "startup_cores": startup_cores, "shutdown": shutdown, "seed": seed}
     sim = Simulation(header, tasks, config, record=bool(plots), **options)
     report = sim.run()
     compared = (compare(header, tasks, config, names, fixed_all=fixed_all, fixed=fixed,
@@ -710,7 +718,7 @@ def simulate(trace: str, startup: str, startup_jitter: float, seed: int, as_json
                           title=f"fleet simulate {Path(trace).name} (start-up {delay:g}s)")
         plot.save(fig, plots)
     if as_json:
-        out = {**report.as_dict(), "startup": delay, "seed": seed}
+        out = {**report.as_dict(), "startup": delay, "shutdown": shutdown, "seed": seed}
         if compared is not None:
             out["compare"] = compared.as_dict()
         click.echo(json.dumps(out))

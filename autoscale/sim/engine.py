@@ -27,7 +27,7 @@ from autoscale.sim.controllers import Controller, FleetController
 from autoscale.sim.errors import SimulationError
 from autoscale.sim.report import QueueReport, Report
 from autoscale.sim.series import Series
-from autoscale.sim.startup import STARTUP
+from autoscale.sim.startup import SHUTDOWN, STARTUP
 from fleet.config import FleetConfig, QueueClass
 from fleet.observe.model import Observation, QueueSample, WorkerSample
 from fleet.trace.model import Header, Task
@@ -59,6 +59,7 @@ class _Queue:
         "incarnation",
         "last_change",
         "last_direction",
+        "leaving",
         "name",
         "processed_live",
         "replicas",
@@ -92,6 +93,8 @@ class _Queue:
         self.replicas: list[Replica] = []
         self.sampled: dict[int, Replica] = {}
         self.running = 0
+        #: Of ``running``, the tasks of stopped (draining) replicas.
+        self.leaving = 0
         self.reserved = 0
         self.unstarted = 0
         self.processed_live = 0
@@ -107,7 +110,8 @@ class Simulation:
     """One run: ``Simulation(header, tasks, config, ...).run()`` returns a Report."""
 
     def __init__(self, header: Header, tasks: Iterable[Task], config: FleetConfig, *,
-                 startup: float = STARTUP["local"], startup_jitter: float = 0.0, seed: int = 0,
+                 startup: float = STARTUP["local"], startup_jitter: float = 0.0,
+                 startup_cores: int | None = None, shutdown: float = SHUTDOWN, seed: int = 0,
                  cpu_per_task: float = 0.0, rss: int = 0, aggregate_workers: bool = True,
                  drain_limit: float = DRAIN_LIMIT, controller: Controller | None = None,
                  record: bool = False):
@@ -122,6 +126,14 @@ class Simulation:
         self.interval = self.controller.interval
         self.startup = startup
         self.jitter = startup_jitter
+        if startup_cores is not None and startup_cores < 1:
+            raise SimulationError(f"start-up cores {startup_cores}: must be at least 1")
+        #: With ``startup_cores``, the replicas starting share that many cores (local
+        #: workers on one machine): replica id -> [replica, start-up work left, token].
+        self.cores = startup_cores
+        self._starting: dict[int, list] = {}
+        self._shared_at = 0.0
+        self.shutdown = shutdown
         self.random = random.Random(seed)
         self.cpu_per_task = cpu_per_task
         self.rss = rss
@@ -278,6 +290,7 @@ class Simulation:
             q.reserved -= 1
             self._start(q, r, r.reserved.popleft())
         if r.draining:
+            q.leaving -= 1
             if not r.running:
                 self._retire(q, r)
             return
@@ -298,7 +311,12 @@ class Simulation:
             delay = self.startup
             if self.jitter:
                 delay *= 1 + self.jitter * (2 * self.random.random() - 1)
-            self._push(self.now + delay, _READY, r)
+            if self.cores is None:
+                self._push(self.now + delay, _READY, r)
+            else:
+                self._share()
+                self._starting[r.id] = [r, delay, 0]
+                self._reschedule()
         if len(q.replicas) > n:
             # As the local backend: idle first (held messages), among equals the youngest.
             order = sorted(enumerate(q.replicas), key=lambda ir: (ir[1].held, -ir[0]))
@@ -312,7 +330,46 @@ class Simulation:
         self.max_total_replicas = max(self.max_total_replicas, self.counted)
         q.report.max_replicas = max(q.report.max_replicas, len(q.replicas))
 
-    def _ready(self, r: Replica) -> None:
+    # -- start-ups sharing the machine's cores ---------------------------------------
+
+    def _share(self) -> None:
+        """Charge the start-ups for the time since the last change: k of them on
+        ``cores`` cores each ran at min(1, cores / k) (processor sharing: importing
+        Celery is CPU work, and 6-10 workers starting at once on the 2-core machine took
+        4-8 s where one took 1-2 s)."""
+        starting = self._starting
+        if starting:
+            done = (self.now - self._shared_at) * min(1.0, self.cores / len(starting))
+            for entry in starting.values():
+                entry[1] -= done
+        self._shared_at = self.now
+
+    def _reschedule(self) -> None:
+        """A start-up began or ended: every other one's end moves (the old events are
+        left on the heap and ignored: their token is out of date)."""
+        starting = self._starting
+        if not starting:
+            return
+        rate = min(1.0, self.cores / len(starting))
+        for entry in starting.values():
+            entry[2] += 1
+            self._push(self.now + max(0.0, entry[1]) / rate, _READY, (entry[0], entry[2]))
+
+    def _started_sharing(self, event: tuple[Replica, int]) -> Replica | None:
+        r, token = event
+        entry = self._starting.get(r.id)
+        if entry is None or entry[2] != token:
+            return None
+        self._share()
+        del self._starting[r.id]
+        self._reschedule()
+        return r
+
+    def _ready(self, r) -> None:
+        if isinstance(r, tuple):
+            r = self._started_sharing(r)
+            if r is None:
+                return
         if r.gone:
             return  # stopped while starting
         q = self.queues[r.queue]
@@ -324,6 +381,10 @@ class Simulation:
 
     def _stop(self, q: _Queue, r: Replica) -> None:
         if not r.ready:
+            if r.id in self._starting:  # the others share the cores from now
+                self._share()
+                del self._starting[r.id]
+                self._reschedule()
             self._gone(q, r)
             return
         r.draining = True
@@ -332,6 +393,7 @@ class Simulation:
             q.reserved -= len(r.reserved)
             q.waiting.extendleft(reversed(r.reserved))
             r.reserved.clear()
+        q.leaving += r.running
         if not r.running:
             self._retire(q, r)
 
@@ -348,8 +410,11 @@ class Simulation:
         self._gone(q, r)
 
     def _gone(self, q: _Queue, r: Replica) -> None:
+        """It takes nothing more; it costs until it has exited: ``shutdown`` seconds
+        more for a worker that had started (one stopped while it was still starting
+        dies of the signal at once)."""
         r.gone = True
-        q.report.worker_seconds += self.now - r.created
+        q.report.worker_seconds += self.now - r.created + (self.shutdown if r.ready else 0.0)
 
     # -- polls --------------------------------------------------------------------
 
@@ -390,7 +455,8 @@ class Simulation:
 
         One sample per queue is what makes a day of 1,000 replicas fast, and it gives
         ``decide`` the same figures, because the rates and the policy read only sums
-        and maxima of the workers: running (sum of active), slots (sum of concurrency),
+        and maxima of the workers: running (sum of active; draining, the sum of the
+        stopped replicas' running), slots (sum of concurrency),
         completions (sum of per-worker counter deltas: see below), memory (the largest,
         and every replica's is ``rss``) and CPU, which ``saturation`` reads only as
         ``cpu_per_slot * slots / workers`` = the mean per worker: the one sample
@@ -412,14 +478,15 @@ class Simulation:
                 out.extend(
                     WorkerSample(f"{name}-{r.id}@sim", name, "sim", r.id, q.concurrency,
                                  r.running, len(r.reserved), r.processed, cpu * r.running,
-                                 rss, 0, 0, self.now)
+                                 rss, 0, 0, self.now,
+                                 draining=r.running if r.draining else 0)
                     for r in q.sampled.values())
                 continue
             n = len(q.sampled)
             out.append(WorkerSample(
                 f"{name}@sim", name, "sim", q.incarnation, q.concurrency * n, q.running,
                 q.reserved, q.processed_live + q.retired_processed, cpu * q.running / n,
-                rss, 0, 0, self.now))
+                rss, 0, 0, self.now, draining=q.leaving))
         return out
 
     # -- the end ------------------------------------------------------------------

@@ -117,6 +117,90 @@ def test_warm_scale_down_finishes_running_tasks_and_returns_prefetched_ones():
     assert replica.gone and replica.processed == 1  # it finished its task, took no other
 
 
+def step(sim: Simulation, t: float) -> None:
+    """The simulator's clock at ``t`` (advance stops at the last event before it), for
+    a scale call made by hand at that time."""
+    sim.advance(t)
+    sim.now = t
+
+
+def ready_times(sim: Simulation, until: float) -> list[float]:
+    """When each replica became ready (the simulator's clock), stepping 10 ms."""
+    seen: dict[int, float] = {}
+    t = 0.0
+    while t < until:
+        t = round(t + 0.01, 2)
+        sim.advance(t)
+        for q in sim.queues.values():
+            for r in q.replicas:
+                if r.ready and r.id not in seen:
+                    seen[r.id] = t
+    return [seen[i] for i in sorted(seen)]
+
+
+def test_startups_share_the_cores_of_one_machine():
+    """Four workers starting at once on two cores take twice one's start-up; one that
+    starts later shares while the others run, then runs alone."""
+    cfg = config({"a": fixed(0)}, autoscaler={"interval": "1000s"})
+    sim = Simulation(header(100), [], cfg, startup=2.0, startup_cores=2)
+    step(sim, 0.0)
+    sim.scale("a", 4)
+    assert ready_times(sim, 6.0) == pytest.approx([4.0] * 4, abs=0.011)
+    # Two start at 0 (each at full speed: 2 cores), a third at 1 s: from then three
+    # share two cores. The first two have 1 s of work left at 2/3 speed: done at 2.5 s;
+    # the third did 1.5 x 2/3 = 1 s of its 2 by then, the rest alone: at 3.5 s.
+    sim = Simulation(header(100), [], cfg, startup=2.0, startup_cores=2)
+    step(sim, 0.0)
+    sim.scale("a", 2)
+    step(sim, 1.0)
+    sim.scale("a", 3)
+    assert ready_times(sim, 6.0) == pytest.approx([2.5, 2.5, 3.5], abs=0.011)
+    # Without the option, start-ups are independent (pods on a cluster's nodes).
+    sim = Simulation(header(100), [], cfg, startup=2.0)
+    step(sim, 0.0)
+    sim.scale("a", 4)
+    assert ready_times(sim, 6.0) == pytest.approx([2.0] * 4, abs=0.011)
+
+
+def test_a_replica_stopped_while_starting_frees_its_share():
+    cfg = config({"a": fixed(0)}, autoscaler={"interval": "1000s"})
+    sim = Simulation(header(100), [], cfg, startup=2.0, startup_cores=1)
+    step(sim, 0.0)
+    sim.scale("a", 2)  # each at half speed
+    step(sim, 1.0)
+    sim.scale("a", 1)  # the youngest goes: the other has 1.5 s of work left, alone
+    assert ready_times(sim, 4.0) == pytest.approx([2.5], abs=0.011)
+    with pytest.raises(SimulationError, match="at least 1"):
+        Simulation(header(100), [], cfg, startup_cores=0)
+
+
+def test_a_stopped_replica_costs_its_shutdown_and_one_stopped_starting_does_not():
+    cfg = config({"a": fixed(0)}, autoscaler={"interval": "1000s"})
+    for shutdown in (0.0, 2.5):
+        sim = Simulation(header(100), [], cfg, startup=1.0, shutdown=shutdown)
+        step(sim, 0.0)
+        sim.scale("a", 2)
+        step(sim, 10.0)
+        sim.scale("a", 1)       # a ready, idle replica: 10 s + shutdown
+        sim.scale("a", 2)
+        step(sim, 10.5)
+        sim.scale("a", 1)       # stopped while starting: 0.5 s, nothing more
+        assert sim.queues["a"].report.worker_seconds == pytest.approx(10.5 + shutdown)
+
+
+def test_the_tasks_of_a_stopped_replica_are_reported_as_draining():
+    """They finish (warm), and the policy must not start a replica for them."""
+    tasks = [task(1.0, 50.0), task(1.0, 50.0)]
+    sim = Simulation(header(400), tasks, config({"a": fixed(1, concurrency=2)}),
+                     startup=0.0)
+    step(sim, 5.0)
+    sim.backend.scale("a", 0, [])
+    (sample,) = sim._worker_samples()
+    assert (sample.active, sample.draining) == (2, 2)
+    sim.advance(60.0)
+    assert sim.queues["a"].leaving == 0
+
+
 def test_prefetched_messages_are_held_not_free_capacity():
     # Two replicas of one slot. A long task, then short ones: with prefetch, the long
     # task's replica holds every other short one while the other replica idles.
@@ -251,6 +335,37 @@ def test_the_command_reports_per_queue_and_in_total(tmp_path):
     done = CliRunner().invoke(cli, args)
     assert done.exit_code == 0, done.output
     assert [line.split()[0] for line in done.output.splitlines()[1:3]] == ["a", "total"]
+
+
+def test_the_command_takes_startup_cores_and_shutdown(tmp_path):
+    """A burst on a queue that starts four replicas: sharing one core, their start-ups
+    take longer and the tasks wait longer; a longer shutdown costs more."""
+    from click.testing import CliRunner
+
+    from fleet.cli import cli
+
+    lines = [{"kind": "task", "queue": "a", "name": "t", "sent": 10, "service": 5}
+             for _ in range(40)]
+    cfg = tmp_path / "queues.yaml"
+    cfg.write_text("version: 1\ndefault_queue: a\nqueues:\n  a: {concurrency: 2, "
+                   "autoscaling: {min_replicas: 0, max_replicas: 4, "
+                   "scale_down_stabilization: 10s, cooldown: 2s}}\n")
+    base = ["simulate", str(_trace_file(tmp_path, lines)), "--config", str(cfg),
+            "--startup", "3", "--json"]
+
+    def run(*extra):
+        done = CliRunner().invoke(cli, [*base, *extra])
+        assert done.exit_code == 0, done.output
+        return json.loads(done.output)
+
+    alone, shared = run(), run("--startup-cores", "1")
+    assert shared["total"]["wait_p95"] > alone["total"]["wait_p95"]
+    long_stop = run("--shutdown", "30")
+    assert long_stop["shutdown"] == 30.0
+    assert long_stop["total"]["worker_seconds"] > alone["total"]["worker_seconds"]
+    for bad in (["--startup-cores", "0"], ["--shutdown", "-1"]):
+        done = CliRunner().invoke(cli, [*base, *bad])
+        assert done.exit_code == 2 and bad[0] in done.output, done.output
 
 
 def test_a_bad_trace_line_is_exit_2_naming_file_and_line(tmp_path):
