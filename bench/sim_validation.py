@@ -38,8 +38,8 @@ def one_run() -> None:
             keys = list(client.scan_iter(match=f"{prefix}*"))
             if keys:
                 client.unlink(*keys)
-        for shape in live_replay.SHAPES:
-            print(live_replay.describe(live_replay.compare(shape, run, fleet.config)))
+        for comparison in live_replay.compare(run, fleet.config):
+            print(live_replay.describe(comparison))
         print(f"(live run {time.monotonic() - began:.0f}s wall)")
 
 

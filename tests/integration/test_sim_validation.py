@@ -14,27 +14,26 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-#: The tolerances (docs/tuning.md says why): worker-seconds within 20% of the live
-#: figure; wait p95 within 30%, or within 0.75 s when that is more (a poll interval of
-#: phase, which the live loop has against the trace and the simulator has not, plus the
-#: pool's first message after Celery's "ready."). The goal was 15%.
+#: The tolerances (docs/tuning.md, "Validation against the live fleet", says why and
+#: what the runs reached): worker-seconds within 20% of the live figure (the goal was
+#: 15%: 17 of 18 shape-runs were within it, the worst 15.8%); wait p95 within 25%, or
+#: within half a second (one poll interval) when that is more: a compressed p95 is
+#: often under 2 s, where a poll's phase against a send is a quarter of it.
 WORKER_SECONDS = 0.20
-P95 = 0.30
-P95_FLOOR = 0.75
+P95 = 0.25
+P95_FLOOR = 0.5
 
 
-@pytest.mark.skip(reason="not yet robust: 2 of 3 runs pass; steady's worker-seconds "
-                  "differed by 29% in one (the policy's choice of 3 vs 4 replicas near "
-                  "a threshold). Run by hand: python bench/sim_validation.py --runs 3")
-@pytest.mark.timeout(270)
+@pytest.mark.timeout(420)
 def test_the_simulator_matches_the_live_fleet_on_three_shapes(fleet, monkeypatch):
     monkeypatch.chdir(ROOT)
     config = fleet.configure(live_replay.overrides())
     run = live_replay.run_live(fleet, live_replay.all_tasks(), live_replay.WINDOW,
                                fleet.tmp_path / "work")
-    results = [live_replay.compare(shape, run, config) for shape in live_replay.SHAPES]
+    results = live_replay.compare(run, config)
     table = "\n".join(live_replay.describe(c) for c in results)
     for c in results:
+        # Every task ran once on the live side, and the simulator replayed as many.
         assert len([w for q in live_replay.SHAPES[c.shape][2]
                     for w in run.waits.get(q, [])]) == c.tasks, table
         assert c.worker_seconds_error <= WORKER_SECONDS, table
