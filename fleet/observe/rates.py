@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from fleet.config import FleetConfig
-from fleet.observe.model import Observation, QueueMetrics, QueueSample
+from fleet.observe.model import Observation, QueueMetrics, QueueSample, WorkerSample
 
 logger = logging.getLogger("fleet.observe.rates")
 
@@ -86,10 +86,12 @@ class RateTracker:
             running += w.active
             slots += w.concurrency
             cpu += w.cpu_percent
-        s = self.smoothed.setdefault(name, _Smoothed())
+        s = self.smoothed.get(name)
+        if s is None:
+            s = self.smoothed[name] = _Smoothed()
         if prev is not None and name in prev.queues and obs.at > prev.at:
             dt = obs.at - prev.at
-            done = completed_between(prev, obs, name)
+            done = _completed(prev.workers_of(name), workers, bool(prev.workers))
             before = prev.queues[name]
             grown = (sample.waiting + sample.unacked) - (before.waiting + before.unacked)
             completion = done / dt
@@ -106,14 +108,14 @@ class RateTracker:
             if estimate is not None:
                 s.service_time = estimate
         s.last_running = running
+        # Positional, in QueueMetrics' field order: keywords cost a microsecond more per
+        # queue per poll, a simulated day of 100 queues makes 4.3 million of them.
         return QueueMetrics(
-            name=name, waiting=sample.waiting, unacked=sample.unacked, running=running,
-            oldest_age=sample.oldest_age, arrival_rate=s.arrival,
-            completion_rate=s.completion,
-            service_time=s.service_time,
-            workers=len(workers), slots=slots,
-            cpu_per_slot=(cpu / slots) if slots else 0.0,
-            memory_fraction=memory_fraction(self.config, name, workers),
+            name, sample.waiting, sample.unacked, running,  # name .. running
+            sample.oldest_age, s.arrival, s.completion,  # oldest_age .. completion_rate
+            s.service_time, len(workers), slots,  # service_time, workers, slots
+            (cpu / slots) if slots else 0.0,  # cpu_per_slot
+            memory_fraction(self.config, name, workers),
         )
 
 
@@ -153,15 +155,22 @@ class ServiceWindow:
 
 def completed_between(prev: Observation, obs: Observation, queue: str) -> int:
     """Tasks the queue's workers finished between two polls, worker by worker."""
-    before = {w.hostname: w for w in prev.workers_of(queue)}
+    return _completed(prev.workers_of(queue), obs.workers_of(queue), bool(prev.workers))
+
+
+def _completed(earlier: list[WorkerSample], workers: list[WorkerSample], seen_any: bool
+               ) -> int:
+    """completed_between of one queue's workers then (``earlier``) and now; ``seen_any``:
+    the earlier poll saw workers of any queue."""
+    before = {w.hostname: w for w in earlier}
     total = 0
-    for worker in obs.workers_of(queue):
+    for worker in workers:
         old = before.get(worker.hostname)
         if old is None or old.pid != worker.pid or worker.processed < old.processed:
             # New (or restarted) since the last poll: all it did is new. A worker the
             # poller first sees after a long life would overcount once; it is only
             # possible on the autoscaler's first polls after a restart of its own.
-            total += worker.processed if prev.workers else 0
+            total += worker.processed if seen_any else 0
         else:
             total += worker.processed - old.processed
     return total
