@@ -88,13 +88,14 @@ def recommend(m: QueueMetrics, queue: QueueClass, current: int) -> tuple[int, st
     c = queue.concurrency
     backlog = m.backlog
     work = backlog + m.running
-    floor = f"; min_replicas {a.min_replicas}" if a.min_replicas else ""
     if current == 0 and m.running == 0 and m.waiting < max(1, a.activation_threshold):
+        floor = f"; min_replicas {a.min_replicas}" if a.min_replicas else ""
         if m.waiting:
             return a.min_replicas, (f"{m.waiting} waiting, below the activation threshold "
                                     f"of {a.activation_threshold}{floor}")
         return a.min_replicas, f"idle{floor}"
     if work == 0:
+        floor = f"; min_replicas {a.min_replicas}" if a.min_replicas else ""
         return a.min_replicas, f"idle: nothing waiting or running{floor}"
     if m.service_time is not None and m.service_time > _EPS:
         # Slots busy with what arrives (Little's law), plus slots to drain the backlog
@@ -250,11 +251,12 @@ def decide(now: float, metrics: dict[str, QueueMetrics], current: dict[str, int]
     reasons: dict[str, str] = {}
     recs: dict[str, Recommendations] = {}
     urgency: dict[str, float] = {}
+    queues = config.queues
     for name, m in metrics.items():
         now_n = current.get(name, 0)
         try:
             wanted[name], reasons[name], recs[name], urgency[name] = _decide_queue(
-                name, m, config.queues[name], now_n, now, history)
+                name, m, queues[name], now_n, now, history)
         except Exception as exc:
             # A figure no rule foresaw must not stop the other queues (nor the loop):
             # this queue keeps what it runs until its figures make sense again.
@@ -268,12 +270,13 @@ def decide(now: float, metrics: dict[str, QueueMetrics], current: dict[str, int]
     for name in metrics:
         now_n = current.get(name, 0)
         reason = reasons[name]
-        if granted[name] < wanted[name]:
-            reason += (f"; capped at {granted[name]} by the capacity budget "
+        n = granted[name]
+        if n < wanted[name]:
+            reason += (f"; capped at {n} by the capacity budget "
                        f"(cpu {budget.cpu}, memory {budget.memory})")
-        if granted[name] != now_n:
+        if n != now_n:
             last_change[name] = now
-        decisions.append(ScaleDecision(name, now_n, granted[name], reason))
+        decisions.append(ScaleDecision(name, now_n, n, reason))
     return decisions, History(recs, last_change)
 
 

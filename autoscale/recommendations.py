@@ -32,11 +32,13 @@ _COMPACT = 512
 class _Track:
     """What the successive Recommendations of one queue share."""
 
-    __slots__ = ("down", "highs", "latest", "lows", "pairs", "up")
+    __slots__ = ("down", "highs", "last", "latest", "longest", "lows", "pairs", "up")
 
     def __init__(self, pairs: list, up: float, down: float) -> None:
         self.pairs = pairs
-        self.up, self.down = up, down
+        self.up, self.down, self.longest = up, down, max(up, down)
+        #: The newest pair's time.
+        self.last = pairs[-1][0]
         #: (time, n) of the up window, n rising (its front the lowest, the earliest of
         #: equals first, as min() picks), and of the down window, n falling.
         self.lows: deque = deque()
@@ -83,14 +85,15 @@ class Recommendations(Sequence):
         ``lowest()`` is of the last ``up`` seconds, its ``highest()`` of ``down``."""
         track = self._track
         if track is None or track.latest is not self or track.up != up \
-                or track.down != down or not now >= self._pairs[self._hi - 1][0]:
+                or track.down != down or not now >= track.last:
             return self._add_slowly(now, n, up, down)
-        pairs, lo = self._pairs, self._lo
-        horizon = now - max(up, down)
-        while lo < self._hi and not pairs[lo][0] >= horizon:
+        pairs, lo, hi = self._pairs, self._lo, self._hi
+        horizon = now - track.longest
+        while lo < hi and not pairs[lo][0] >= horizon:
             lo += 1
         pair = (now, n)
         pairs.append(pair)
+        track.last = now
         lows, highs = track.lows, track.highs
         while lows and lows[-1][1] > n:
             lows.pop()
