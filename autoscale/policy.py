@@ -17,9 +17,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from itertools import compress, repeat
-from operator import itemgetter, le
 
+from autoscale.recommendations import Recommendations
 from fleet.config import FleetConfig, QueueClass
 from fleet.observe import overrides
 from fleet.observe.model import Observation, QueueMetrics, ScaleDecision
@@ -31,15 +30,15 @@ logger = logging.getLogger("autoscale.policy")
 #: saturated: the policy holds it and, with a backlog, adds one.
 SATURATION = 0.9
 _EPS = 1e-9
-_TIME, _N = itemgetter(0), itemgetter(1)
 
 
 @dataclass(frozen=True)
 class History:
     """What the policy remembers between polls (returned anew, never mutated)."""
 
-    #: queue -> (time, recommendation) pairs still inside a stabilization window
-    recommendations: dict[str, tuple[tuple[float, int], ...]] = field(default_factory=dict)
+    #: queue -> (time, recommendation) pairs still inside a stabilization window (a
+    #: Recommendations; a tuple of pairs is taken too)
+    recommendations: dict[str, Recommendations] = field(default_factory=dict)
     #: queue -> time its replica count last changed
     last_change: dict[str, float] = field(default_factory=dict)
 
@@ -54,10 +53,22 @@ class Budget:
 
 def replica_cost(queue: QueueClass) -> tuple[float, int]:
     """CPU cores and memory bytes one replica requests (limits if no requests)."""
+    # Kept per (frozen) QueueClass: saturation() asks for every queue at every poll.
+    known = _COSTS.get(id(queue))
+    if known is not None and known[0] is queue:
+        return known[1]
     res = queue.kubernetes.resources
     cpu = cpu_cores(res.requests.cpu) or cpu_cores(res.limits.cpu) or 0.0
     memory = res.requests.memory or res.limits.memory or 0
+    if len(_COSTS) >= 4096:
+        _COSTS.clear()
+    _COSTS[id(queue)] = (queue, (cpu, memory))
     return cpu, memory
+
+
+#: id(QueueClass) -> (it, its replica_cost); the class is held so that its id is not
+#: reused while it is here.
+_COSTS: dict[int, tuple[QueueClass, tuple[float, int]]] = {}
 
 
 def budget_from(config: FleetConfig, available: Budget | None = None) -> Budget:
@@ -75,14 +86,16 @@ def recommend(m: QueueMetrics, queue: QueueClass, current: int) -> tuple[int, st
     """Replicas this queue needs now, before stabilization and budget, and why."""
     a = queue.autoscaling
     c = queue.concurrency
-    work = m.backlog + m.running
-    floor = f"; min_replicas {a.min_replicas}" if a.min_replicas else ""
+    backlog = m.backlog
+    work = backlog + m.running
     if current == 0 and m.running == 0 and m.waiting < max(1, a.activation_threshold):
+        floor = f"; min_replicas {a.min_replicas}" if a.min_replicas else ""
         if m.waiting:
             return a.min_replicas, (f"{m.waiting} waiting, below the activation threshold "
                                     f"of {a.activation_threshold}{floor}")
         return a.min_replicas, f"idle{floor}"
     if work == 0:
+        floor = f"; min_replicas {a.min_replicas}" if a.min_replicas else ""
         return a.min_replicas, f"idle: nothing waiting or running{floor}"
     if m.service_time is not None and m.service_time > _EPS:
         # Slots busy with what arrives (Little's law), plus slots to drain the backlog
@@ -90,11 +103,11 @@ def recommend(m: QueueMetrics, queue: QueueClass, current: int) -> tuple[int, st
         # them all at once (sized as a rate, 2 waiting tasks of 27 s with a 10 s target
         # asked for 5.4 slots).
         keep_up = m.arrival_rate * m.service_time
-        drain = min(m.backlog * m.service_time / max(a.target_wait, _EPS), m.backlog)
+        drain = min(backlog * m.service_time / max(a.target_wait, _EPS), backlog)
         n = math.ceil((keep_up + drain) / c - _EPS)
-        reason = (f"backlog {m.backlog}, arrivals {m.arrival_rate:.2f}/s, service "
+        reason = (f"backlog {backlog}, arrivals {m.arrival_rate:.2f}/s, service "
                   f"{m.service_time:.2f}s: {n} to keep up and drain within "
-                  f"{format_duration(a.target_wait)}")
+                  f"{_duration(a.target_wait)}")
     else:
         n = math.ceil(work / c)
         reason = f"{work} to run, service time not known yet: a slot for each"
@@ -107,10 +120,10 @@ def recommend(m: QueueMetrics, queue: QueueClass, current: int) -> tuple[int, st
     if m.waiting and m.oldest_age is not None and m.oldest_age > a.target_wait \
             and n <= current:
         n, reason = current + 1, (f"oldest message waited {format_duration(m.oldest_age)},"
-                                  f" over the target {format_duration(a.target_wait)}")
+                                  f" over the target {_duration(a.target_wait)}")
     saturated = saturation(m, queue)
     if saturated:
-        if m.backlog and n <= current:
+        if backlog and n <= current:
             n, reason = current + 1, f"workers saturated ({saturated}) with a backlog"
         elif n < current:
             n, reason = current, f"workers saturated ({saturated}): hold"
@@ -138,42 +151,50 @@ def saturation(m: QueueMetrics, queue: QueueClass) -> str | None:
 
 
 def stabilize(queue: QueueClass, name: str, current: int, recommended: int, now: float,
-              history: History) -> tuple[int, str | None, tuple[tuple[float, int], ...]]:
+              history: History) -> tuple[int, str | None, Recommendations]:
     """Apply the windows, cooldown and step; return (desired, why held, kept recs)."""
     a = queue.autoscaling
     up, down = a.scale_up_stabilization, a.scale_down_stabilization
-    horizon = now - max(up, down)
-    recs = (*_since(history.recommendations.get(name, ()), horizon), (now, recommended))
-    # ``recs`` is already cut at the longer window's start: filtering it again for that
-    # window keeps every pair, so only the shorter window is filtered (the same pairs,
-    # one pass fewer over up to window / interval of them per queue per poll).
+    kept = history.recommendations.get(name, ())
+    if not isinstance(kept, Recommendations):
+        kept = Recommendations(kept)
+    # The pairs since now - max(up, down), and the extremes of each window
+    # (autoscale/recommendations.py keeps them without filtering every pair each poll).
+    recs = kept.add(now, recommended, up, down)
     if recommended > current:
-        window = recs if up >= down else _since(recs, now - up)
-        desired = max(current, min(map(_N, window)))
+        desired = max(current, recs.lowest())
         note = None if desired == recommended else (
-            f"scale-up stabilization {format_duration(a.scale_up_stabilization)}")
+            f"scale-up stabilization {_duration(a.scale_up_stabilization)}")
         return desired, note, recs
     if recommended < current:
-        desired = max(map(_N, recs if down >= up else _since(recs, now - down)))
+        desired = recs.highest()
         if desired >= current:
             return current, (f"scale-down stabilization "
-                             f"{format_duration(a.scale_down_stabilization)} (highest "
+                             f"{_duration(a.scale_down_stabilization)} (highest "
                              f"recommendation {desired})"), recs
         since = now - history.last_change.get(name, -math.inf)
         if since < a.cooldown:
             return current, (f"cooldown: changed {format_duration(since)} ago, "
-                             f"{format_duration(a.cooldown)} needed"), recs
+                             f"{_duration(a.cooldown)} needed"), recs
         stepped = max(desired, current - a.scale_down_step)
         note = None if stepped == desired else f"step of {a.scale_down_step}"
         return stepped, note, recs
     return current, None, recs
 
 
-def _since(recs: tuple[tuple[float, int], ...], start: float):
-    """The (time, n) pairs of ``recs`` at or after ``start``, in order. Iterated in C
-    (compress/map): a window of 300 s at a 2 s interval is 150 pairs per queue per poll,
-    the policy's largest cost in a simulation of thousands of polls."""
-    return compress(recs, map(le, repeat(start), map(_TIME, recs)))
+def _duration(seconds: float) -> str:
+    """``format_duration`` of a setting (target_wait, a window, the cooldown), kept:
+    the reasons word the same few for every queue at every poll. Only positive values
+    are kept (0.0 and -0.0 are equal keys, and read "0s" and "-0s")."""
+    text = _DURATIONS.get(seconds)
+    if text is None:
+        text = format_duration(seconds)
+        if seconds > 0 and len(_DURATIONS) < 4096:
+            _DURATIONS[seconds] = text
+    return text
+
+
+_DURATIONS: dict[float, str] = {}
 
 
 def fit_budget(config: FleetConfig, wanted: dict[str, int], current: dict[str, int],
@@ -209,7 +230,7 @@ def fit_budget(config: FleetConfig, wanted: dict[str, int], current: dict[str, i
 
 
 def _decide_queue(name: str, m: QueueMetrics, queue: QueueClass, now_n: int, now: float,
-                  history: History) -> tuple[int, str, tuple[tuple[float, int], ...], float]:
+                  history: History) -> tuple[int, str, Recommendations, float]:
     """One queue's (wanted replicas, reason, kept recommendations, urgency)."""
     recommended, reason = recommend(m, queue, now_n)
     desired, held, recs = stabilize(queue, name, now_n, recommended, now, history)
@@ -231,13 +252,14 @@ def decide(now: float, metrics: dict[str, QueueMetrics], current: dict[str, int]
     budget = budget if budget is not None else budget_from(config)
     wanted: dict[str, int] = {}
     reasons: dict[str, str] = {}
-    recs: dict[str, tuple[tuple[float, int], ...]] = {}
+    recs: dict[str, Recommendations] = {}
     urgency: dict[str, float] = {}
+    queues = config.queues
     for name, m in metrics.items():
         now_n = current.get(name, 0)
         try:
             wanted[name], reasons[name], recs[name], urgency[name] = _decide_queue(
-                name, m, config.queues[name], now_n, now, history)
+                name, m, queues[name], now_n, now, history)
         except Exception as exc:
             # A figure no rule foresaw must not stop the other queues (nor the loop):
             # this queue keeps what it runs until its figures make sense again.
@@ -251,12 +273,13 @@ def decide(now: float, metrics: dict[str, QueueMetrics], current: dict[str, int]
     for name in metrics:
         now_n = current.get(name, 0)
         reason = reasons[name]
-        if granted[name] < wanted[name]:
-            reason += (f"; capped at {granted[name]} by the capacity budget "
+        n = granted[name]
+        if n < wanted[name]:
+            reason += (f"; capped at {n} by the capacity budget "
                        f"(cpu {budget.cpu}, memory {budget.memory})")
-        if granted[name] != now_n:
+        if n != now_n:
             last_change[name] = now
-        decisions.append(ScaleDecision(name, now_n, granted[name], reason))
+        decisions.append(ScaleDecision(name, now_n, n, reason))
     return decisions, History(recs, last_change)
 
 
@@ -270,7 +293,11 @@ def decide_poll(obs: Observation, metrics: dict[str, QueueMetrics], current: dic
     held = obs.overrides
     decisions, history = decide(obs.at, metrics, current, overrides.apply(config, held),
                                 history, budget)
-    decisions = [replace(d, reason=d.reason + "; paused from the dashboard")
-                 if held.get(d.queue, overrides.Override()).paused else d
-                 for d in decisions]
+    if held:
+        decisions = [replace(d, reason=d.reason + "; paused from the dashboard")
+                     if held.get(d.queue, _NOT_HELD).paused else d
+                     for d in decisions]
     return decisions, history
+
+
+_NOT_HELD = overrides.Override()

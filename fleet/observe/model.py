@@ -8,9 +8,37 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 
+def _filled_at_once(cls):
+    """A frozen dataclass whose ``__init__`` fills the instance's ``__dict__`` in one
+    step: the generated one sets each field through ``object.__setattr__`` (frozen
+    forbids plain assignment), about 0.2 us a field, and the simulator makes a
+    QueueSample, a WorkerSample and a QueueMetrics per queue per poll (4.3 million of
+    each in a simulated day of 100 queues). Same parameters, defaults and instances."""
+    names, params, defaults = [], [], {}
+    for f in fields(cls):
+        if f.default_factory is not MISSING or f.kw_only or not f.init:
+            raise TypeError(f"{cls.__name__}.{f.name}: only plain fields are filled at once")
+        names.append(f.name)
+        if f.default is MISSING:
+            params.append(f.name)
+        else:
+            defaults[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+    source = (f"def __init__(self, {', '.join(params)}):\n"
+              f"    self.__dict__.update({', '.join(f'{n}={n}' for n in names)})\n")
+    namespace = dict(defaults)
+    exec(source, namespace)
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__module__ = cls.__module__
+    cls.__init__ = init
+    return cls
+
+
+@_filled_at_once
 @dataclass(frozen=True)
 class WorkerSample:
     """One worker's self-report (published by its main process every few seconds)."""
@@ -90,6 +118,7 @@ def parse_report(raw: bytes | str) -> WorkerSample:
     return WorkerSample(**data, held=tuple(held))
 
 
+@_filled_at_once
 @dataclass(frozen=True)
 class QueueSample:
     """One queue as Redis shows it at one instant."""
@@ -117,6 +146,7 @@ class Observation:
         return [w for w in self.workers if w.queue == queue]
 
 
+@_filled_at_once
 @dataclass(frozen=True)
 class QueueMetrics:
     """A queue's figures over the last interval: a sample plus rates from history."""
@@ -147,6 +177,7 @@ class QueueMetrics:
         return self.waiting + max(0, self.unacked - self.running)
 
 
+@_filled_at_once
 @dataclass(frozen=True)
 class ScaleDecision:
     queue: str

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import pytest
 
 from fleet.config import parse_config
-from fleet.observe.model import Observation, QueueSample, WorkerSample
+from fleet.observe.model import (
+    Observation,
+    QueueMetrics,
+    QueueSample,
+    ScaleDecision,
+    WorkerSample,
+)
 from fleet.observe.rates import (
     RATE_TIME_CONSTANT,
     WINDOW_POLLS,
@@ -189,3 +197,23 @@ def test_tasks_of_workers_in_warm_shutdown_are_counted_as_draining():
     tracker = RateTracker(CONFIG)
     m = tracker.update(obs(0.0, 0, 3, [worker("a", 0), stopping]))["default"]
     assert (m.running, m.draining) == (3, 2)
+
+
+def test_the_models_filled_at_once_are_the_frozen_dataclasses_they_were():
+    # fleet/observe/model.py replaces their generated __init__: same parameters,
+    # defaults, keywords, equality, hash and immutability.
+    w = WorkerSample("h", "q", "pod", 1, 2, 3, 4, 5, 0.5, 6, 7, 8, 9.0)
+    assert w.loop_at is None and w.held == ()
+    assert w == WorkerSample(hostname="h", queue="q", pod="pod", pid=1, concurrency=2,
+                             active=3, reserved=4, processed=5, cpu_percent=0.5,
+                             rss_main=6, rss_children=7, memory_available=8, at=9.0)
+    assert hash(w) == hash(dataclasses.replace(w))
+    assert [p.name for p in inspect.signature(WorkerSample).parameters.values()] == \
+        [f.name for f in dataclasses.fields(WorkerSample)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        w.pid = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        ScaleDecision("q", 1, 2)  # type: ignore[call-arg]
+    m = QueueMetrics("q", 1, 2, 3, None, 0.1, 0.2, None, 1, 2, 0.0, None)
+    assert dataclasses.asdict(m)["unacked"] == 2 and m.backlog == 1
+    assert w.draining == 0 and m.draining == 0
