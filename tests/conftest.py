@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -23,6 +24,11 @@ import yaml
 
 from fleet.config import ENV_KEY_PREFIX, FleetConfig, load_config
 from fleet.processes import WorkerProcess, stop_all
+
+if TYPE_CHECKING:
+    import docker
+
+    from tests.docker_util import DockerEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("FLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -234,3 +240,19 @@ def postgres_url():
     yield f"postgresql://postgres@127.0.0.1/{name}"
     admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     admin.close()
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> DockerEngine:
+    """A Docker engine and the fleet image of this tree, from .ci/docker-engine (installs
+    and starts the engine when root, reuses what runs); fails with its message if not."""
+    from tests.docker_util import start_engine
+
+    return start_engine()
+
+
+@pytest.fixture(scope="session")
+def docker_client(docker_engine: DockerEngine) -> Iterator[docker.DockerClient]:
+    client = docker_engine.client()
+    yield client
+    client.close()
