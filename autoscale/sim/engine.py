@@ -355,17 +355,21 @@ class Simulation:
             entry[2] += 1
             self._push(self.now + max(0.0, entry[1]) / rate, _READY, (entry[0], entry[2]))
 
+    def _stop_sharing(self, r: Replica) -> None:
+        """``r`` is no longer starting (ready, or stopped): the others share from now."""
+        self._share()
+        del self._starting[r.id]
+        self._reschedule()
+
     def _started_sharing(self, event: tuple[Replica, int]) -> Replica | None:
         r, token = event
         entry = self._starting.get(r.id)
         if entry is None or entry[2] != token:
             return None
-        self._share()
-        del self._starting[r.id]
-        self._reschedule()
+        self._stop_sharing(r)
         return r
 
-    def _ready(self, r) -> None:
+    def _ready(self, r: Replica | tuple[Replica, int]) -> None:
         if isinstance(r, tuple):
             r = self._started_sharing(r)
             if r is None:
@@ -381,10 +385,8 @@ class Simulation:
 
     def _stop(self, q: _Queue, r: Replica) -> None:
         if not r.ready:
-            if r.id in self._starting:  # the others share the cores from now
-                self._share()
-                del self._starting[r.id]
-                self._reschedule()
+            if r.id in self._starting:
+                self._stop_sharing(r)
             self._gone(q, r)
             return
         r.draining = True

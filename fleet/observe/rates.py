@@ -137,7 +137,8 @@ class RateTracker:
         )
 
     def _memory_fraction(self, name: str, workers: list[WorkerSample]) -> float | None:
-        """memory_fraction, with each queue's limit looked up once per config."""
+        """The fullest worker's memory as a fraction of its pod's memory limit, each
+        queue's limit looked up once per config."""
         limits = self._limits
         if limits is None or limits[0] is not self.config:
             limits = self._limits = (self.config, {})
@@ -218,10 +219,3 @@ def _grown(old: WorkerSample | None, worker: WorkerSample, seen_any: bool) -> in
         return worker.processed if seen_any else 0
     return worker.processed - old.processed
 
-
-def memory_fraction(config: FleetConfig, queue: str, workers) -> float | None:
-    """The fullest worker's memory as a fraction of its pod's memory limit."""
-    limit = _memory_limit(config, queue)
-    if not limit or not workers:
-        return None
-    return max((w.rss_main + w.rss_children) / limit for w in workers)

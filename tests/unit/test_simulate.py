@@ -155,6 +155,11 @@ def test_startups_share_the_cores_of_one_machine():
     step(sim, 1.0)
     sim.scale("a", 3)
     assert ready_times(sim, 6.0) == pytest.approx([2.5, 2.5, 3.5], abs=0.011)
+    # The validation harness fits start-ups with its own copy of the model: the same.
+    from tests.live_replay import shared_startups
+
+    assert shared_startups([0.0] * 4, 2.0, 2) == pytest.approx([4.0] * 4)
+    assert shared_startups([0.0, 0.0, 1.0], 2.0, 2) == pytest.approx([2.5, 2.5, 2.5])
     # Without the option, start-ups are independent (pods on a cluster's nodes).
     sim = Simulation(header(100), [], cfg, startup=2.0)
     step(sim, 0.0)
