@@ -506,6 +506,8 @@ class Comparison:
     startup: float
     tasks: int
     shutdown: float = SHUTDOWN
+    #: Where the simulator's p95 falls among the live waits (their mid-rank, 0..1).
+    sim_p95_rank: float = 0.95
 
     @staticmethod
     def error(live: float, sim: float) -> float:
@@ -519,6 +521,21 @@ class Comparison:
     def p95_error(self) -> float:
         return self.error(self.live_p95, self.sim_p95)
 
+    @property
+    def p95_rank_tolerance(self) -> float:
+        """Two standard errors of an empirical 95th percentile's rank over ``tasks``
+        waits: how far the simulator's p95 may sit from the live 95 % by chance alone."""
+        return 2 * math.sqrt(0.95 * 0.05 / max(1, self.tasks))
+
+
+def mid_rank(values: list[float], x: float) -> float:
+    """The fraction of ``values`` below ``x``, ties counted half (0..1)."""
+    if not values:
+        return 0.0
+    below = sum(1 for v in values if v < x)
+    equal = sum(1 for v in values if v == x)
+    return (below + equal / 2) / len(values)
+
 
 def compare(run: LiveRun, config: FleetConfig) -> list[Comparison]:
     """Each shape, live beside simulated: a simulation of its trace, on its queues, with
@@ -529,13 +546,14 @@ def compare(run: LiveRun, config: FleetConfig) -> list[Comparison]:
     for shape, (_, _, queues, offset) in SHAPES.items():
         startup = startup_work(run, cores, queues)
         report = simulate(*aligned(shape, run, config), startup, shutdown, cores)
+        waits = [max(0.0, w) for q in queues for w in run.waits.get(q, [])]
+        sim_p95 = report.total.waits.quantile(0.95)
         out.append(Comparison(
             shape,
             sum(run.worker_seconds(q, offset, DURATION) for q in queues),
             sum(report.queues[q].worker_seconds for q in queues),
-            p95([w for q in queues for w in run.waits.get(q, [])]),
-            report.total.waits.quantile(0.95), startup, len(trace_of(shape)[1]),
-            shutdown))
+            p95(waits), sim_p95, startup, len(trace_of(shape)[1]), shutdown,
+            mid_rank(waits, sim_p95)))
     return out
 
 
@@ -550,5 +568,5 @@ def describe(c: Comparison) -> str:
     return (f"{c.shape:<7} {c.tasks:>5}  worker-s live {c.live_worker_seconds:7.1f} sim "
             f"{c.sim_worker_seconds:7.1f} ({c.worker_seconds_error:5.1%})  wait p95 live "
             f"{c.live_p95:5.2f}s sim {c.sim_p95:5.2f}s ({c.p95_error:5.1%}, "
-            f"{c.sim_p95 - c.live_p95:+.2f}s)  start-up {c.startup:.2f}s shut-down "
-            f"{c.shutdown:.2f}s")
+            f"{c.sim_p95 - c.live_p95:+.2f}s, live q{c.sim_p95_rank:.3f})  "
+            f"start-up {c.startup:.2f}s shut-down {c.shutdown:.2f}s")

@@ -18,7 +18,11 @@ pytestmark = pytest.mark.slow
 #: what the runs reached): worker-seconds within 20% of the live figure (the goal was
 #: 15%: 17 of 18 shape-runs were within it, the worst 15.8%); wait p95 within 25%, or
 #: within half a second (one poll interval) when that is more: a compressed p95 is
-#: often under 2 s, where a poll's phase against a send is a quarter of it.
+#: often under 2 s, where a poll's phase against a send is a quarter of it. Or else
+#: the simulator's p95 must be a live quantile within two standard errors of the 95th
+#: (Comparison.p95_rank_tolerance: +-3.3 points at 177 tasks): where the waits are
+#: bimodal (mixed: most tasks find a warm slot, a few wait for a start-up), one task
+#: more or less above the gap moves a p95 by a second, and only its rank is stable.
 WORKER_SECONDS = 0.20
 P95 = 0.25
 P95_FLOOR = 0.5
@@ -37,4 +41,5 @@ def test_the_simulator_matches_the_live_fleet_on_three_shapes(fleet, monkeypatch
         assert len([w for q in live_replay.SHAPES[c.shape][2]
                     for w in run.waits.get(q, [])]) == c.tasks, table
         assert c.worker_seconds_error <= WORKER_SECONDS, table
-        assert abs(c.sim_p95 - c.live_p95) <= max(P95 * c.live_p95, P95_FLOOR), table
+        assert (abs(c.sim_p95 - c.live_p95) <= max(P95 * c.live_p95, P95_FLOOR)
+                or abs(c.sim_p95_rank - 0.95) <= c.p95_rank_tolerance), table

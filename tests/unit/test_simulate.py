@@ -436,3 +436,17 @@ def test_scale_down_stops_the_idle_replica_and_polls_count_held_messages():
     assert (m.waiting, m.running, m.slots) == (0, 1, 1)
     # 13 came after the scale-down: the one replica left took it into its buffer too.
     assert (m.unacked, m.backlog, len(busy.reserved)) == (3, 2, 2)
+
+
+def test_the_validations_rank_band_passes_a_quantile_near_the_95th_and_no_other():
+    from tests.live_replay import Comparison, mid_rank
+
+    waits = [0.0] * 150 + [0.3] * 17 + [1.3] * 10  # bimodal, as the mixed shape's
+    assert mid_rank(waits, 0.0) == pytest.approx(75 / 177)
+    assert mid_rank(waits, 0.95) == pytest.approx(167 / 177)
+    assert mid_rank(waits, 9.0) == 1.0
+    c = Comparison("mixed", 1.0, 1.0, 0.3, 0.95, 1.0, 177, sim_p95_rank=167 / 177)
+    assert c.p95_rank_tolerance == pytest.approx(0.0328, abs=1e-4)
+    assert abs(c.sim_p95_rank - 0.95) <= c.p95_rank_tolerance
+    far = Comparison("mixed", 1.0, 1.0, 0.3, 9.0, 1.0, 177, sim_p95_rank=1.0)
+    assert abs(far.sim_p95_rank - 0.95) > far.p95_rank_tolerance
