@@ -54,6 +54,13 @@ _SIGNAL = re.compile(r"signal (\d+)(?: \((\w+)\))?")
 _EXIT = re.compile(r"exitcode (-?\d+)")
 
 
+def killed_by_sigkill(text: str) -> bool:
+    """billiard's text says the pool process died of SIGKILL (the kernel's OOM killer,
+    the memory guard, or someone's ``kill -9``)."""
+    found = _SIGNAL.search(text)
+    return found is not None and found.group(1) == "9"
+
+
 def reason_of_worker_lost(text: str) -> Reason:
     """billiard's WorkerLostError text ("Worker exited prematurely: signal 9 (SIGKILL)
     Job: 0.", "... exitcode 3 Job: 0.") as a reason."""

@@ -9,6 +9,13 @@ turns it into a clear ``MemoryLimitExceeded`` result (task id, RSS, limit) inste
 bare WorkerLostError, or re-sends the task to a larger class (``on_memory_exceeded``).
 It never requeues it onto the same queue, where it would only die again.
 
+The kernel may strike first: a task that grows faster than the guard samples, or a
+container whose limit is below the class's. Then a child dies of SIGKILL that the guard
+did not send, and the container's cgroup counts an OOM kill (fleet.cgroup.OomKills);
+``GuardedRequest`` treats that the same way as a guard kill, so such a task is escalated
+or failed once, not redelivered into the next kill (the poison loop of issue 12: 24
+kernel kills in 35 s).
+
 A pool process that dies by itself (a signal, ``os._exit``, SystemExit) on a queue with
 acks_late + reject_on_worker_lost is requeued by Celery; ``GuardedRequest`` counts those
 deliveries (fleet.deliveries) and, on the last one the queue's ``max_deliveries`` allows,
@@ -35,9 +42,11 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from fleet import poison
+from fleet.cgroup import OomKills
 from fleet.deadletter import MEMORY_LIMIT, REDELIVERED, WRONG_ARGUMENTS, Reason
 from fleet.deliveries import (
     DeliveryCounter,
+    killed_by_sigkill,
     max_deliveries,
     reason_of_worker_lost,
     retire_on_loss,
@@ -60,8 +69,20 @@ class Kill:
     rss: int
     limit: int
     queue: str
+    #: "guard" (the guard's own kill, over memory_limit) or "kernel" (the cgroup's OOM
+    #: killer, at the container's limit; rss is the guard's last sample, 0 if none).
+    by: str = "guard"
 
     def message(self) -> str:
+        if self.by == "kernel":
+            seen = f"; it last had {format_size(self.rss)} RSS" if self.rss else ""
+            limit = (f"the container's memory limit of {format_size(self.limit)}"
+                     if self.limit else "its container's memory limit")
+            return (
+                f"Task {self.task_name}[{self.task_id}] killed by the kernel's OOM killer "
+                f"mid-task: its pool process (pid {self.pid}) on queue {self.queue!r} "
+                f"reached {limit}{seen}"
+            )
         return (
             f"Task {self.task_name}[{self.task_id}] stopped mid-task: its pool process "
             f"(pid {self.pid}) reached {format_size(self.rss)} RSS, over the {self.queue!r} "
@@ -151,6 +172,28 @@ def pop_kill(task_id: str) -> Kill | None:
         return _kills.pop(task_id, None)
 
 
+#: The guard's last RSS sample of each running task (for a kernel kill's message).
+_last_rss: dict[str, int] = {}
+#: This worker's container's OOM kills (set at worker start: a counter first read after
+#: a kill would take that kill for an old one).
+_oom_kills: OomKills | None = None
+
+
+def watch_kernel_oom_kills(counter: OomKills | None = None) -> None:
+    global _oom_kills
+    _oom_kills = counter if counter is not None else OomKills()
+
+
+def kernel_kill(task_id: str, task_name: str, pid: int | None, queue: str,
+                text: str) -> Kill | None:
+    """A Kill if this lost pool process was the kernel OOM killer's victim: it died of
+    SIGKILL, the guard did not send it, and the cgroup counts a kill nobody claimed."""
+    if _oom_kills is None or not killed_by_sigkill(text) or _oom_kills.claim() is None:
+        return None
+    return Kill(task_id, task_name, pid or 0, _last_rss.pop(task_id, 0),
+                _oom_kills.limit() or 0, queue, by="kernel")
+
+
 def busy_children() -> list[Busy]:
     """Tasks running in pool processes right now (from the worker's own state)."""
     for _ in range(3):
@@ -187,10 +230,14 @@ class MemoryGuard:
         samples = []
         busy_now = self.busy()
         self.rss_of.keep_only({b.pid for b in busy_now})
+        running = {b.task_id for b in busy_now}
+        for task_id in [t for t in _last_rss if t not in running]:
+            _last_rss.pop(task_id, None)
         for busy in busy_now:
             rss = self.rss_of(busy.pid, busy.task_id)
             if rss is not None:
                 samples.append((busy, rss))
+                _last_rss[busy.task_id] = rss
         kills = []
         for busy, rss in over_limit(samples, self.limit):
             kill = Kill(busy.task_id, busy.task_name, busy.pid, rss, self.limit, self.queue)
@@ -225,7 +272,11 @@ class GuardedRequest(Request):
             # The child stored the failure and sent task_failure; keep the message.
             self._keep(Reason(WRONG_ARGUMENTS, str(exc)))
             return super().on_failure(exc_info, send_failed_event, return_ok)
-        kill = pop_kill(self.id) if isinstance(exc, WorkerLostError) else None
+        kill = None
+        if isinstance(exc, WorkerLostError):
+            kill = pop_kill(self.id) or kernel_kill(
+                self.id, self.name, self.worker_pid,
+                poison.queue_of(self, self.task.app.fleet_queue), str(exc))
         if kill is None:
             requeued = self._requeued_as(exc)
             if requeued is not None and self._retired(requeued):
@@ -239,7 +290,7 @@ class GuardedRequest(Request):
         else:
             self._fail(error, exc_info, send_failed_event)
         self.send_event("task-memory-exceeded", rss=kill.rss, limit=kill.limit,
-                        child_pid=kill.pid, queue=kill.queue, retry_on=target)
+                        child_pid=kill.pid, queue=kill.queue, retry_on=target, by=kill.by)
         return None
 
     def _requeued_as(self, exc: BaseException) -> Reason | None:

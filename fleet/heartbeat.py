@@ -18,12 +18,12 @@ import os
 import socket
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import psutil
 import redis
 from celery.worker import state as worker_state
 
+from fleet.cgroup import memory_available
 from fleet.config import FleetConfig
 from fleet.keys import workers_key
 from fleet.observe.model import WorkerSample
@@ -35,50 +35,6 @@ logger = logging.getLogger("fleet.heartbeat")
 def stale_after(config: FleetConfig) -> float:
     """A sample older than this means its worker is gone."""
     return 3 * config.autoscaler.worker_metrics_interval + 5
-
-
-#: cgroup v1 writes "no limit" as the largest page multiple a signed 64-bit counter holds
-#: (9223372036854771712 with 4 KiB pages), not as a word; nothing real comes near 2**62.
-V1_UNLIMITED = 1 << 62
-
-
-def cgroup_memory(root: Path = Path("/sys/fs/cgroup")) -> tuple[int, int] | None:
-    """(limit, usage) in bytes of the memory cgroup mounted at ``root``, or None when it
-    sets no limit or there is none. Inside a container ``root`` is the container's own
-    cgroup. cgroup v2 has ``memory.max`` ("max": none) and ``memory.current`` at the top;
-    v1 has a ``memory/`` hierarchy with ``memory.limit_in_bytes`` and
-    ``memory.usage_in_bytes``. Many nodes still run v1 (CI's machines do: docs/docker.md)."""
-    try:
-        limit = (root / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return int(limit), int((root / "memory.current").read_text())
-    except FileNotFoundError:
-        pass  # not v2: try v1
-    except (OSError, ValueError):
-        return None
-    v1 = root / "memory"
-    try:
-        limit_v1 = int((v1 / "memory.limit_in_bytes").read_text())
-        usage = int((v1 / "memory.usage_in_bytes").read_text())
-    except (OSError, ValueError):
-        return None
-    if limit_v1 >= V1_UNLIMITED:
-        return None
-    return limit_v1, usage
-
-
-def memory_available(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """Bytes this process's container may still use: the cgroup's limit less its usage
-    if a limit is set (a pod sees the node's memory in /proc/meminfo), else the host's
-    available. Usage counts page cache (v1 and v2 alike), which the kernel reclaims
-    before it kills for memory: the figure is a lower bound."""
-    host = psutil.virtual_memory().available
-    found = cgroup_memory(cgroup_root)
-    if found is None:
-        return host
-    limit, usage = found
-    return max(0, min(host, limit - usage))
 
 
 def held_job_tasks() -> tuple[str, ...]:

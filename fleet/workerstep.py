@@ -15,7 +15,7 @@ import logging
 from celery import bootsteps, signals
 
 from fleet import keys
-from fleet.guard import MemoryGuard
+from fleet.guard import MemoryGuard, watch_kernel_oom_kills
 from fleet.heartbeat import Heartbeat
 from fleet.lease import LeaseRenewer, held_by_consumer
 from fleet.retry import retry_attributes
@@ -36,10 +36,25 @@ def served_queue(worker) -> str | None:
 
 
 class FleetWorkerStep(bootsteps.StartStopStep):
+    """Starts the fleet's threads once the pool has forked its processes.
+
+    A fork copies a lock some other thread holds, held forever in the child. Started
+    before the pool, the heartbeat's first connect (getaddrinfo encodes the host name
+    with the idna codec, imported on first use) held ``encodings.idna``'s import lock
+    while the pool forked: the child hung in its first ``store_result``, the task
+    received and never run (three tries of 20 container starts each hung within their
+    first three). Hence ``requires``
+    Pool, and the codec imported here, before any thread runs, for the pool's later
+    forks (a replaced child)."""
+
     label = "fleet"
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker, **kwargs):
         super().__init__(worker, **kwargs)
+        "localhost".encode("idna")
+        # Before any task runs: kills already counted are not this worker's.
+        watch_kernel_oom_kills()
         self.guard: MemoryGuard | None = None
         self.lease: LeaseRenewer | None = None
         self.watchdog: Watchdog | None = None

@@ -16,7 +16,7 @@ from tests.docker_util import run_container
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
 MiB = 1 << 20
-READ_MEMORY = ["-c", "from fleet.heartbeat import memory_available; print(memory_available())"]
+READ_MEMORY = ["-c", "from fleet.cgroup import memory_available; print(memory_available())"]
 
 
 def test_memory_available_is_the_containers_limit(docker_engine, docker_client):

@@ -157,8 +157,17 @@ def test_memory_limit_above_pod_limit(tmp_path):
 
 def test_memory_limit_times_concurrency_above_pod_limit(tmp_path):
     found = only(problems(tmp_path, {"queues": {"default": {"concurrency": 4}}}))
-    assert found.startswith("queues.default.memory_limit: 384.0Mi x concurrency 4 = 1.5Gi is "
-                            "above kubernetes.resources.limits.memory (1.0Gi)")
+    assert found.startswith("queues.default.memory_limit: 384.0Mi x concurrency 4 + 128.0Mi "
+                            "for the worker's main process = 1.6Gi is above "
+                            "kubernetes.resources.limits.memory (1.0Gi)")
+
+
+def test_the_main_process_share_counts_against_the_pod_limit(tmp_path):
+    # 2 x 480Mi fits 1Gi alone; with the main process beside the children it does not.
+    found = only(problems(tmp_path, {"queues": {"default": {"memory_limit": "480Mi"}}}))
+    assert found.startswith("queues.default.memory_limit: 480.0Mi x concurrency 2 + 128.0Mi")
+    fits = deep_merge(shipped_config(), {"queues": {"default": {"memory_limit": "448Mi"}}})
+    assert load_config(write(tmp_path, fits)).queues["default"].memory_limit == 448 << 20
 
 
 def test_duplicate_queue_names(tmp_path):

@@ -1,7 +1,8 @@
-"""memory_available() on the cgroup layouts a worker meets: real files in a temporary
+"""fleet.cgroup on the cgroup layouts a worker meets: real files in a temporary
 directory laid out as /sys/fs/cgroup is under cgroup v2 and under v1.
 
-The same reading inside a real container with --memory: tests/containers/test_image.py.
+The same readings inside a real container with --memory (and a real kernel OOM kill):
+tests/containers/.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fleet.heartbeat import cgroup_memory, memory_available
+from fleet.cgroup import OomKills, cgroup_memory, memory_available, oom_kills
 
 MiB = 1 << 20
 #: What a v1 kernel writes into memory.limit_in_bytes when no limit is set (4 KiB pages).
@@ -87,3 +88,42 @@ def test_no_readable_cgroup_gives_the_host(tmp_path: Path, layout: str):
 def test_this_machine_reads_without_error():
     # Whatever this machine is (v1 here), the default root gives a sane figure.
     assert 0 < memory_available() <= psutil.virtual_memory().total
+
+
+def v2_events(root: Path, kills: int) -> None:
+    (root / "memory.events").write_text(
+        f"low 0\nhigh 0\nmax 12\noom 3\noom_kill {kills}\noom_group_kill 0\n")
+
+
+def v1_oom_control(root: Path, kills: int) -> None:
+    (root / "memory").mkdir(exist_ok=True)
+    (root / "memory" / "memory.oom_control").write_text(
+        f"oom_kill_disable 0\nunder_oom 0\noom_kill {kills}\n")
+
+
+@pytest.mark.parametrize("layout", [v2_events, v1_oom_control])
+def test_oom_kills_reads_both_layouts(tmp_path: Path, layout):
+    layout(tmp_path, 4)
+    assert oom_kills(tmp_path) == 4
+
+
+def test_oom_kills_is_none_without_a_counter(tmp_path: Path):
+    assert oom_kills(tmp_path) is None
+    # A v1 kernel before 4.13 has memory.oom_control without the counter.
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\n")
+    assert oom_kills(tmp_path) is None
+
+
+def test_each_kill_is_claimed_once_and_none_before_it(tmp_path: Path):
+    v1_oom_control(tmp_path, 2)  # two kills before this worker started: not its own
+    counter = OomKills(tmp_path)
+    assert counter.claim() is None
+    v1_oom_control(tmp_path, 4)  # two children killed in one OOM
+    assert counter.claim() == 4
+    assert counter.claim() == 4
+    assert counter.claim() is None  # a third lost child was not the kernel's doing
+
+
+def test_no_counter_claims_nothing(tmp_path: Path):
+    assert OomKills(tmp_path).claim() is None
