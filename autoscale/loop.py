@@ -12,11 +12,17 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import redis
 
-from autoscale.backends.base import Backend, BackendError, BudgetedBackend, PlanningBackend
+from autoscale.backends.base import (
+    Backend,
+    BackendError,
+    BudgetedBackend,
+    NoticingBackend,
+    PlanningBackend,
+)
 from autoscale.passes import Passes
 from autoscale.policy import Budget, History, budget_from, decide_poll
 from fleet.config import FleetConfig
@@ -51,6 +57,7 @@ class Autoscaler(Passes):
         current = self.backend.replicas()
         decisions, self.history = decide_poll(obs, figures, current, self.config,
                                               self.history, self._budget())
+        decisions = self._with_notices(decisions)
         for d in decisions:
             if not d.changes:
                 continue
@@ -68,6 +75,18 @@ class Autoscaler(Passes):
                 self.report(f"could not scale {d.queue}: {type(exc).__name__}: {exc}")
         self._record(obs.at, decisions)
         return decisions
+
+    def _with_notices(self, decisions: list[ScaleDecision]) -> list[ScaleDecision]:
+        """What the backend saw happen to a queue's replicas, reported and added to that
+        queue's decision reason (a NoticingBackend: the docker backend's OOM kills)."""
+        if not isinstance(self.backend, NoticingBackend):
+            return decisions
+        notes = self.backend.notices()
+        for queue, lines in notes.items():
+            for line in lines:
+                self.report(f"{queue}: {line}")
+        return [replace(d, reason=f"{d.reason}; {'; '.join(notes[d.queue])}")
+                if notes.get(d.queue) else d for d in decisions]
 
     def _budget(self) -> Budget:
         """queues.yaml's capacity; what it leaves out, from the backend if it can tell

@@ -261,6 +261,23 @@ class KubernetesTarget(Model):
         return self.deployment.replace("{queue}", queue)
 
 
+class DockerTarget(Model):
+    """Where the ``docker`` backend runs each replica: a container of ``image`` on one
+    Docker host (autoscale/backends/docker.py, docs/docker.md)."""
+
+    #: The fleet image (k8s/Dockerfile); it must be on the engine already.
+    image: str = "fleet:latest"
+    #: The engine's address (``unix:///var/run/docker.sock``, ``tcp://host:2376``);
+    #: None: the environment's DOCKER_HOST, else the default socket.
+    host: str | None = None
+    #: ``host`` reaches a Redis on the machine's loopback; or a network's name.
+    network: str = "host"
+    #: ``uid:gid`` the workers run as (None: the image's, uid 10001).
+    user: str | None = None
+    #: Extra bind mounts, ``/host/path:/container/path[:ro]`` (payloads on disk).
+    volumes: list[str] = []
+
+
 class Autoscaler(Model):
     interval: PositiveDuration = 2.0
     #: A name in the ``fleet.autoscaler_backends`` registry (fleet.plugins): ``local``,
@@ -269,6 +286,7 @@ class Autoscaler(Model):
     #: Total for all queues; on Kubernetes, the nodes' allocatable when left out.
     capacity: Capacity = Capacity()
     kubernetes: KubernetesTarget = KubernetesTarget()
+    docker: DockerTarget = DockerTarget()
     #: How often each worker publishes its CPU and memory (psutil).
     worker_metrics_interval: PositiveDuration = 2.0
 

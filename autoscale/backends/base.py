@@ -54,6 +54,16 @@ class PlanningBackend(Protocol):
         """The steps ``scale(queue, replicas, workers)`` would take, in words."""
 
 
+@runtime_checkable
+class NoticingBackend(Protocol):
+    """An optional ability: a backend that sees things happen to replicas (a container
+    OOM-killed, one that exited at once) and says so, per queue, for the loop's report
+    and the queue's decision reason (the dashboard shows both)."""
+
+    def notices(self) -> dict[str, list[str]]:
+        """What happened since the last call, per queue; each notice is returned once."""
+
+
 @dataclass
 class BackendContext:
     """What a backend may need from whoever runs the autoscaler (``fleet autoscale`` or

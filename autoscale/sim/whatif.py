@@ -48,8 +48,10 @@ def tuner_proposal(header: Header, tasks: list[Task], config: FleetConfig) -> Fl
 
 def startup_for(config: FleetConfig) -> float:
     """The start-up delay of the config's backend kind (startup.py), ``local`` for a
-    backend it does not know (a plug-in's, the stub)."""
-    return STARTUP.get(config.autoscaler.backend, STARTUP["local"])
+    backend it does not know (a plug-in's, the stub). The docker backend's replicas are
+    containers."""
+    kind = {"docker": "container"}.get(config.autoscaler.backend, config.autoscaler.backend)
+    return STARTUP.get(kind, STARTUP["local"])
 
 
 def figures(q: QueueReport) -> Figures:

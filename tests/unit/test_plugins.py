@@ -243,7 +243,7 @@ def test_an_unknown_backend_on_the_command_line_is_exit_2_with_the_names(tmp_pat
     done = cli(tmp_path, "autoscale", "--backend", "nomad", "--once",
                "--config", str(ROOT / "queues.yaml"))
     assert done.returncode == 2, done.stderr
-    assert "unknown autoscaler backend 'nomad' (registered: kubernetes, local, stub" \
+    assert "unknown autoscaler backend 'nomad' (registered: docker, kubernetes, local, stub" \
         in done.stderr
     assert "Traceback" not in done.stderr
 

@@ -1,0 +1,423 @@
+"""The docker backend: each replica a container of the fleet image on one Docker host.
+
+For teams that run one Docker host before (or instead of) Kubernetes. Each container
+runs ``fleet worker --queue Q`` as the worker Deployment's pod does: the queue's
+``kubernetes.resources.limits`` as ``--memory`` (swap off) and ``--cpus``, queues.yaml
+mounted where the ConfigMap goes, the broker and ledger from the environment.
+
+- **Labels** (``fleet.io/fleet``, ``fleet.io/queue``, ``fleet.io/config-hash``) are the
+  backend's only record: one label-filtered list per poll (``sparse``: no inspect per
+  container) says what runs. A restarted autoscaler adopts the running containers of
+  its fleet and config instead of starting twins; those of an older config are
+  stopped warm and replaced.
+- **Scale-down** stops idle containers first (the workers' own reports say who is
+  busy), each with ``docker stop -t <grace>``: SIGTERM starts Celery's warm shutdown,
+  running tasks finish, SIGKILL only after the queue's grace (the manifest's
+  terminationGracePeriodSeconds). The stop runs on a thread of its own; the loop goes on.
+- **A container that exits unasked** is replaced; an engine-reported OOM kill (PID 1,
+  the worker itself) is said so, in the loop's report and the queue's next decision
+  reason (``notices``). A kernel kill of a pool child is the worker's to handle
+  (fleet.guard). A container that exits within ``QUICK_EXIT`` seconds of its start is
+  not restarted for ``BACKOFF`` seconds: a bad image or config would otherwise loop.
+- **Errors** (no engine, image missing) are BackendErrors with what to do: the loop
+  reports them each poll and goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autoscale.backends.base import BackendContext, BackendError, BackendPlugin
+from fleet.config import ENV_BROKER_URL, ENV_KEY_PREFIX, ENV_LEDGER_URL, FleetConfig
+from fleet.observe.model import WorkerSample
+from fleet.render.k8s import grace_period
+from fleet.units import cpu_cores
+
+logger = logging.getLogger("autoscale.docker")
+
+LABEL_FLEET = "fleet.io/fleet"
+LABEL_QUEUE = "fleet.io/queue"
+LABEL_CONFIG = "fleet.io/config-hash"
+#: Where the container finds queues.yaml (the manifests' ConfigMap mount).
+CONFIG_IN_CONTAINER = "/etc/fleet/queues.yaml"
+#: A container gone within this many seconds of its start "exited at once".
+QUICK_EXIT = 10.0
+#: How long a queue whose container exited at once waits before the next start.
+BACKOFF = 30.0
+
+
+def config_hash(path: str | None, config: FleetConfig) -> str:
+    """What the containers run with: the mounted file's bytes (or the parsed config)."""
+    try:
+        data = Path(path).read_bytes() if path else None
+    except OSError:
+        data = None
+    if data is None:
+        data = config.model_dump_json().encode()
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def _name_part(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_.-]+", "-", text).strip("-.") or "fleet"
+
+
+@dataclass
+class Replica:
+    queue: str
+    name: str
+    container_id: str
+    started: float
+    #: The worker's node name (its heartbeat's hostname).
+    hostname: str
+
+
+@dataclass
+class ContainerSpec:
+    """A replica's ``containers.run`` arguments, decided without the engine (a pure
+    function of the config, so a dry run and a test can read it)."""
+
+    name: str
+    hostname: str
+    options: dict = field(default_factory=dict)
+
+
+def container_spec(config: FleetConfig, queue: str, seq: int, *, fleet_id: str,
+                   digest: str, node: str, config_path: str | None,
+                   env: dict[str, str]) -> ContainerSpec:
+    target = config.autoscaler.docker
+    q = config.queues[queue]
+    name = f"fleet-{_name_part(fleet_id)}-{_name_part(queue)}-{seq}"
+    hostname = f"{name}@{node}"
+    environment = {k: v for k, v in env.items()
+                   if k in (ENV_BROKER_URL, ENV_KEY_PREFIX, ENV_LEDGER_URL)}
+    environment["FLEET_CONFIG"] = CONFIG_IN_CONTAINER
+    volumes = {}
+    if config_path:
+        volumes[str(Path(config_path).resolve())] = {"bind": CONFIG_IN_CONTAINER, "mode": "ro"}
+    for spec in target.volumes:
+        host, _, rest = spec.partition(":")
+        inside, _, mode = rest.partition(":")
+        volumes[host] = {"bind": inside or host, "mode": mode or "rw"}
+    options = {
+        "command": ["worker", "--queue", queue, "--hostname", hostname],
+        "name": name,
+        "environment": environment,
+        "volumes": volumes,
+        "network_mode": target.network,
+        "labels": {LABEL_FLEET: fleet_id, LABEL_QUEUE: queue, LABEL_CONFIG: digest},
+        "detach": True,
+        # What a grace needs is the backend's to give (docker stop -t): none by default.
+        "stop_signal": "SIGTERM",
+    }
+    if target.user:
+        options["user"] = target.user
+    limits = q.kubernetes.resources.limits
+    if limits.memory:
+        options["mem_limit"] = limits.memory
+        options["memswap_limit"] = limits.memory
+    cores = cpu_cores(limits.cpu)
+    if cores:
+        options["nano_cpus"] = int(cores * 1e9)
+    return ContainerSpec(name, hostname, options)
+
+
+class DockerBackend:
+    name = "docker"
+
+    def __init__(self, config: FleetConfig, *, env: dict[str, str],
+                 config_path: str | None, client_factory: Callable[[], object] | None = None,
+                 node: str | None = None, quick_exit: float = QUICK_EXIT,
+                 backoff: float = BACKOFF):
+        self.config = config
+        self.target = config.autoscaler.docker
+        self.env = env
+        self.config_path = config_path
+        self.fleet_id = config.broker.key_prefix.rstrip(":") or "default"
+        self.digest = config_hash(config_path, config)
+        self.node = node or socket.gethostname()
+        self._client_factory = client_factory or self._default_client
+        self._client = None
+        self.running: dict[str, list[Replica]] = {q: [] for q in config.queues}
+        self.draining: dict[str, tuple[Replica, threading.Thread]] = {}
+        self.restarts = 0
+        self.closed = False
+        self._adopted = False
+        self._have_image = False
+        self._seq = 0
+        self._backoff: dict[str, tuple[float, str]] = {}
+        self._notices: dict[str, list[str]] = {}
+        self.quick_exit = quick_exit
+        self.backoff = backoff
+        self._lock = threading.RLock()
+
+    # -- the engine ------------------------------------------------------------------
+
+    def _default_client(self):
+        import docker
+
+        if self.target.host:
+            return docker.DockerClient(base_url=self.target.host, timeout=60)
+        return docker.from_env(timeout=60)
+
+    def _where(self) -> str:
+        return self.target.host or os.environ.get("DOCKER_HOST") or "the default socket"
+
+    def _engine(self):
+        import docker
+        import requests
+
+        if self._client is None:
+            try:
+                self._client = self._client_factory()
+            except (docker.errors.DockerException, requests.RequestException) as exc:
+                raise BackendError(f"no Docker engine answers at {self._where()}: {exc}"
+                                   ) from None
+        return self._client
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        import docker
+        import requests
+
+        try:
+            return fn(*args, **kwargs)
+        except docker.errors.ImageNotFound:
+            raise BackendError(
+                f"image {self.target.image!r} is not on the Docker engine at "
+                f"{self._where()}: build it (docker build -f k8s/Dockerfile -t "
+                f"{self.target.image} .) or set autoscaler.docker.image") from None
+        except docker.errors.NotFound:
+            raise
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise BackendError(f"{what}: the Docker engine at {self._where()} "
+                               f"failed: {exc}") from None
+
+    def _image_present(self, client) -> None:
+        """Before a start: ``containers.run`` would try to pull a missing image, which
+        fails (or, worse, succeeds with someone else's ``fleet:latest``)."""
+        if not self._have_image:
+            self._call("looking up the image", client.images.get, self.target.image)
+            self._have_image = True
+
+    def _listed(self) -> dict[str, object]:
+        client = self._engine()
+        found = self._call("listing containers", client.containers.list, all=True,
+                           sparse=True, filters={"label": f"{LABEL_FLEET}={self.fleet_id}"})
+        return {c.id: c for c in found}
+
+    # -- the backend seam ------------------------------------------------------------
+
+    def grace(self, queue: str) -> float:
+        return float(grace_period(self.config.queues[queue]))
+
+    def replicas(self) -> dict[str, int]:
+        with self._lock:
+            self._sync()
+            return {q: len(rs) for q, rs in self.running.items()}
+
+    def notices(self) -> dict[str, list[str]]:
+        """What happened to each queue's containers since the last call (exits, OOM
+        kills, replacements), for the loop's report and decision reasons."""
+        with self._lock:
+            out, self._notices = self._notices, {}
+            return out
+
+    def _notice(self, queue: str, text: str) -> None:
+        logger.warning("%s: %s", queue, text)
+        self._notices.setdefault(queue, []).append(text)
+
+    def _sync(self) -> None:
+        listed = self._listed()
+        self._adopt_once(listed)
+        for key, (_, thread) in list(self.draining.items()):
+            if not thread.is_alive():
+                self.draining.pop(key)
+        for replicas in self.running.values():
+            for replica in list(replicas):
+                container = listed.get(replica.container_id)
+                state = (container.attrs.get("State") if container is not None else None)
+                if state in ("running", "created", "restarting"):
+                    continue
+                replicas.remove(replica)
+                self._exited(replica, container)
+
+    def _adopt_once(self, listed: dict[str, object] | None = None) -> None:
+        """On first contact with the engine, before any container is started: what runs
+        already is this fleet's (adopted), an older config's (replaced) or dead."""
+        if self._adopted:
+            return
+        self._adopt(self._listed() if listed is None else listed)
+        self._adopted = True
+
+    def _adopt(self, listed: dict[str, object]) -> None:
+        seq = self._seq
+        for container in listed.values():
+            labels = container.attrs.get("Labels") or {}
+            queue = labels.get(LABEL_QUEUE)
+            name = (container.attrs.get("Names") or ["/?"])[0].lstrip("/")
+            found = re.search(r"-(\d+)$", name)
+            seq = max(seq, int(found.group(1)) if found else 0)
+            if container.attrs.get("State") != "running" or queue not in self.running:
+                self._call("removing a stopped container", container.remove, force=True)
+                continue
+            replica = Replica(queue, name, container.id, time.monotonic(),
+                              f"{name}@{self.node}")
+            if labels.get(LABEL_CONFIG) == self.digest:
+                self.running[queue].append(replica)
+                logger.info("adopted container %s (queue %s)", name, queue)
+            else:
+                logger.info("container %s runs an older queues.yaml: stopping it warm", name)
+                self._drain(replica, container)
+        self._seq = seq
+
+    def _exited(self, replica: Replica, container) -> None:
+        import docker
+
+        code, oom, tail = None, False, ""
+        if container is not None:
+            try:
+                container.reload()
+                state = container.attrs.get("State", {})
+                code, oom = state.get("ExitCode"), bool(state.get("OOMKilled"))
+                tail = container.logs(tail=5).decode(errors="replace").strip()
+                container.remove(force=True)
+            except docker.errors.DockerException:
+                pass
+        limit = self.config.queues[replica.queue].kubernetes.resources.limits.memory
+        if oom:
+            what = (f"container {replica.name} was OOM-killed by the engine "
+                    f"(memory limit {limit} bytes)" if limit else
+                    f"container {replica.name} was OOM-killed by the engine")
+        else:
+            what = f"container {replica.name} exited (code {code}) without being asked"
+        if time.monotonic() - replica.started < self.quick_exit:
+            last = tail.splitlines()[-1] if tail else "no output"
+            self._backoff[replica.queue] = (time.monotonic() + self.backoff, f"{what}: {last}")
+            self._notice(replica.queue, f"{what} within {self.quick_exit:g}s of its start "
+                                        f"({last}); next start in {self.backoff:g}s")
+            return
+        self.restarts += 1
+        self._notice(replica.queue, f"{what}: replaced")
+        self._start(replica.queue)
+
+    def scale(self, queue: str, replicas: int, workers: list[WorkerSample]) -> None:
+        with self._lock:
+            running = self.running[queue]
+            while len(running) < replicas:
+                self._start(queue)
+            if len(running) <= replicas:
+                return
+            listed = self._listed()
+            for replica in self._stop_order(running, workers)[: len(running) - replicas]:
+                running.remove(replica)
+                self._drain(replica, listed.get(replica.container_id))
+
+    def plan(self, queue: str, replicas: int, workers: list[WorkerSample]) -> list[str]:
+        running = self.running[queue]
+        steps = []
+        for seq in range(len(running), replicas):
+            spec = self._spec(queue, seq + 1)
+            mem = spec.options.get("mem_limit")
+            steps.append(f"start container {spec.name} from {self.target.image}"
+                         + (f" (--memory {mem})" if mem else ""))
+        for replica in self._stop_order(running, workers)[: max(0, len(running) - replicas)]:
+            steps.append(f"docker stop -t {self.grace(queue):g} {replica.name}")
+        return steps
+
+    @staticmethod
+    def _stop_order(running: list[Replica], workers: list[WorkerSample]) -> list[Replica]:
+        """Idle first; among equals the youngest (it holds the least)."""
+        busy = {w.hostname: w.active + w.reserved for w in workers}
+        return [r for _, r in sorted(enumerate(running), key=lambda ir: (
+            busy.get(ir[1].hostname, 0), -ir[0]))]
+
+    def _spec(self, queue: str, seq: int) -> ContainerSpec:
+        return container_spec(self.config, queue, seq, fleet_id=self.fleet_id,
+                              digest=self.digest, node=self.node,
+                              config_path=self.config_path, env=self.env)
+
+    def _start(self, queue: str) -> Replica:
+        if self.closed:
+            raise BackendError("the docker backend is closed: no container is started")
+        until, why = self._backoff.get(queue, (0.0, ""))
+        if time.monotonic() < until:
+            raise BackendError(f"not starting a {queue} container for "
+                               f"{until - time.monotonic():.0f}s more: {why}")
+        client = self._engine()
+        self._adopt_once()
+        self._image_present(client)
+        self._seq += 1
+        spec = self._spec(queue, self._seq)
+        container = self._call(f"starting {spec.name}", client.containers.run,
+                               self.target.image, **spec.options)
+        replica = Replica(queue, spec.name, container.id, time.monotonic(), spec.hostname)
+        self.running[queue].append(replica)
+        logger.info("started container %s (%s)", spec.name, container.short_id)
+        return replica
+
+    def _drain(self, replica: Replica, container, grace: float | None = None) -> None:
+        grace = self.grace(replica.queue) if grace is None else grace
+
+        def stop() -> None:
+            import docker
+
+            try:
+                target = container or self._engine().containers.get(replica.container_id)
+                target.stop(timeout=int(grace))
+                target.remove(force=True)
+            except (docker.errors.DockerException, BackendError) as exc:
+                logger.warning("stopping container %s: %s", replica.name, exc)
+
+        thread = threading.Thread(target=stop, name=f"docker-stop-{replica.name}",
+                                  daemon=True)
+        self.draining[replica.container_id] = (replica, thread)
+        logger.info("stopping container %s (docker stop -t %g)", replica.name, grace)
+        thread.start()
+
+    def workers(self) -> list[Replica]:
+        with self._lock:
+            return ([r for rs in self.running.values() for r in rs]
+                    + [r for r, _ in self.draining.values()])
+
+    def wait_drained(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for _, thread in list(self.draining.values()):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return all(not t.is_alive() for _, t in self.draining.values())
+
+    def close(self) -> None:
+        """Let go of the engine. The containers run on, as pods outlive the autoscaler
+        that scaled them: the next one adopts them by label (``stop_all`` stops them)."""
+        with self._lock:
+            self.closed = True
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def stop_all(self, grace: float | None = None) -> None:
+        """Stop every container of the fleet warm, each within its queue's grace (or
+        ``grace``), in parallel, and wait for them."""
+        with self._lock:
+            self._sync()
+            for replicas in self.running.values():
+                for replica in replicas:
+                    self._drain(replica, None, grace)
+                replicas.clear()
+        longest = max([self.grace(r.queue) for r, _ in self.draining.values()], default=0)
+        self.wait_drained((grace if grace is not None else longest) + 10)
+
+
+def create(ctx: BackendContext) -> DockerBackend:
+    """The ``docker`` entry point: the containers mount ``ctx.config``'s own file."""
+    return DockerBackend(ctx.config, env=dict(ctx.env), config_path=ctx.config.source)
+
+
+PLUGIN = BackendPlugin(create)
