@@ -37,6 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoscale.backends.base import BackendContext, BackendError, BackendPlugin
+
+try:
+    import docker
+    import requests
+except ImportError as exc:  # an optional extra: say how to get it, not a traceback
+    raise BackendError(f"the docker backend needs the Docker SDK ({exc}): "
+                       f"pip install 'fleet[docker]'") from None
+
 from fleet.config import ENV_BROKER_URL, ENV_KEY_PREFIX, ENV_LEDGER_URL, FleetConfig
 from fleet.observe.model import WorkerSample
 from fleet.render.k8s import grace_period
@@ -162,8 +170,6 @@ class DockerBackend:
     # -- the engine ------------------------------------------------------------------
 
     def _default_client(self):
-        import docker
-
         if self.target.host:
             return docker.DockerClient(base_url=self.target.host, timeout=60)
         return docker.from_env(timeout=60)
@@ -172,9 +178,6 @@ class DockerBackend:
         return self.target.host or os.environ.get("DOCKER_HOST") or "the default socket"
 
     def _engine(self):
-        import docker
-        import requests
-
         if self._client is None:
             try:
                 self._client = self._client_factory()
@@ -184,9 +187,6 @@ class DockerBackend:
         return self._client
 
     def _call(self, what: str, fn, *args, **kwargs):
-        import docker
-        import requests
-
         try:
             return fn(*args, **kwargs)
         except docker.errors.ImageNotFound:
@@ -279,8 +279,6 @@ class DockerBackend:
         self._seq = seq
 
     def _exited(self, replica: Replica, container) -> None:
-        import docker
-
         code, oom, tail = None, False, ""
         if container is not None:
             try:
@@ -367,8 +365,6 @@ class DockerBackend:
         grace = self.grace(replica.queue) if grace is None else grace
 
         def stop() -> None:
-            import docker
-
             try:
                 target = container or self._engine().containers.get(replica.container_id)
                 target.stop(timeout=int(grace))

@@ -248,6 +248,16 @@ def test_an_unknown_backend_on_the_command_line_is_exit_2_with_the_names(tmp_pat
     assert "Traceback" not in done.stderr
 
 
+def test_the_docker_backend_without_its_extra_names_the_extra(tmp_path):
+    done = cli(tmp_path, "autoscale", "--backend", "docker", "--once",
+               "--config", str(ROOT / "queues.yaml"),
+               pythonpath=without_module(tmp_path, "docker"))
+    assert done.returncode != 0
+    assert "the docker backend needs the Docker SDK" in done.stderr, done.stderr
+    assert "pip install 'fleet[docker]'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.fixture
 def no_dashboard_libraries(tmp_path) -> str:
     """FastAPI cannot be imported: `pip install fleet` without the dashboard extra."""
