@@ -493,15 +493,20 @@ def _emit(text: str, out: str | None) -> None:
 @click.option("--workdir", type=click.Path(file_okay=False), default=".fleet", show_default=True)
 @click.option("--dashboard-port", default=5555, show_default=True, type=int,
               help="Port of the dashboard on 127.0.0.1 (0: no dashboard).")
+@click.option("--backend", type=click.Choice(["local", "docker"]), default="local",
+              show_default=True,
+              help="Workers as processes here, or as containers of "
+                   "autoscaler.docker.image on this machine's Docker engine.")
 @pass_config_path
 def up(demo: bool, records: int, exit_when_done: bool, workdir: str, dashboard_port: int,
-       config_path: str | None) -> None:
+       backend: str, config_path: str | None) -> None:
     """The whole fleet here: Redis (embedded if none), autoscaled workers, the dashboard;
     Ctrl-C stops."""
     from fleet.up import run_up
 
     run_up(_load(config_path), Path(workdir), demo=demo, records=records,
-           exit_when_done=exit_when_done, dashboard_port=dashboard_port or None)
+           exit_when_done=exit_when_done, dashboard_port=dashboard_port or None,
+           backend=backend)
 
 
 @cli.command()

@@ -61,7 +61,8 @@ def write_demo_input(path: Path, records: int, seed: int = 7) -> Path:
 
 
 def run_up(config: FleetConfig, workdir: Path, *, demo: bool = False, records: int = 50_000,
-           exit_when_done: bool = False, dashboard_port: int | None = 5555) -> None:
+           exit_when_done: bool = False, dashboard_port: int | None = 5555,
+           backend: str = "local") -> None:
     from fleet.imports import import_modules
 
     import_modules(config)  # a typo in imports: is exit 2 now, not workers dying forever
@@ -79,7 +80,8 @@ def run_up(config: FleetConfig, workdir: Path, *, demo: bool = False, records: i
             if not signals.requested:
                 outcome = run.start_and_watch(demo=demo, records=records,
                                               exit_when_done=exit_when_done,
-                                              dashboard_port=dashboard_port)
+                                              dashboard_port=dashboard_port,
+                                              backend=backend)
         finally:
             run.shutdown(outcome)
             registry.release()
@@ -112,8 +114,8 @@ class FleetUp:
         self.console.print(f"[dim]fleet up:[/dim] {line}")
 
     def start_and_watch(self, *, demo: bool, records: int, exit_when_done: bool,
-                        dashboard_port: int | None) -> Outcome:
-        from autoscale.backends.base import BackendContext
+                        dashboard_port: int | None, backend: str = "local") -> Outcome:
+        from autoscale.backends.base import BackendContext, CheckingBackend
         from autoscale.backends.local import grace_period
         from autoscale.build import backend_plugin, build_autoscaler
         from autoscale.loop import supervised
@@ -146,13 +148,16 @@ class FleetUp:
         def report(line: str) -> None:
             console.print(f"[dim]autoscaler:[/dim] {line}")
 
-        # A local fleet, whatever autoscaler.backend says: its workers are this
-        # supervisor's processes, recorded in the workdir it already holds.
+        # A fleet on this machine, whatever autoscaler.backend says: its workers are
+        # this supervisor's processes (recorded in the workdir it already holds), or
+        # with --backend docker its containers, which stop with it.
         scaler = build_autoscaler(
             BackendContext(config, env, self.workdir, supervisor=self.me,
                            registry=self.registry),
-            backend_plugin("local"), report=report)
+            backend_plugin(backend), report=report)
         self.backend = scaler.backend
+        if isinstance(self.backend, CheckingBackend):
+            self.backend.check()  # no engine, no image: say so now, not at every poll
         if dashboard_port is not None:
             self.board = DashboardUnit(config, self.workdir, dashboard_port, console)
             self.supervisor.add(self.board)

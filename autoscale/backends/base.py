@@ -55,6 +55,16 @@ class PlanningBackend(Protocol):
 
 
 @runtime_checkable
+class CheckingBackend(Protocol):
+    """An optional ability: a backend that can tell before the first poll that it cannot
+    work at all (no engine, no image), so ``fleet up`` stops with that message instead
+    of a fleet that never starts a worker."""
+
+    def check(self) -> None:
+        """Raise BackendError, saying what to do, if no replica could be started."""
+
+
+@runtime_checkable
 class NoticingBackend(Protocol):
     """An optional ability: a backend that sees things happen to replicas (a container
     OOM-killed, one that exited at once) and says so, per queue, for the loop's report

@@ -57,21 +57,33 @@ LABEL_QUEUE = "fleet.io/queue"
 LABEL_CONFIG = "fleet.io/config-hash"
 #: Where the container finds queues.yaml (the manifests' ConfigMap mount).
 CONFIG_IN_CONTAINER = "/etc/fleet/queues.yaml"
+#: What a container gets of the autoscaler's environment: the fleet's own, no secrets
+#: of anything else.
+FLEET_VARIABLES = (ENV_BROKER_URL, ENV_KEY_PREFIX, ENV_LEDGER_URL)
 #: A container gone within this many seconds of its start "exited at once".
 QUICK_EXIT = 10.0
 #: How long a queue whose container exited at once waits before the next start.
 BACKOFF = 30.0
+#: Exit codes of the containers this backend stopped, the latest ones.
+KEEP_STOPPED = 100
 
 
-def config_hash(path: str | None, config: FleetConfig) -> str:
-    """What the containers run with: the mounted file's bytes (or the parsed config)."""
+def config_hash(path: str | None, config: FleetConfig, env: dict[str, str] | None = None,
+                image: str = "") -> str:
+    """What the containers run with: the mounted file's bytes (or the parsed config), the
+    fleet's variables they get (a new embedded Redis port is a new broker) and the image.
+    A container whose hash differs is replaced, not adopted."""
     try:
         data = Path(path).read_bytes() if path else None
     except OSError:
         data = None
     if data is None:
         data = config.model_dump_json().encode()
-    return hashlib.sha256(data).hexdigest()[:12]
+    digest = hashlib.sha256(data)
+    for name in sorted(n for n in (env or {}) if n in FLEET_VARIABLES):
+        digest.update(f"\0{name}={env[name]}".encode())
+    digest.update(f"\0image={image}".encode())
+    return digest.hexdigest()[:12]
 
 
 def _name_part(text: str) -> str:
@@ -98,15 +110,44 @@ class ContainerSpec:
     options: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class HostShare:
+    """What ``fleet up --backend docker`` shares with its containers so that they see
+    the machine as its local workers do: directories bind-mounted at the same paths
+    (the current one, where relative paths such as ``payloads.path`` point, and the
+    workdir with the ledger), the current directory as theirs, the caller's uid:gid (the
+    files are the caller's)."""
+
+    paths: tuple[str, ...]
+    working_dir: str
+    user: str
+
+    @classmethod
+    def of_this_process(cls, config: FleetConfig, workdir: Path) -> HostShare:
+        """The current directory, the workdir, a local payload store's directory and a
+        SQLite ledger's: what the fleet's own files need, created if missing."""
+        cwd = Path.cwd().resolve()
+        dirs = [cwd, workdir.resolve()]
+        if config.payloads.store == "local":
+            dirs.append((cwd / config.payloads.path).resolve())
+        if config.jobs.ledger.startswith("sqlite:///"):
+            dirs.append(Path(config.jobs.ledger.removeprefix("sqlite:///")).resolve().parent)
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        # A directory inside another one shared is shared already.
+        kept = [d for d in dirs if not any(o != d and o in d.parents for o in dirs)]
+        return cls(tuple(dict.fromkeys(str(d) for d in kept)), str(cwd),
+                   f"{os.getuid()}:{os.getgid()}")
+
+
 def container_spec(config: FleetConfig, queue: str, seq: int, *, fleet_id: str,
                    digest: str, node: str, config_path: str | None,
-                   env: dict[str, str]) -> ContainerSpec:
+                   env: dict[str, str], share: HostShare | None = None) -> ContainerSpec:
     target = config.autoscaler.docker
     q = config.queues[queue]
     name = f"fleet-{_name_part(fleet_id)}-{_name_part(queue)}-{seq}"
     hostname = f"{name}@{node}"
-    environment = {k: v for k, v in env.items()
-                   if k in (ENV_BROKER_URL, ENV_KEY_PREFIX, ENV_LEDGER_URL)}
+    environment = {k: v for k, v in env.items() if k in FLEET_VARIABLES}
     environment["FLEET_CONFIG"] = CONFIG_IN_CONTAINER
     volumes = {}
     if config_path:
@@ -123,9 +164,17 @@ def container_spec(config: FleetConfig, queue: str, seq: int, *, fleet_id: str,
         "network_mode": target.network,
         "labels": {LABEL_FLEET: fleet_id, LABEL_QUEUE: queue, LABEL_CONFIG: digest},
         "detach": True,
-        # What a grace needs is the backend's to give (docker stop -t): none by default.
         "stop_signal": "SIGTERM",
+        # An init as PID 1 (the engine's docker-init, tini): the kernel gives PID 1 no
+        # default signal actions, so a worker that is PID 1 ignores a stop sent before
+        # its handlers are set, and the stop waits out the whole grace.
+        "init": True,
     }
+    if share is not None:
+        for path in share.paths:
+            volumes.setdefault(path, {"bind": path, "mode": "rw"})
+        options["working_dir"] = share.working_dir
+        options["user"] = share.user
     if target.user:
         options["user"] = target.user
     limits = q.kubernetes.resources.limits
@@ -144,18 +193,21 @@ class DockerBackend:
     def __init__(self, config: FleetConfig, *, env: dict[str, str],
                  config_path: str | None, client_factory: Callable[[], object] | None = None,
                  node: str | None = None, quick_exit: float = QUICK_EXIT,
-                 backoff: float = BACKOFF):
+                 backoff: float = BACKOFF, owns_containers: bool = False,
+                 share: HostShare | None = None):
         self.config = config
         self.target = config.autoscaler.docker
         self.env = env
         self.config_path = config_path
         self.fleet_id = config.broker.key_prefix.rstrip(":") or "default"
-        self.digest = config_hash(config_path, config)
+        self.digest = config_hash(config_path, config, env, self.target.image)
         self.node = node or socket.gethostname()
         self._client_factory = client_factory or self._default_client
         self._client = None
         self.running: dict[str, list[Replica]] = {q: [] for q in config.queues}
         self.draining: dict[str, tuple[Replica, threading.Thread]] = {}
+        #: container name -> exit code, for those it stopped (0: warm, 137: killed)
+        self.stopped: dict[str, int | None] = {}
         self.restarts = 0
         self.closed = False
         self._adopted = False
@@ -165,6 +217,9 @@ class DockerBackend:
         self._notices: dict[str, list[str]] = {}
         self.quick_exit = quick_exit
         self.backoff = backoff
+        #: ``fleet up``'s: its containers stop with it, as its local workers do.
+        self.owns_containers = owns_containers
+        self.share = share
         self._lock = threading.RLock()
 
     # -- the engine ------------------------------------------------------------------
@@ -214,6 +269,13 @@ class DockerBackend:
         return {c.id: c for c in found}
 
     # -- the backend seam ------------------------------------------------------------
+
+    def check(self) -> None:
+        """The engine answers and has the image (CheckingBackend)."""
+        with self._lock:
+            client = self._engine()
+            self._call("asking the engine", client.ping)
+            self._image_present(client)
 
     def grace(self, queue: str) -> float:
         return float(grace_period(self.config.queues[queue]))
@@ -340,7 +402,7 @@ class DockerBackend:
     def _spec(self, queue: str, seq: int) -> ContainerSpec:
         return container_spec(self.config, queue, seq, fleet_id=self.fleet_id,
                               digest=self.digest, node=self.node,
-                              config_path=self.config_path, env=self.env)
+                              config_path=self.config_path, env=self.env, share=self.share)
 
     def _start(self, queue: str) -> Replica:
         if self.closed:
@@ -368,9 +430,21 @@ class DockerBackend:
             try:
                 target = container or self._engine().containers.get(replica.container_id)
                 target.stop(timeout=int(grace))
+                target.reload()
+                code = target.attrs.get("State", {}).get("ExitCode")
                 target.remove(force=True)
             except (docker.errors.DockerException, BackendError) as exc:
                 logger.warning("stopping container %s: %s", replica.name, exc)
+                return
+            with self._lock:
+                self.stopped[replica.name] = code
+                while len(self.stopped) > KEEP_STOPPED:
+                    del self.stopped[next(iter(self.stopped))]
+                if code == 137:
+                    self._notice(replica.queue, (
+                        f"container {replica.name} was still running after its grace of "
+                        f"{grace:g}s: killed; its running tasks come back within the "
+                        f"visibility timeout"))
 
         thread = threading.Thread(target=stop, name=f"docker-stop-{replica.name}",
                                   daemon=True)
@@ -389,18 +463,27 @@ class DockerBackend:
             thread.join(max(0.0, deadline - time.monotonic()))
         return all(not t.is_alive() for _, t in self.draining.values())
 
-    def close(self) -> None:
-        """Let go of the engine. The containers run on, as pods outlive the autoscaler
-        that scaled them: the next one adopts them by label (``stop_all`` stops them)."""
+    def close(self, grace: float | None = None, *, hurry: Callable[[], bool] | None = None,
+              on_hurry: Callable[[list[Replica]], None] | None = None) -> None:
+        """Let go of the engine. The containers of ``fleet autoscale`` run on, as pods
+        outlive the autoscaler that scaled them: the next one adopts them by label.
+        ``fleet up``'s (``owns_containers``) stop first, warm, each within its queue's
+        grace; ``hurry`` (a second signal) kills the ones still running at once."""
+        if self.owns_containers and self._client is not None:
+            try:
+                self.stop_all(grace, hurry=hurry, on_hurry=on_hurry)
+            except BackendError as exc:
+                logger.warning("could not stop the containers: %s", exc)
         with self._lock:
             self.closed = True
             if self._client is not None:
                 self._client.close()
                 self._client = None
 
-    def stop_all(self, grace: float | None = None) -> None:
+    def stop_all(self, grace: float | None = None, *, hurry: Callable[[], bool] | None = None,
+                 on_hurry: Callable[[list[Replica]], None] | None = None) -> None:
         """Stop every container of the fleet warm, each within its queue's grace (or
-        ``grace``), in parallel, and wait for them."""
+        ``grace``), in parallel, and wait for them; ``hurry`` kills them now."""
         with self._lock:
             self._sync()
             for replicas in self.running.values():
@@ -408,12 +491,32 @@ class DockerBackend:
                     self._drain(replica, None, grace)
                 replicas.clear()
         longest = max([self.grace(r.queue) for r, _ in self.draining.values()], default=0)
-        self.wait_drained((grace if grace is not None else longest) + 10)
+        deadline = time.monotonic() + (grace if grace is not None else longest) + 10
+        while time.monotonic() < deadline and any(
+                t.is_alive() for _, t in self.draining.values()):
+            if hurry is not None and hurry():
+                left = [r for r, t in self.draining.values() if t.is_alive()]
+                if on_hurry is not None:
+                    on_hurry(left)
+                for replica in left:
+                    try:
+                        self._engine().containers.get(replica.container_id).kill()
+                    except (docker.errors.DockerException, BackendError):
+                        pass  # gone meanwhile
+                break
+            time.sleep(0.2)
+        self.wait_drained(10)
 
 
 def create(ctx: BackendContext) -> DockerBackend:
-    """The ``docker`` entry point: the containers mount ``ctx.config``'s own file."""
-    return DockerBackend(ctx.config, env=dict(ctx.env), config_path=ctx.config.source)
+    """The ``docker`` entry point: the containers mount ``ctx.config``'s own file. Under
+    a supervisor (``fleet up``) the containers are its own, and see the machine's files
+    as its local workers would (HostShare)."""
+    owned = ctx.supervisor is not None
+    return DockerBackend(ctx.config, env=dict(ctx.env), config_path=ctx.config.source,
+                         owns_containers=owned,
+                         share=HostShare.of_this_process(ctx.config, ctx.workdir)
+                         if owned else None)
 
 
 PLUGIN = BackendPlugin(create)

@@ -8,11 +8,13 @@ removes only its own.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
 import time
 
+import docker
 import pytest
 
 from autoscale.backends.base import BackendError
@@ -47,17 +49,39 @@ def backends(docker_engine, docker_client, fleet):
         return backend
 
     yield make
-    fleet_id = fleet.prefix.rstrip(":")
-    for c in docker_client.containers.list(all=True,
-                                           filters={"label": f"{LABEL_FLEET}={fleet_id}"}):
-        c.remove(force=True)
     for backend in made:
         backend.close()
+    for c in ours(docker_client, fleet, all=True):
+        with contextlib.suppress(docker.errors.NotFound):
+            c.remove(force=True)
 
 
-def ours(docker_client, fleet) -> list:
-    return docker_client.containers.list(
-        filters={"label": f"{LABEL_FLEET}={fleet.prefix.rstrip(':')}"})
+def ours(docker_client, fleet, all: bool = False) -> list:
+    """The test's containers, inspected; one removed meanwhile (a backend's stop thread
+    removes what it stopped) is left out, not an error."""
+    found = []
+    for c in docker_client.containers.list(
+            all=all, sparse=True,
+            filters={"label": f"{LABEL_FLEET}={fleet.prefix.rstrip(':')}"}):
+        with contextlib.suppress(docker.errors.NotFound):
+            found.append(docker_client.containers.get(c.id))
+    return found
+
+
+@contextlib.contextmanager
+def looping(fleet, backend):
+    """The real autoscaler loop over ``backend`` on a thread; yields what it reports."""
+    said: list[str] = []
+    scaler = Autoscaler(fleet.config, RedisMetrics(fleet.config, broker_client(fleet.config)),
+                        backend, report=said.append)
+    stop = threading.Event()
+    loop = threading.Thread(target=scaler.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        yield said
+    finally:
+        stop.set()
+        loop.join(30)
 
 
 def workers(fleet, queue: str = "heavy"):
@@ -178,13 +202,7 @@ def test_a_burst_starts_containers_within_two_polls_and_they_go_after_it(fleet, 
         "time_limit": {"soft": "20s", "hard": "25s"},
         "autoscaling": {"min_replicas": 0, "max_replicas": 3, "target_wait": "2s",
                         "scale_down_stabilization": "5s", "cooldown": "3s"}}}})
-    said: list[str] = []
-    scaler = Autoscaler(fleet.config, RedisMetrics(fleet.config, broker_client(fleet.config)),
-                        backend, report=said.append)
-    stop = threading.Event()
-    loop = threading.Thread(target=scaler.run, args=(stop,), daemon=True)
-    loop.start()
-    try:
+    with looping(fleet, backend) as said:
         time.sleep(2)
         app = fleet.app()
         sent = time.monotonic()
@@ -200,9 +218,6 @@ def test_a_burst_starts_containers_within_two_polls_and_they_go_after_it(fleet, 
                      what="the containers to go after the burst")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n" + "\n".join(said[-30:])) from None
-    finally:
-        stop.set()
-        loop.join(30)
 
 
 def test_fleet_autoscale_dry_run_says_what_it_would_start(fleet, docker_engine, docker_client):
@@ -239,3 +254,91 @@ def test_fleet_autoscale_goes_on_while_no_engine_answers(fleet, tmp_path):
     assert "no Docker engine answers at unix:///nonexistent/docker.sock" in out or \
         "Docker engine at unix:///nonexistent/docker.sock" in out, out
     assert "Traceback" not in out, out
+
+
+def test_containers_of_an_older_config_are_replaced_not_adopted(fleet, backends,
+                                                                docker_client):
+    first = backends()
+    first.scale("heavy", 1, [])
+    (old,) = ours(docker_client, fleet)
+    # queues.yaml edited (a longer hard limit): the next autoscaler's config differs.
+    edited = backends({"queues": {"heavy": {"time_limit": {"soft": "21s", "hard": "26s"}}}})
+    assert edited.replicas()["heavy"] == 0  # not adopted: it is being stopped, warm
+    try:
+        wait_for(lambda: old.id not in {c.id for c in ours(docker_client, fleet)}, 60,
+                 what="the older config's container to stop")
+    except AssertionError as exc:
+        old.reload()
+        raise AssertionError(f"{exc}: {edited.draining} {old.status}\n"
+                             f"{old.logs(tail=20).decode()}") from None
+    edited.scale("heavy", 1, [])
+    (new,) = ours(docker_client, fleet)
+    assert new.labels["fleet.io/config-hash"] != old.labels["fleet.io/config-hash"]
+
+
+def test_a_scale_down_during_long_tasks_lets_them_finish(fleet, backends, docker_client):
+    """End to end: the loop holds two heavy containers, each running an 8 s task; the
+    operator lowers max_replicas to 1 (the dashboard's bounds); one busy container is
+    stopped warm (docker stop -t <grace>), finishes its task and exits 0. Both tasks
+    come back once, none is lost."""
+    from fleet.observe import overrides
+
+    backend = backends({"autoscaler": {"interval": "1s"}, "queues": {
+        "default": {"autoscaling": {"min_replicas": 0}},
+        "heavy": {"time_limit": {"soft": "20s", "hard": "25s"},
+                  "autoscaling": {"min_replicas": 2, "max_replicas": 2}}}})
+    client = broker_client(fleet.config)
+    with looping(fleet, backend):
+        reporting(fleet, 2)
+        app = fleet.app()
+        results = [app.send_task("tasks.heavy.sleep", kwargs={"seconds": 8, "tag": t})
+                   for t in ("a", "b")]
+        wait_for(lambda: sum(w.active for w in workers(fleet)) == 2, 30, interval=0.3,
+                 what="both containers busy")
+        before = {c.id: c for c in ours(docker_client, fleet)}
+        overrides.write(client, fleet.config, "heavy",
+                        overrides.Override(min_replicas=0, max_replicas=1))
+        wait_for(lambda: len(ours(docker_client, fleet)) == 1, 60, interval=0.5,
+                 what="one container stopped, warm")
+        assert sorted(r.get(timeout=30)["tag"] for r in results) == ["a", "b"]
+        (kept,) = ours(docker_client, fleet)
+        (gone,) = [c for cid, c in before.items() if cid != kept.id]
+        # Warm: it exited by itself after its task (0), not by SIGKILL at the grace (137).
+        wait_for(lambda: gone.name in backend.stopped, 30, what="the stop to end")
+        assert backend.stopped[gone.name] == 0, backend.stopped
+
+
+def test_a_container_oom_killed_mid_task_is_replaced_and_the_task_ends_counted(
+        fleet, backends, docker_client):
+    """End to end: a task that outgrows the container in its main process (``io``'s
+    threads pool runs tasks there), so the engine OOM-kills the whole container. The loop
+    replaces the container; the message comes back once its lease lapses and kills the
+    next one; the delivery count stops it at the queue's max_deliveries: dead-lettered,
+    failed with a clear reason, not a loop. Counted: kills, deliveries, the outcome."""
+    from celery.result import AsyncResult
+
+    from fleet.deadletter import DeadLetterList
+
+    backend = backends({"autoscaler": {"interval": "1s"}, "queues": {
+        "default": {"autoscaling": {"min_replicas": 0}},
+        "io": {"max_deliveries": 2, "concurrency": 2,
+               "kubernetes": {"resources": {"requests": {"memory": "256Mi"},
+                                            "limits": {"memory": "256Mi"}}},
+               "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}}, quick_exit=2)
+    with looping(fleet, backend) as said:
+        reporting(fleet, 1, "io")
+        app = fleet.app()
+        result = app.send_task("tasks.heavy.grow", kwargs={"target_mb": 600}, queue="io")
+        dead = DeadLetterList.for_config(fleet.config)
+        try:
+            wait_for(lambda: dead.counts(["io"])["io"] == 1, 120, interval=1,
+                     what="the message to be dead-lettered")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n" + "\n".join(said[-20:])) from None
+        kills = [line for line in said
+                 if line.startswith("io: container ") and "was OOM-killed by the engine" in line]
+        assert 1 <= len(kills) <= 2, said  # one per delivery the queue allows, no more
+        assert AsyncResult(result.id, app=app).state == "FAILURE"
+        (entry,) = dead.entries("io")
+        assert entry.task_id == result.id
+        reporting(fleet, 1, "io")  # and the queue has its replica again

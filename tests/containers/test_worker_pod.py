@@ -197,3 +197,25 @@ def test_with_headroom_the_guard_stops_the_task_before_the_kernel(fleet, pods):
         result.get(timeout=60, propagate=True)
     assert "over the 'heavy' queue's memory_limit of 512.0Mi" in str(failed.value)
     assert oom_kills_in(pod) == 0
+
+
+def test_a_stop_during_start_up_is_not_lost(fleet, docker_engine, docker_client):
+    """The worker is the container's PID 1, which the kernel gives no default signal
+    actions: a SIGTERM before Celery sets its handler used to be ignored, and the stop
+    waited out the whole grace. The entrypoint's handler now covers the second or so of
+    imports (fleet/entrypoint.py); the interpreter's own start, before it, is not
+    covered without an init in the image (the docker backend runs one: --init)."""
+    fleet.configure({**FAST, "queues": {"heavy": HEAVY}})
+    pod = run_pod(docker_client, docker_engine.image, fleet.config, fleet.config_path,
+                  "heavy", prefix=fleet.prefix)
+    try:
+        time.sleep(0.5)  # the interpreter is up, the worker still importing
+        assert "ready." not in pod.logs()
+        began = time.monotonic()
+        pod.container.stop(timeout=pod.grace)
+        took = time.monotonic() - began
+        pod.container.reload()
+        assert took < 15, f"{took:.1f}s of a {pod.grace}s grace"
+        assert pod.container.attrs["State"]["ExitCode"] in (0, 143), pod.logs()[-2000:]
+    finally:
+        pod.remove()

@@ -434,7 +434,7 @@ def test_the_readme_demo_on_an_embedded_redis_completes_five_times_in_a_row(flee
     """`fleet up --demo --exit-when-done`, the README's main command, on one workdir (so
     each run also restarts an embedded Redis on the last run's append-only file). Five,
     not ten: each run is about 13 s of CI's 40 minutes."""
-    runs, completions, durations, leftovers = 10, 0, [], 0
+    runs, completions, durations, leftovers = 5, 0, [], 0
     work = fleet.tmp_path / "work"
     for _ in range(runs):
         sup = Supervised(fleet, "up", embedded=True, workdir=work,

@@ -39,6 +39,7 @@ def test_a_replica_is_the_queues_worker_with_the_manifests_limits():
     assert o["labels"] == {LABEL_FLEET: "t1", LABEL_QUEUE: "heavy", LABEL_CONFIG: "abc123"}
     assert o["volumes"] == {"/etc/q.yaml": {"bind": CONFIG_IN_CONTAINER, "mode": "ro"}}
     assert o["network_mode"] == "host"
+    assert o["init"] is True  # PID 1 is tini, which passes the stop on to the worker
 
 
 def test_only_the_fleets_own_variables_go_into_the_container():
@@ -70,3 +71,10 @@ def test_the_config_hash_follows_the_mounted_file(tmp_path):
     assert config_hash(str(path), cfg) != first
     # No file: the parsed config's own hash, stable.
     assert config_hash(str(tmp_path / "gone.yaml"), cfg) == config_hash(None, cfg)
+    # Another broker (a new embedded Redis port) or image: not the same containers.
+    env = {"FLEET_BROKER_URL": "redis://127.0.0.1:7001/0", "HOME": "/root"}
+    base = config_hash(str(path), cfg, env, "fleet:a")
+    assert config_hash(str(path), cfg, {**env, "HOME": "/x"}, "fleet:a") == base
+    assert config_hash(str(path), cfg, {**env, "FLEET_BROKER_URL": "redis://h:7002/0"},
+                       "fleet:a") != base
+    assert config_hash(str(path), cfg, env, "fleet:b") != base
