@@ -2,9 +2,10 @@
 often its OOM killer struck.
 
 Why read the cgroup at all: a pod's processes see the node's memory in /proc/meminfo,
-and the engine's ``OOMKilled`` (Docker's, the kubelet's) covers PID 1 only. When the
-kernel kills a pool child of a worker whose main process stays up, the worker sees a
-plain lost child; only the cgroup's counter says it was memory (fleet.guard).
+and the engine's ``OOMKilled`` (Docker's, the kubelet's) is reported only for a container
+that exited. When the kernel kills a pool child of a worker whose main process stays
+up, the worker sees a plain lost child; only the cgroup's counter says it was memory
+(fleet.guard).
 
 ``root`` is where the cgroup is mounted; inside a container it is the container's own.
 cgroup v2 keeps everything at the top; v1 in a ``memory/`` hierarchy. Many nodes still

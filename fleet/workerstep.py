@@ -43,9 +43,8 @@ class FleetWorkerStep(bootsteps.StartStopStep):
     with the idna codec, imported on first use) held ``encodings.idna``'s import lock
     while the pool forked: the child hung in its first ``store_result``, the task
     received and never run (three tries of 20 container starts each hung within their
-    first three). Hence ``requires``
-    Pool, and the codec imported here, before any thread runs, for the pool's later
-    forks (a replaced child)."""
+    first three). Hence ``requires`` Pool, and the codec imported here, before any
+    thread runs, for the pool's later forks (a replaced child)."""
 
     label = "fleet"
     requires = ("celery.worker.components:Pool",)

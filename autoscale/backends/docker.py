@@ -14,11 +14,12 @@ mounted where the ConfigMap goes, the broker and ledger from the environment.
   busy), each with ``docker stop -t <grace>``: SIGTERM starts Celery's warm shutdown,
   running tasks finish, SIGKILL only after the queue's grace (the manifest's
   terminationGracePeriodSeconds). The stop runs on a thread of its own; the loop goes on.
-- **A container that exits unasked** is replaced; an engine-reported OOM kill (PID 1,
-  the worker itself) is said so, in the loop's report and the queue's next decision
-  reason (``notices``). A kernel kill of a pool child is the worker's to handle
-  (fleet.guard). A container that exits within ``QUICK_EXIT`` seconds of its start is
-  not restarted for ``BACKOFF`` seconds: a bad image or config would otherwise loop.
+- **A container that exits unasked** is replaced; an engine-reported OOM kill (of the
+  worker's main process, so the container exited) is said so, in the loop's report and
+  the queue's next decision reason (``notices``). A kernel kill of a pool child is the
+  worker's to handle (fleet.guard). A container that exits within ``QUICK_EXIT``
+  seconds of its start is not restarted for ``BACKOFF`` seconds: a bad image or config
+  would otherwise loop.
 - **Errors** (no engine, image missing) are BackendErrors with what to do: the loop
   reports them each poll and goes on.
 """
@@ -249,8 +250,6 @@ class DockerBackend:
                 f"image {self.target.image!r} is not on the Docker engine at "
                 f"{self._where()}: build it (docker build -f k8s/Dockerfile -t "
                 f"{self.target.image} .) or set autoscaler.docker.image") from None
-        except docker.errors.NotFound:
-            raise
         except (docker.errors.DockerException, requests.RequestException) as exc:
             raise BackendError(f"{what}: the Docker engine at {self._where()} "
                                f"failed: {exc}") from None
@@ -328,7 +327,12 @@ class DockerBackend:
             found = re.search(r"-(\d+)$", name)
             seq = max(seq, int(found.group(1)) if found else 0)
             if container.attrs.get("State") != "running" or queue not in self.running:
-                self._call("removing a stopped container", container.remove, force=True)
+                try:
+                    container.remove(force=True)
+                except docker.errors.NotFound:
+                    pass  # removed meanwhile (another autoscaler, by hand)
+                except (docker.errors.DockerException, requests.RequestException) as exc:
+                    logger.warning("could not remove container %s: %s", name, exc)
                 continue
             replica = Replica(queue, name, container.id, time.monotonic(),
                               f"{name}@{self.node}")
