@@ -26,7 +26,7 @@ import redis
 
 from bench.common import machine, percentile, table, tmpdir
 from fleet.processes import stop_all
-from tests.conftest import REDIS_URL, Fleet
+from tests.conftest import REDIS_URL, Fleet, drop_prefix
 from tests.containers.pod import run_pod
 from tests.docker_util import start_engine
 
@@ -71,10 +71,7 @@ def main() -> None:
             stop_all([worker], grace=30)
     finally:
         fleet.close()
-        r = redis.Redis.from_url(REDIS_URL)
-        keys = list(r.scan_iter(match=f"{prefix}*"))
-        if keys:
-            r.unlink(*keys)
+        drop_prefix(redis.Redis.from_url(REDIS_URL), prefix)
     print(machine())
     print(f"image {engine.image}: "
           f"{client.images.get(engine.image).attrs['Size'] / 1e6:.0f} MB")

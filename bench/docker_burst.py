@@ -30,7 +30,7 @@ from autoscale.loop import Autoscaler
 from bench.common import machine, percentile, table, tmpdir
 from fleet.keys import broker_client
 from fleet.observe.metrics import RedisMetrics
-from tests.conftest import REDIS_URL, Fleet
+from tests.conftest import REDIS_URL, Fleet, drop_prefix
 from tests.docker_util import start_engine
 
 BURST = 10
@@ -100,10 +100,7 @@ def main() -> None:
         local.close()
         docker_backend.stop_all(grace=10)
         docker_backend.close()
-        r = redis.Redis.from_url(REDIS_URL)
-        keys = list(r.scan_iter(match=f"{prefix}*"))
-        if keys:
-            r.unlink(*keys)
+        drop_prefix(redis.Redis.from_url(REDIS_URL), prefix)
     print(machine())
     rows = []
     for i, what in ((0, "burst to first replica created"), (1, "burst to first task started")):

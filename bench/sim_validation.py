@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from tests import live_replay  # noqa: E402
-from tests.conftest import REDIS_URL, Fleet  # noqa: E402
+from tests.conftest import REDIS_URL, Fleet, drop_prefix  # noqa: E402
 
 
 def one_run() -> None:
@@ -34,10 +34,7 @@ def one_run() -> None:
                                        Path(tmp) / "work")
         finally:
             fleet.close()
-            client = redis.Redis.from_url(REDIS_URL)
-            keys = list(client.scan_iter(match=f"{prefix}*"))
-            if keys:
-                client.unlink(*keys)
+            drop_prefix(redis.Redis.from_url(REDIS_URL), prefix)
         for comparison in live_replay.compare(run, fleet.config):
             print(live_replay.describe(comparison))
         print(f"(live run {time.monotonic() - began:.0f}s wall)")

@@ -97,13 +97,18 @@ def redis_client() -> Iterator[redis.Redis]:
     client.close()
 
 
+def drop_prefix(client: redis.Redis, prefix: str) -> None:
+    """Every key under ``prefix`` gone (a test's or a bench's own fleet), in batches."""
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    for start in range(0, len(keys), 500):
+        client.unlink(*keys[start:start + 500])
+
+
 @pytest.fixture
 def prefix(redis_client: redis.Redis) -> Iterator[str]:
     value = f"t{uuid.uuid4().hex[:10]}:"
     yield value
-    keys = list(redis_client.scan_iter(match=f"{value}*", count=1000))
-    for start in range(0, len(keys), 500):
-        redis_client.unlink(*keys[start:start + 500])
+    drop_prefix(redis_client, value)
 
 
 class Fleet:
