@@ -16,6 +16,8 @@ gives every number's source.
   workers hold prefetched (the simulator has one list per queue; Celery's priority
   sub-lists are not modelled).
 - ``FixedController``: N replicas per queue from t=0 to the end, never changed.
+- ``work_floor``: not a controller but the bound under all of them, the worker-seconds
+  of the tasks' own service times on the queues' slots.
 
 Neither knows the fleet's capacity budget (KEDA and the HPA do not): it is not applied.
 """
@@ -23,10 +25,11 @@ Neither knows the fleet's capacity budget (KEDA and the HPA do not): it is not a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from fleet.config import FleetConfig
 from fleet.observe.model import Observation, ScaleDecision
+from fleet.trace.model import Task
 
 #: KEDA, ScaledObject defaults and the redis-lists trigger as documented.
 KEDA_POLLING_INTERVAL = 30.0
@@ -164,6 +167,22 @@ class FixedController:
                ) -> list[ScaleDecision]:
         return [ScaleDecision(name, current.get(name, 0), n, f"fixed at {n}")
                 for name, n in self.replicas.items()]
+
+
+def work_floor(tasks: Iterable[Task], config: FleetConfig) -> dict[str, float]:
+    """Per queue, the fewest worker-seconds that can run its tasks: their service
+    times over the queue's concurrency, as if every slot of every replica were busy
+    from its first second to its last (no start-up, no idle slot, no drain).
+
+    No autoscaler gets under it, whatever its settings: a "25 % cheaper than KEDA" goal
+    is out of reach on a trace where KEDA's own cost is within a quarter of the floor
+    (docs/tuning.md, "Figures: tuned vs KEDA"). Tasks without a service time (never
+    finished) are left out, as the simulator leaves them out."""
+    work: dict[str, float] = {}
+    for t in tasks:
+        if t.service is not None:
+            work[t.queue] = work.get(t.queue, 0.0) + t.service
+    return {q: w / config.queues[q].concurrency for q, w in work.items()}
 
 
 #: The names ``fleet simulate --compare`` takes.

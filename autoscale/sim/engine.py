@@ -427,12 +427,14 @@ class Simulation:
             head = q.waiting[0][0] if q.waiting else None
             samples[name] = QueueSample(name, len(q.waiting), q.running + q.reserved,
                                         None if head is None else now - head)
-        obs = _Observation(now, samples, self._worker_samples())
+        index: dict[str, list[WorkerSample]] = {}
+        obs = _Observation(now, samples, self._worker_samples(index))
+        object.__setattr__(obs, "_index", index)
         self.epoch += 1
         self.polls += 1
         decisions = self.controller.decide(now, obs, self.backend.replicas())
         for d in decisions:
-            if not d.changes:
+            if d.current == d.desired:  # not d.changes, a property call per queue
                 continue
             q = self.queues[d.queue]
             direction = 1 if d.desired > d.current else -1
@@ -452,8 +454,10 @@ class Simulation:
                                   len(q.replicas) - ready,
                                   now - q.waiting[0][0] if q.waiting else None)
 
-    def _worker_samples(self) -> list[WorkerSample]:
-        """The live workers' self-reports: per replica, or one per queue with the sums.
+    def _worker_samples(self, index: dict[str, list[WorkerSample]] | None = None
+                        ) -> list[WorkerSample]:
+        """The live workers' self-reports: per replica, or one per queue with the sums;
+        ``index`` is filled with them by queue (``_Observation.workers_of``'s lookup).
 
         One sample per queue is what makes a day of 1,000 replicas fast, and it gives
         ``decide`` the same figures, because the rates and the policy read only sums
@@ -472,23 +476,27 @@ class Simulation:
         replica starts a new pid (a "restarted worker"), as a wholly new set would be.
         """
         out = []
+        index = {} if index is None else index
         cpu, rss = self.cpu_per_task, self.rss
         for name, q in self.queues.items():
             if not q.sampled:
                 continue
             if not self.aggregate:
-                out.extend(
+                mine = index[name] = [
                     WorkerSample(f"{name}-{r.id}@sim", name, "sim", r.id, q.concurrency,
                                  r.running, len(r.reserved), r.processed, cpu * r.running,
                                  rss, 0, 0, self.now,
                                  draining=r.running if r.draining else 0)
-                    for r in q.sampled.values())
+                    for r in q.sampled.values()]
+                out.extend(mine)
                 continue
             n = len(q.sampled)
-            out.append(WorkerSample(
+            sample = WorkerSample(
                 f"{name}@sim", name, "sim", q.incarnation, q.concurrency * n, q.running,
                 q.reserved, q.processed_live + q.retired_processed, cpu * q.running / n,
-                rss, 0, 0, self.now, draining=q.leaving))
+                rss, 0, 0, self.now, draining=q.leaving)
+            out.append(sample)
+            index[name] = [sample]
         return out
 
     # -- the end ------------------------------------------------------------------

@@ -82,9 +82,10 @@ class RateTracker:
         if prev is not None and obs.at > prev.at:
             dt = obs.at - prev.at
             step = (dt, -math.expm1(-dt / RATE_TIME_CONSTANT), bool(prev.workers))
+        limits = self._limits_of_config()
         for name, sample in obs.queues.items():
             try:
-                out[name] = self._update_queue(prev, obs, name, sample, step)
+                out[name] = self._update_queue(prev, obs, name, sample, step, limits)
             except Exception:
                 # One queue's odd figures must not stop the others: it sits this poll out.
                 logger.exception("rates failed for queue %s", name)
@@ -92,25 +93,37 @@ class RateTracker:
         return out
 
     def _update_queue(self, prev: Observation | None, obs: Observation, name: str,
-                      sample: QueueSample, step: tuple[float, float, bool] | None
-                      ) -> QueueMetrics:
+                      sample: QueueSample, step: tuple[float, float, bool] | None,
+                      limits: dict[str, int | None]) -> QueueMetrics:
         workers = obs.workers_of(name)
         # One pass over the workers for the three sums (the simulator calls this for
         # every queue at every poll); added in the same order, so the same floats.
-        running = slots = draining = 0
-        cpu = 0
-        for w in workers:
-            running += w.active
-            slots += w.concurrency
-            cpu += w.cpu_percent
-            draining += w.draining
+        if len(workers) == 1:  # the simulator's one sample per queue, without the loop
+            w = workers[0]
+            running, slots, cpu, draining = w.active, w.concurrency, 0 + w.cpu_percent, \
+                w.draining
+        else:
+            running = slots = draining = 0
+            cpu = 0
+            for w in workers:
+                running += w.active
+                slots += w.concurrency
+                cpu += w.cpu_percent
+                draining += w.draining
         s = self.smoothed.get(name)
         if s is None:
             s = self.smoothed[name] = _Smoothed()
         before = None if step is None else prev.queues.get(name)
         if before is not None:
             dt, alpha, seen_any = step
-            done = _completed(prev.workers_of(name), workers, seen_any)
+            earlier = prev.workers_of(name)
+            if len(earlier) == 1 and len(workers) == 1:
+                # The simulator's case (one sample per queue) and a one-worker queue's,
+                # without two calls per queue per poll: _completed's answer.
+                done = _grown(earlier[0] if earlier[0].hostname == workers[0].hostname
+                              else None, workers[0], seen_any)
+            else:
+                done = _completed(earlier, workers, seen_any)
             grown = (sample.waiting + sample.unacked) - (before.waiting + before.unacked)
             completion = done / dt
             arrival = max(0.0, (done + grown) / dt)
@@ -126,6 +139,9 @@ class RateTracker:
         weight = s.weight
         arrival, completion = ((s.arrival / weight, s.completion / weight) if weight
                                else (0.0, 0.0))
+        # A queue without a memory limit (the limit None) has no memory fraction.
+        limit = limits.get(name, _UNKNOWN)
+        memory = self._memory_fraction(name, workers, limits) if workers and limit else None
         # Positional, in QueueMetrics' field order: keywords cost a microsecond more per
         # queue per poll, a simulated day of 100 queues makes 4.3 million of them.
         return QueueMetrics(
@@ -133,19 +149,23 @@ class RateTracker:
             sample.oldest_age, arrival, completion,  # oldest_age .. completion_rate
             s.service_time, len(workers), slots,  # service_time, workers, slots
             (cpu / slots) if slots else 0.0,  # cpu_per_slot
-            self._memory_fraction(name, workers), draining,
+            memory, draining,
         )
 
-    def _memory_fraction(self, name: str, workers: list[WorkerSample]) -> float | None:
-        """The fullest worker's memory as a fraction of its pod's memory limit, each
-        queue's limit looked up once per config."""
+    def _limits_of_config(self) -> dict[str, int | None]:
+        """queue -> memory limit of the current config, each looked up when first asked."""
         limits = self._limits
         if limits is None or limits[0] is not self.config:
             limits = self._limits = (self.config, {})
-        limit = limits[1].get(name, _UNKNOWN)
+        return limits[1]
+
+    def _memory_fraction(self, name: str, workers: list[WorkerSample],
+                         limits: dict[str, int | None]) -> float | None:
+        """The fullest worker's memory as a fraction of its pod's memory limit."""
+        limit = limits.get(name, _UNKNOWN)
         if limit is _UNKNOWN:
-            limit = limits[1][name] = _memory_limit(self.config, name)
-        if not limit or not workers:
+            limit = limits[name] = _memory_limit(self.config, name)
+        if not limit:
             return None
         return max((w.rss_main + w.rss_children) / limit for w in workers)
 
@@ -200,12 +220,6 @@ def _completed(earlier: list[WorkerSample], workers: list[WorkerSample], seen_an
                ) -> int:
     """completed_between of one queue's workers then (``earlier``) and now; ``seen_any``:
     the earlier poll saw workers of any queue."""
-    if len(earlier) == 1 and len(workers) == 1:
-        # The simulator's (one sample per queue) and a one-worker queue's: no lookup.
-        old, worker = earlier[0], workers[0]
-        if old.hostname != worker.hostname:
-            old = None
-        return _grown(old, worker, seen_any)
     before = {w.hostname: w for w in earlier}
     return sum(_grown(before.get(w.hostname), w, seen_any) for w in workers)
 

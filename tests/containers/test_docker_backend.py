@@ -8,7 +8,9 @@ removes only its own.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import subprocess
 import sys
 import threading
@@ -20,7 +22,8 @@ import pytest
 from autoscale.backends.base import BackendError
 from autoscale.backends.docker import LABEL_FLEET, DockerBackend
 from autoscale.loop import Autoscaler
-from fleet.keys import broker_client, latest_decisions_key
+from fleet.eventlog import EVENT_FIELD, events_in
+from fleet.keys import broker_client, events_stream_key, latest_decisions_key
 from fleet.observe.metrics import RedisMetrics
 from tests.conftest import REDIS_URL, wait_for
 
@@ -86,6 +89,28 @@ def looping(fleet, backend):
 
 def workers(fleet, queue: str = "heavy"):
     return RedisMetrics(fleet.config, broker_client(fleet.config)).poll().workers_of(queue)
+
+
+def started(fleet, ids: list[str], timeout: float = 60) -> collections.Counter:
+    """How many times each task of ``ids`` started, counted from the task-started
+    events the workers in the containers sent (the fleet's event stream): executions,
+    not results. Waits until every one has started at least once (a worker sends its
+    task events in groups, a moment later)."""
+    client = broker_client(fleet.config)
+    key, want = events_stream_key(fleet.config), set(ids)
+
+    def count() -> collections.Counter:
+        seen = collections.Counter()
+        for _, fields in client.xrange(key):
+            raw = fields.get(EVENT_FIELD.encode())
+            for e in events_in(json.loads(raw)) if raw else ():
+                if e.get("type") == "task-started" and e.get("uuid") in want:
+                    seen[e["uuid"]] += 1
+        return seen
+
+    wait_for(lambda: set(count()) == want, timeout, interval=0.5,
+             what=f"a task-started event for each of {len(want)} tasks")
+    return count()
 
 
 def reporting(fleet, n: int, queue: str = "heavy", timeout: float = 60):
@@ -196,7 +221,8 @@ def test_a_burst_starts_containers_within_two_polls_and_they_go_after_it(fleet, 
                                                                        docker_client):
     """End to end: the real loop over the docker backend. 20 tasks land at once; the
     containers start within two polls, the backlog drains, every task ran once (each
-    tag comes back once), and the containers go after the stabilization window."""
+    tag comes back once, and each started once by the workers' own task-started
+    events), and the containers go after the stabilization window."""
     backend = backends({"autoscaler": {"interval": "1s"}, "queues": {
         "default": {"autoscaling": {"min_replicas": 0}}, "heavy": {
         "time_limit": {"soft": "20s", "hard": "25s"},
@@ -213,6 +239,8 @@ def test_a_burst_starts_containers_within_two_polls_and_they_go_after_it(fleet, 
         assert time.monotonic() - sent <= 2 * 1.0 + 1.0  # two polls, and the start call
         tags = sorted(int(r.get(timeout=120)["tag"]) for r in results)
         assert tags == list(range(20))
+        runs = started(fleet, [r.id for r in results])
+        assert sorted(runs.values()) == [1] * 20, runs  # ran once each, none twice
         try:
             wait_for(lambda: not ours(docker_client, fleet), 60, interval=1,
                      what="the containers to go after the burst")
@@ -301,6 +329,8 @@ def test_a_scale_down_during_long_tasks_lets_them_finish(fleet, backends, docker
         wait_for(lambda: len(ours(docker_client, fleet)) == 1, 60, interval=0.5,
                  what="one container stopped, warm")
         assert sorted(r.get(timeout=30)["tag"] for r in results) == ["a", "b"]
+        runs = started(fleet, [r.id for r in results])
+        assert sorted(runs.values()) == [1, 1], runs  # the stopped one did not run twice
         (kept,) = ours(docker_client, fleet)
         (gone,) = [c for cid, c in before.items() if cid != kept.id]
         # Warm: it exited by itself after its task (0), not by SIGKILL at the grace (137).

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from autoscale.sim.baselines import FixedController, KedaController
+from autoscale.sim.baselines import FixedController, KedaController, work_floor
 from autoscale.sim.engine import Simulation
 from fleet.config import parse_config
 from fleet.observe.model import Observation, QueueSample
@@ -176,3 +176,18 @@ def test_compare_with_an_unknown_baseline_is_exit_2_naming_the_known_ones(tmp_pa
                 ["--fixed-replicas", "2"]):
         done = CliRunner().invoke(cli, [*_files(tmp_path), *bad])
         assert done.exit_code == 2 and "--fixed-replicas" in done.output, bad
+
+
+def test_the_work_floor_is_service_over_slots_and_no_simulated_fleet_gets_under_it():
+    config = parse_config({"version": 1, "default_queue": "a", "queues": {
+        "a": {"concurrency": 2}, "b": {"concurrency": 1}}}, "floor.yaml")
+    tasks = [Task(queue="a", name="t", sent=i, service=30.0) for i in range(10)] + [
+        Task(queue="b", name="t", sent=i, service=5.0) for i in range(4)] + [
+        Task(queue="b", name="t", sent=9.0, service=None)]
+    assert work_floor(tasks, config) == {"a": 150.0, "b": 20.0}
+    header = Header(version=1, source="t", duration=60.0, queues=["a", "b"])
+    ordered = sorted(tasks, key=lambda t: t.sent)
+    for controller in (None, KedaController(config), FixedController(config, {"a": 1, "b": 1})):
+        report = Simulation(header, ordered, config, controller=controller).run()
+        for q, floor in work_floor(tasks, config).items():
+            assert report.queues[q].worker_seconds >= floor
