@@ -286,7 +286,9 @@ def jobs_retry(job_id: str, config_path: str | None) -> None:
         click.echo(f"job {job_id}: re-sent {retried.lost} chunks lost in flight or "
                    "never sent")
     else:
-        click.echo(f"job {job_id}: re-sent {retried.chunks} failed chunks")
+        cleared = (f" and removed their {retried.dead_letters} dead-letter entries "
+                   "(requeued as well, they would run twice)" if retried.dead_letters else "")
+        click.echo(f"job {job_id}: re-sent {retried.chunks} failed chunks{cleared}")
 
 
 def _watch(config: FleetConfig, job_id: str) -> None:

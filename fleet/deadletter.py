@@ -241,6 +241,30 @@ class DeadLetterList:
         return bool(self._requeue(keys=[self.key(entry.queue), target, counter_key],
                                   args=[stored, json.dumps(message)]))
 
+    def discard_tasks(self, task_ids: set[str], queues: list[str]) -> list[DeadLetter]:
+        """Remove the entries of the tasks ``task_ids`` from the lists of ``queues``, and
+        return them: what a job retry sends again must not also be requeued from here
+        (it would run twice). One round trip to read the lists, one to remove."""
+        if not task_ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.lrange(self.key(queue), 0, -1)
+        found = []
+        for queue, stored in zip(queues, pipe.execute(), strict=True):
+            for raw in stored:
+                entry = DeadLetter.from_json(raw)
+                if entry.task_id in task_ids:
+                    found.append((queue, raw, entry))
+        if not found:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for queue, raw, _ in found:
+            pipe.lrem(self.key(queue), 1, raw)
+        removed = pipe.execute()
+        # One taken meanwhile (a requeue, a purge) is not this call's to report.
+        return [entry for (_, _, entry), n in zip(found, removed, strict=True) if n]
+
     def purge(self, queue: str) -> int:
         pipe = self.client.pipeline(transaction=True)
         pipe.llen(self.key(queue))

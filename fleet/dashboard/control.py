@@ -105,7 +105,9 @@ class Control:
         done = retry_failed(self.app, job_id)
         if done.aggregate:
             return f"{job_id}: aggregate step sent again"
-        return f"{job_id}: {done.chunks + done.lost} chunks sent again"
+        cleared = (f" ({done.dead_letters} dead-letter entries removed with them)"
+                   if done.dead_letters else "")
+        return f"{job_id}: {done.chunks + done.lost} chunks sent again{cleared}"
 
     def revoke_job(self, job_id: str, who: str) -> str:
         """Revoke every chunk and the aggregate step (one broadcast), and end the job."""

@@ -20,8 +20,9 @@ import redis
 from celery import Celery
 
 from fleet.config import MAX_CHUNK_SIZE
+from fleet.deadletter import DeadLetterList
 from fleet.errors import BrokerUnavailableError, FleetError, JobInputError
-from fleet.jobs.ids import new_job_id
+from fleet.jobs.ids import chunk_task_id, new_job_id
 from fleet.jobs.inputs import checked_input, keep_copy
 from fleet.jobs.lifecycle import BROKER_ERRORS, result_key, send_collect
 from fleet.jobs.publish import send_chunks
@@ -131,6 +132,9 @@ class Retried:
     aggregate: bool
     #: Chunks re-sent because they were lost in flight or never sent.
     lost: int = 0
+    #: Dead-letter entries of the re-sent failed chunks, removed (requeueing one as
+    #: well would run its chunk twice).
+    dead_letters: int = 0
 
 
 def retry_failed(app: Celery, job_id: str) -> Retried:
@@ -143,7 +147,12 @@ def retry_failed(app: Celery, job_id: str) -> Retried:
     _ping(config)
     failed = store.take_failed(job_id)
     if failed:
-        return Retried(job_id, resend(app, status, failed), False)
+        # Before the resend: a chunk that fails again meanwhile gets an entry of its own,
+        # which stays. A resend that dies leaves the chunks pending for the reconciler.
+        cleared = DeadLetterList.for_config(config).discard_tasks(
+            {chunk_task_id(job_id, i) for i in failed}, list(config.queues))
+        return Retried(job_id, resend(app, status, failed), False,
+                       dead_letters=len(cleared))
     if status.done >= status.total:
         stuck = status.state == AGGREGATING and status.collect_started is None
         if status.state == FAILED or stuck:

@@ -170,9 +170,13 @@ def test_a_killed_container_is_replaced_and_said_so(fleet, backends, docker_clie
 
 def test_an_oom_killed_container_is_named_and_not_restarted_in_a_loop(fleet, backends,
                                                                       docker_client,
-                                                                      redis_client):
+                                                                      redis_client, tmp_path):
     """A limit the worker itself cannot start in: the engine OOM-kills PID 1. The loop
-    says so, and so does the queue's decision, which the dashboard shows."""
+    says so, and so does the queue's decision, as the dashboard's Autoscaler page gets it
+    (the sampler's ``latest``, what /api/fleet/autoscaler returns)."""
+    from fleet.dashboard.sampler import Sampler
+    from fleet.dashboard.store import Store
+
     backend = backends({"queues": {"default": {"autoscaling": {"min_replicas": 0}},
                                    "io": {"kubernetes": {"resources": {
                                        "requests": {"memory": "24Mi"},
@@ -189,6 +193,9 @@ def test_an_oom_killed_container_is_named_and_not_restarted_in_a_loop(fleet, bac
     assert any(line.startswith("io: container ") and "OOM-killed" in line for line in said)
     latest = redis_client.hget(latest_decisions_key(fleet.config), "io")
     assert b"OOM-killed by the engine" in latest
+    sampler = Sampler(fleet.config, redis_client, Store(f"sqlite:///{tmp_path}/dash.sqlite"))
+    shown = sampler.poll().replicas["io"]
+    assert "was OOM-killed by the engine" in shown["reason"], shown
     with pytest.raises(BackendError, match="not starting a io container for"):
         backend.scale("io", 1, [])
     assert ours(docker_client, fleet) == []

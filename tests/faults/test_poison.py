@@ -144,6 +144,9 @@ def test_a_job_whose_chunk_is_poison_fails_visibly_and_retry_reruns_it(
     redis_client.set(cured_key(config), 1)  # the fix is deployed
     retried = retry_failed(app, done.job_id)
     assert retried.chunks == 1
+    # Its dead-letter entry went with the retry: requeued as well, the chunk would run twice.
+    assert retried.dead_letters == 1
+    assert DeadLetterList.for_config(config).entries("heavy") == []
     status = wait_for(lambda: (s := store.status(done.job_id)).is_terminal and s, 60,
                       what="the retried job to end")
     assert (status.state, status.done, status.failed) == ("succeeded", 4, 0)

@@ -197,6 +197,23 @@ def test_the_list_is_capped_newest_first_and_found_by_id(fleet, redis_client):
     assert dead.purge("heavy") == 5 and dead.entries("heavy") == []
 
 
+def test_a_job_retry_takes_its_chunks_entries_and_leaves_the_rest(fleet, redis_client):
+    """discard_tasks (what ``fleet jobs retry`` calls for the chunks it sends again):
+    the entries of those tasks, in whichever queue's list, and no other."""
+    dead = DeadLetterList.for_config(fleet.config)
+    mine = [new_entry(q, Reason(SIGNAL, "killed"), message=envelope(task_id=f"job-1.{i}"))
+            for i, q in enumerate(["heavy", "xl", "heavy"])]
+    other = new_entry("heavy", Reason(SIGNAL, "killed"), message=envelope(task_id="job-2.0"))
+    for entry in [*mine, other]:
+        dead.add(entry)
+    queues = list(fleet.config.queues)
+    taken = dead.discard_tasks({"job-1.0", "job-1.1", "job-1.2"}, queues)
+    assert sorted(e.id for e in taken) == sorted(e.id for e in mine)
+    assert dead.entries("heavy") == [other] and dead.entries("xl") == []
+    assert dead.discard_tasks({"job-1.0"}, queues) == []  # nothing left of them
+    assert dead.discard_tasks(set(), queues) == []
+
+
 def test_requeue_moves_the_message_once_and_resets_its_count(fleet, redis_client):
     config = fleet.config
     dead = DeadLetterList.for_config(config)
