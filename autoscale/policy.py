@@ -89,7 +89,7 @@ def recommend(m: QueueMetrics, queue: QueueClass, current: int) -> tuple[int, st
     # The figures read more than once, as locals (the simulator asks 4.3 million times
     # a simulated day of 100 queues).
     waiting, running, service = m.waiting, m.running, m.service_time
-    backlog = waiting + max(0, m.unacked - running)  # m.backlog
+    backlog = m.backlog
     work = backlog + running
     if current == 0 and running == 0 and waiting < max(1, a.activation_threshold):
         floor = f"; min_replicas {a.min_replicas}" if a.min_replicas else ""

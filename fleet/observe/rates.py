@@ -70,7 +70,7 @@ class RateTracker:
     config: FleetConfig
     previous: Observation | None = None
     smoothed: dict[str, _Smoothed] = field(default_factory=dict)
-    #: (the config they are of, queue -> memory limit), for _memory_fraction.
+    #: (the config they are of, queue -> memory limit), for the memory fractions.
     _limits: tuple[FleetConfig, dict] | None = field(default=None, init=False, repr=False,
                                                       compare=False)
 
@@ -98,18 +98,13 @@ class RateTracker:
         workers = obs.workers_of(name)
         # One pass over the workers for the three sums (the simulator calls this for
         # every queue at every poll); added in the same order, so the same floats.
-        if len(workers) == 1:  # the simulator's one sample per queue, without the loop
-            w = workers[0]
-            running, slots, cpu, draining = w.active, w.concurrency, 0 + w.cpu_percent, \
-                w.draining
-        else:
-            running = slots = draining = 0
-            cpu = 0
-            for w in workers:
-                running += w.active
-                slots += w.concurrency
-                cpu += w.cpu_percent
-                draining += w.draining
+        running = slots = draining = 0
+        cpu = 0
+        for w in workers:
+            running += w.active
+            slots += w.concurrency
+            cpu += w.cpu_percent
+            draining += w.draining
         s = self.smoothed.get(name)
         if s is None:
             s = self.smoothed[name] = _Smoothed()
@@ -139,9 +134,13 @@ class RateTracker:
         weight = s.weight
         arrival, completion = ((s.arrival / weight, s.completion / weight) if weight
                                else (0.0, 0.0))
-        # A queue without a memory limit (the limit None) has no memory fraction.
+        # The fullest worker's memory as a fraction of its pod's memory limit (None
+        # without a limit); each queue's limit looked up once per config.
         limit = limits.get(name, _UNKNOWN)
-        memory = self._memory_fraction(name, workers, limits) if workers and limit else None
+        if limit is _UNKNOWN:
+            limit = limits[name] = _memory_limit(self.config, name)
+        memory = (max((w.rss_main + w.rss_children) / limit for w in workers)
+                  if limit and workers else None)
         # Positional, in QueueMetrics' field order: keywords cost a microsecond more per
         # queue per poll, a simulated day of 100 queues makes 4.3 million of them.
         return QueueMetrics(
@@ -158,16 +157,6 @@ class RateTracker:
         if limits is None or limits[0] is not self.config:
             limits = self._limits = (self.config, {})
         return limits[1]
-
-    def _memory_fraction(self, name: str, workers: list[WorkerSample],
-                         limits: dict[str, int | None]) -> float | None:
-        """The fullest worker's memory as a fraction of its pod's memory limit."""
-        limit = limits.get(name, _UNKNOWN)
-        if limit is _UNKNOWN:
-            limit = limits[name] = _memory_limit(self.config, name)
-        if not limit:
-            return None
-        return max((w.rss_main + w.rss_children) / limit for w in workers)
 
 
 class ServiceWindow:
