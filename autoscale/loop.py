@@ -21,6 +21,7 @@ from autoscale.backends.base import (
     BackendError,
     BudgetedBackend,
     NoticingBackend,
+    PartialBackend,
     PlanningBackend,
 )
 from autoscale.passes import Passes
@@ -50,13 +51,24 @@ class Autoscaler(Passes):
     def __post_init__(self) -> None:
         self.tracker = RateTracker(self.config)
         self._start_passes()
+        #: The replicas per queue as last read or set, and why each unread queue is (so
+        #: a queue that stays unreadable is reported once, not at every poll).
+        self._last_read: dict[str, int] = {}
+        self._unread: dict[str, str] = {}
 
     def run_once(self) -> list[ScaleDecision]:
         obs = self.metrics.poll()
         figures = self.tracker.update(obs)
         current = self.backend.replicas()
+        unread = self._unread_queues()
+        if unread:
+            figures = {q: m for q, m in figures.items() if q not in unread}
+        previous = self.history
         decisions, self.history = decide_poll(obs, figures, current, self.config,
                                               self.history, self._budget())
+        if unread:
+            decisions, self.history = self._held(decisions, unread, previous)
+        self._last_read.update(current)
         decisions = self._with_notices(decisions)
         for d in decisions:
             if not d.changes:
@@ -68,6 +80,7 @@ class Autoscaler(Passes):
                 continue
             try:
                 self.backend.scale(d.queue, d.desired, obs.workers_of(d.queue))
+                self._last_read[d.queue] = d.desired
             except BackendError as exc:
                 self.report(f"could not scale {d.queue}: {exc}")
             except Exception as exc:  # a bug in one backend call: the other queues go on
@@ -75,6 +88,32 @@ class Autoscaler(Passes):
                 self.report(f"could not scale {d.queue}: {type(exc).__name__}: {exc}")
         self._record(obs.at, decisions)
         return decisions
+
+    def _unread_queues(self) -> dict[str, str]:
+        """Queues the backend could not read this poll (a PartialBackend), reported when
+        the reason is new."""
+        unread = self.backend.unread() if isinstance(self.backend, PartialBackend) else {}
+        for queue, why in unread.items():
+            if self._unread.get(queue) != why:
+                self.report(f"{queue}: replicas not read, held: {why}")
+        for queue in self._unread.keys() - unread.keys():
+            self.report(f"{queue}: replicas read again")
+        self._unread = dict(unread)
+        return unread
+
+    def _held(self, decisions: list[ScaleDecision], unread: dict[str, str],
+              previous: History) -> tuple[list[ScaleDecision], History]:
+        """An unread queue keeps what it had (no change is made on a count not read)
+        and its stabilization window (so a scale-down is not rushed after it)."""
+        held = [ScaleDecision(q, self._last_read.get(q, 0), self._last_read.get(q, 0),
+                              f"replicas not read ({why}): held")
+                for q, why in unread.items() if q in self.config.queues]
+        kept = {q: recs for q, recs in previous.recommendations.items() if q in unread}
+        history = replace(self.history,
+                          recommendations={**self.history.recommendations, **kept})
+        order = {q: i for i, q in enumerate(self.config.queues)}
+        return sorted(decisions + held, key=lambda d: order.get(d.queue, len(order))), \
+            history
 
     def _with_notices(self, decisions: list[ScaleDecision]) -> list[ScaleDecision]:
         """What the backend saw happen to a queue's replicas, reported and added to that

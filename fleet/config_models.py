@@ -254,6 +254,12 @@ class KubernetesTarget(Model):
     deployment: str = "fleet-worker-{queue}"
     #: The container image the rendered manifests use.
     image: str = "fleet:latest"
+    #: The autoscaler's own limit on API requests (a token bucket, as client-go's):
+    #: sustained requests per second, and how many may go at once after a quiet spell.
+    #: KEDA's operator defaults (--kube-api-qps 20, --kube-api-burst 30): a poll is one
+    #: LIST plus a request per queue that changes, so a burst covers a busy poll.
+    api_qps: float = Field(20.0, gt=0)
+    api_burst: int = Field(30, ge=1)
 
     def deployment_name(self, queue: str) -> str:
         """The Deployment of ``queue``'s workers: what the manifests create, the

@@ -65,6 +65,16 @@ class CheckingBackend(Protocol):
 
 
 @runtime_checkable
+class PartialBackend(Protocol):
+    """An optional ability: a backend whose ``replicas()`` can leave a queue out when
+    that queue alone could not be read (its Deployment missing, or forbidden), so one
+    bad queue does not stop the others. The loop holds such a queue for the poll."""
+
+    def unread(self) -> dict[str, str]:
+        """The queues the last ``replicas()`` left out, and why."""
+
+
+@runtime_checkable
 class NoticingBackend(Protocol):
     """An optional ability: a backend that sees things happen to replicas (a container
     OOM-killed, one that exited at once) and says so, per queue, for the loop's report

@@ -2,14 +2,20 @@
 
 API calls (and the RBAC rule each needs; k8s/base/autoscaler.yaml grants exactly these):
 
-- ``GET  apis/apps/v1/namespaces/NS/deployments/NAME/scale``  (get deployments/scale):
-  the replicas of each queue, and the resourceVersion a change is made against.
+- ``GET  apis/apps/v1/namespaces/NS/deployments?labelSelector=...`` (list deployments):
+  once per poll, every worker Deployment (the labels ``fleet render k8s`` gives them):
+  each queue's replicas, its pod selector and the resourceVersion a change is made
+  against. One request however many queues (a GET per queue was 100 requests a poll at
+  100 queues). A queue whose Deployment the list does not hold (unlabelled, or missing)
+  is read with a GET of its own (get deployments); if that fails too, that queue alone
+  is held for the poll, with the reason (``unread``), and the others still scale. If
+  listing is forbidden (an older Role), every queue is read with its own GET.
 - ``PATCH .../deployments/NAME/scale`` (patch deployments/scale): a JSON merge patch of
   ``spec.replicas`` carrying that resourceVersion, so a count changed meanwhile by someone
   else (``kubectl scale``, a second autoscaler) comes back as 409 instead of being
-  overwritten unseen; the backend then re-reads and re-applies (the policy owns the count).
-  The subresource, not the Deployment: this role cannot change a pod template.
-- ``GET  .../deployments/NAME`` (get deployments): its label selector, before a scale-down.
+  overwritten unseen; the backend then re-reads the scale (get deployments/scale) and
+  re-applies (the policy owns the count). The subresource, not the Deployment: this role
+  cannot change a pod template.
 - ``GET  api/v1/namespaces/NS/pods?labelSelector=...`` (list pods) and
   ``PATCH api/v1/namespaces/NS/pods/POD`` (patch pods): before a scale-down, each pod's
   ``controller.kubernetes.io/pod-deletion-cost``. The ReplicaSet controller, not the
@@ -22,6 +28,9 @@ API calls (and the RBAC rule each needs; k8s/base/autoscaler.yaml grants exactly
 - ``GET  api/v1/nodes`` (list nodes, cluster-wide): the capacity budget from the nodes'
   allocatable when queues.yaml's ``autoscaler.capacity`` leaves CPU or memory out.
 
+So a quiet poll is one request, a scale-up one more, a scale-down two more plus a patch
+per pod whose cost changes. Every request first takes a token from a client-side rate
+limit (``autoscaler.kubernetes.api_qps`` / ``api_burst``, client-go's token bucket).
 Every call is retried with backoff (doubling, capped, within a few seconds in all so the
 loop is not held up) on connection errors, 409, 429 (Retry-After, capped) and 5xx; 401,
 403 and 404 fail at once with a BackendError that says what to fix.
@@ -42,6 +51,7 @@ from typing import Any, TypeVar
 import urllib3
 
 from autoscale.backends.base import BackendContext, BackendError, BackendPlugin
+from autoscale.backends.token_bucket import TokenBucket
 
 try:
     from kubernetes import client as k8s
@@ -56,7 +66,7 @@ except ImportError as exc:  # an optional extra: say how to get it, not a traceb
 from autoscale.policy import Budget
 from fleet.config import FleetConfig
 from fleet.observe.model import WorkerSample
-from fleet.render.k8s import deployment_name
+from fleet.render.k8s import LABEL_COMPONENT, LABEL_NAME, deployment_name
 
 logger = logging.getLogger("autoscale.kubernetes")
 
@@ -81,6 +91,9 @@ RBAC_HINT = ("apply k8s/base: Role fleet-autoscaler grants get/list deployments,
 BLOCKING_TAINTS = {"NoSchedule", "NoExecute"}
 #: Node allocatable changes rarely; list nodes at most this often (seconds).
 BUDGET_TTL = 60.0
+#: Every worker Deployment ``fleet render k8s`` writes carries these labels (and its
+#: queue's): the one LIST per poll selects by them.
+WORKERS = f"{LABEL_COMPONENT}=worker,{LABEL_NAME}=fleet"
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,20 @@ class RetryPolicy:
         for _ in range(self.attempts - 1):
             yield delay
             delay = min(self.cap, delay * 2)
+
+
+@dataclass(frozen=True)
+class Listed:
+    """What this poll read of one queue's Deployment: enough to scale it without a GET."""
+
+    replicas: int
+    version: str | None
+    selector: Any  # V1LabelSelector (None if the Deployment has none)
+
+    @classmethod
+    def of(cls, deployment: Any) -> Listed:
+        return cls(deployment.spec.replicas or 0, deployment.metadata.resource_version,
+                   deployment.spec.selector)
 
 
 @dataclass(frozen=True)
@@ -180,28 +207,68 @@ class KubernetesBackend:
     def __init__(self, config: FleetConfig, api_client: k8s.ApiClient | None = None, *,
                  retry: RetryPolicy | None = None,
                  request_timeout: tuple[float, float] = (3.0, 5.0),
-                 kubeconfig_path: str | None = None):
+                 kubeconfig_path: str | None = None,
+                 limiter: TokenBucket | None = None):
         self.config = config
-        self.namespace = config.autoscaler.kubernetes.namespace
+        target = config.autoscaler.kubernetes
+        self.namespace = target.namespace
         self.deployments = {q: deployment_name(config, q) for q in config.queues}
         self.api = api_client if api_client is not None else connect(kubeconfig_path)
         self.apps = k8s.AppsV1Api(self.api)
         self.core = k8s.CoreV1Api(self.api)
         self.retry = retry or RetryPolicy()
         self.timeout = request_timeout
+        self.limiter = limiter or TokenBucket(target.api_qps, target.api_burst)
         self._budget: tuple[float, Budget] | None = None
+        #: This poll's reading of each queue's Deployment (replicas()), kept up to date
+        #: by scale(); and the queues it could not read, with why.
+        self._listed: dict[str, Listed] = {}
+        self._unread: dict[str, str] = {}
+        self._may_list = True
+        self._told_unlabelled: set[str] = set()
 
     # -- the Backend protocol ------------------------------------------------------------
 
     def replicas(self) -> dict[str, int]:
-        return {q: self._read_scale(q).spec.replicas or 0 for q in self.deployments}
+        """Every queue's replicas from one LIST; a queue it misses from a GET of its own.
+        A queue neither could read is left out (``unread`` says why) unless none could
+        be read at all: then the poll fails as a whole, with the first reason."""
+        listed = self._list_deployments()
+        self._listed, self._unread = {}, {}
+        for queue, name in self.deployments.items():
+            found = listed.get(name)
+            if found is None:
+                try:
+                    found = self._get_deployment(queue)
+                except BackendError as exc:
+                    self._unread[queue] = str(exc)
+                    continue
+                if self._may_list and name not in self._told_unlabelled:
+                    self._told_unlabelled.add(name)
+                    logger.warning("deployments/%s does not carry the labels %s: read with "
+                                   "a GET of its own at every poll", name, WORKERS)
+            self._listed[queue] = found
+        if self._unread and not self._listed:
+            first = next(iter(self._unread.values()))
+            others = len(self._unread) - 1
+            raise BackendError(first + (f" (and {others} other queue"
+                                        f"{'s' if others != 1 else ''} unread)"
+                                        if others else ""))
+        return {q: found.replicas for q, found in self._listed.items()}
+
+    def unread(self) -> dict[str, str]:
+        """The queues the last ``replicas()`` could not read, and why (PartialBackend)."""
+        return dict(self._unread)
 
     def scale(self, queue: str, replicas: int, workers: list[WorkerSample]) -> None:
-        current = self._read_scale(queue)
-        if replicas < (current.spec.replicas or 0):
-            for change in self._cost_changes(queue, workers):
+        current = self._current(queue)
+        if replicas < current.replicas:
+            for change in self._cost_changes(queue, current, workers):
                 self._annotate(change)
-        self._patch_scale(queue, replicas, current.metadata.resource_version)
+        self._patch_scale(queue, replicas, current.version)
+        # The controllers' status writes follow at once with new resourceVersions, so
+        # what was read is stale now: a second change before the next poll reads again.
+        self._listed.pop(queue, None)
 
     def close(self) -> None:
         self.api.close()
@@ -211,12 +278,13 @@ class KubernetesBackend:
     def plan(self, queue: str, replicas: int, workers: list[WorkerSample]) -> list[str]:
         """What ``scale`` would do, in words, for a dry run (reads only)."""
         name = self.deployments[queue]
-        current = self._read_scale(queue).spec.replicas or 0
+        current = self._current(queue)
         lines = []
-        if replicas < current:
-            lines = [f"would set {change}" for change in self._cost_changes(queue, workers)]
+        if replicas < current.replicas:
+            lines = [f"would set {change}"
+                     for change in self._cost_changes(queue, current, workers)]
         lines.append(f"would patch deployments/{name}/scale in {self.namespace}: replicas "
-                     f"{current} -> {replicas}")
+                     f"{current.replicas} -> {replicas}")
         return lines
 
     def budget(self) -> Budget:
@@ -255,6 +323,35 @@ class KubernetesBackend:
 
     # -- API calls -----------------------------------------------------------------------
 
+    def _list_deployments(self) -> dict[str, Listed]:
+        """Every worker Deployment in the namespace by name, from one LIST; empty (every
+        queue then read alone) if this ServiceAccount may not list them."""
+        if not self._may_list:
+            return {}
+        try:
+            items = self._call("list", "deployments", "deployments",
+                               lambda: self.apps.list_namespaced_deployment(
+                                   self.namespace, label_selector=WORKERS,
+                                   _request_timeout=self.timeout)).items
+        except _Forbidden as exc:
+            self._may_list = False
+            logger.warning("%s: reading each queue's Deployment with a GET of its own", exc)
+            return {}
+        return {d.metadata.name: Listed.of(d) for d in items}
+
+    def _get_deployment(self, queue: str) -> Listed:
+        name = self.deployments[queue]
+        return Listed.of(self._call("get", "deployments", f"deployments/{name}",
+                                    lambda: self.apps.read_namespaced_deployment(
+                                        name, self.namespace,
+                                        _request_timeout=self.timeout)))
+
+    def _current(self, queue: str) -> Listed:
+        """This poll's reading of the queue's Deployment, else a GET of it (a scale
+        outside a poll: the CLI's dry run, tests)."""
+        found = self._listed.get(queue)
+        return found if found is not None else self._get_deployment(queue)
+
     def _read_scale(self, queue: str) -> Any:
         name = self.deployments[queue]
         return self._call("get", "deployments/scale", f"deployments/{name}/scale",
@@ -262,6 +359,7 @@ class KubernetesBackend:
                               name, self.namespace, _request_timeout=self.timeout))
 
     def _patch_scale(self, queue: str, replicas: int, version: str | None) -> None:
+        """Set the count against ``version`` (a 409 if it changed meanwhile)."""
         name = self.deployments[queue]
         state = {"version": version}
 
@@ -280,12 +378,13 @@ class KubernetesBackend:
         self._call("patch", "deployments/scale", f"deployments/{name}/scale", patch,
                    on_conflict=reread)
 
-    def _cost_changes(self, queue: str, workers: list[WorkerSample]) -> list[CostChange]:
+    def _cost_changes(self, queue: str, current: Listed,
+                      workers: list[WorkerSample]) -> list[CostChange]:
         name = self.deployments[queue]
-        deployment = self._call("get", "deployments", f"deployments/{name}",
-                                lambda: self.apps.read_namespaced_deployment(
-                                    name, self.namespace, _request_timeout=self.timeout))
-        selector = label_selector(deployment.spec.selector)
+        if current.selector is None:
+            raise BackendError(f"deployments/{name} has no pod selector: cannot find its "
+                               f"pods to spare the busy ones")
+        selector = label_selector(current.selector)
         pods = self._call("list", "pods", f"pods of deployments/{name}",
                           lambda: self.core.list_namespaced_pod(
                               self.namespace, label_selector=selector,
@@ -323,6 +422,7 @@ class KubernetesBackend:
         while True:
             attempt += 1
             wait = None
+            self.limiter.acquire()
             try:
                 return fn()
             except ApiException as exc:
@@ -330,7 +430,7 @@ class KubernetesBackend:
                 message = _status_message(exc)
                 if status == 404 and missing_ok:
                     raise _Gone() from None
-                if status == 404 and resource.startswith("deployments"):
+                if status == 404 and resource.startswith("deployments") and "/" in what:
                     name = what.split("/")[1]
                     raise BackendError(
                         f"Deployment {name} not found in namespace {self.namespace}: apply "
@@ -338,7 +438,7 @@ class KubernetesBackend:
                         f"autoscaler.kubernetes.namespace/deployment in queues.yaml name "
                         f"them") from None
                 if status == 403:
-                    raise BackendError(
+                    raise _Forbidden(
                         f"forbidden: the autoscaler's ServiceAccount may not {verb} "
                         f"{resource} {where} ({message}); {RBAC_HINT}") from None
                 if status == 401:
@@ -369,6 +469,10 @@ class KubernetesBackend:
 
 class _Gone(Exception):
     """A pod to annotate no longer exists."""
+
+
+class _Forbidden(BackendError):
+    """A 403: RBAC does not grant the call (the message names the rule)."""
 
 
 def _cost(value: str | None) -> int:

@@ -23,7 +23,8 @@ Test controls: ``fail(status, path=..., times=N)`` makes the next N matching req
 fail; ``forbid(verb, resource)`` denies a permission until ``allow``; ``on(method, path,
 action)`` runs a change right after a request (a concurrent writer); ``stop()`` and
 ``start()`` take the server off its port and back (connection refused meanwhile); every
-request is recorded (method, path, query, content type, JSON body, status returned).
+request is recorded (method, path, query, content type, JSON body, status returned);
+``latency`` adds a round trip's seconds to every answer.
 
 Not emulated: watches, server-side apply, field selectors, admission, namespaces as
 objects, rollouts (one ReplicaSet per Deployment), graceful pod termination (a deleted
@@ -39,6 +40,7 @@ import json
 import random
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -224,9 +226,13 @@ def selector_matches(requirements: list[tuple[str, str, set[str]]],
 class FakeKubernetes:
     """The emulated API server: state, controls, and the HTTP front."""
 
-    def __init__(self, port: int, *, token: str | None = None, seed: int = 0):
+    def __init__(self, port: int, *, token: str | None = None, seed: int = 0,
+                 latency: float = 0.0):
         self.port = port
         self.token = token
+        #: Seconds added before each answer (a real API server's round trip, for the
+        #: bench), slept outside the lock so concurrent requests overlap as they would.
+        self.latency = latency
         self.lock = threading.RLock()
         self.deployments: dict[tuple[str, str], dict] = {}
         self.pods: dict[tuple[str, str], dict] = {}
@@ -721,6 +727,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
         fake: FakeKubernetes = self.server.fake  # type: ignore[attr-defined]
+        if fake.latency:
+            time.sleep(fake.latency)
         status, extra, payload = fake.handle(self.command, self.path, headers, raw)
         data = json.dumps(payload).encode()
         self.send_response(status, _PHRASES.get(status))

@@ -67,8 +67,16 @@ def deployment(queue: str) -> str:
     return f"fleet-worker-{queue}"
 
 
+#: The one LIST of worker Deployments a poll makes.
+LIST_PATH = f"/apis/apps/v1/namespaces/{NS}/deployments"
+
+
+def deployment_path(queue: str) -> str:
+    return f"{LIST_PATH}/{deployment(queue)}"
+
+
 def scale_path(queue: str) -> str:
-    return f"/apis/apps/v1/namespaces/{NS}/deployments/{deployment(queue)}/scale"
+    return f"{deployment_path(queue)}/scale"
 
 
 def add_deployments(fake: FakeKubernetes, config: FleetConfig, **replicas: int) -> None:
@@ -99,12 +107,64 @@ def publish_samples(client: redis.Redis, config: FleetConfig,
 # -- the backend alone -------------------------------------------------------------------
 
 
-def test_replicas_are_read_from_each_deployments_scale_subresource(shipped, k8s_api):
+def test_replicas_come_from_one_list_of_the_worker_deployments(shipped, k8s_api):
     add_deployments(k8s_api, shipped, default=1, heavy=2)
-    assert backend(shipped, k8s_api).replicas() == {"default": 1, "io": 0, "heavy": 2,
-                                                    "xl": 0}
-    assert [(r.method, r.path) for r in k8s_api.requests] == [
-        ("GET", scale_path(q)) for q in ("default", "io", "heavy", "xl")]
+    k8s_api.add_deployment(NS, "someone-elses", replicas=7)  # not selected, not read
+    k8s = backend(shipped, k8s_api)
+    assert k8s.replicas() == {"default": 1, "io": 0, "heavy": 2, "xl": 0}
+    [listed] = k8s_api.requests
+    assert (listed.method, listed.path) == ("GET", LIST_PATH)
+    assert listed.query["labelSelector"] == \
+        "app.kubernetes.io/component=worker,app.kubernetes.io/name=fleet"
+    assert k8s.unread() == {}
+    # A scale-up in the same poll needs no read: one PATCH, against the listed version.
+    k8s.scale("heavy", 3, [])
+    [patch] = k8s_api.requests[1:]
+    assert (patch.method, patch.path) == ("PATCH", scale_path("heavy"))
+    listed_heavy = next(d for d in listed.response["items"]
+                        if d["metadata"]["name"] == deployment("heavy"))
+    assert patch.body["metadata"]["resourceVersion"] == \
+        listed_heavy["metadata"]["resourceVersion"]
+    assert k8s_api.replicas(NS, deployment("heavy")) == 3
+
+
+def test_one_missing_deployment_holds_that_queue_only(shipped, k8s_api):
+    for queue in ("default", "heavy", "xl"):
+        k8s_api.add_deployment(NS, deployment(queue), replicas=1,
+                               labels=worker_labels(queue))
+    k8s = backend(shipped, k8s_api)
+    assert k8s.replicas() == {"default": 1, "heavy": 1, "xl": 1}
+    [why] = k8s.unread().values()
+    assert list(k8s.unread()) == ["io"]
+    assert why.startswith("Deployment fleet-worker-io not found in namespace fleet")
+    # Looked for with a GET of its own (it may be there, unlabelled); a 404 is final.
+    assert [r.status for r in k8s_api.calls("GET", deployment_path("io"))] == [404]
+    # An unlabelled Deployment is found that way, and read so at every poll.
+    k8s_api.add_deployment(NS, deployment("io"), replicas=2, labels={"app": "io"})
+    assert k8s.replicas()["io"] == 2 and k8s.unread() == {}
+
+
+def test_listing_forbidden_falls_back_to_a_get_per_queue(shipped, k8s_api):
+    """An older Role without ``list deployments``: slower, but every queue still read,
+    and a queue whose GET is refused is the only one held."""
+    add_deployments(k8s_api, shipped, heavy=2)
+    k8s_api.forbid("list", "deployments")
+    k8s = backend(shipped, k8s_api)
+    assert k8s.replicas() == {"default": 0, "io": 0, "heavy": 2, "xl": 0}
+    assert [r.status for r in k8s_api.calls("GET", LIST_PATH)] == [403]
+    mark = len(k8s_api.requests)
+    assert k8s.replicas()["heavy"] == 2
+    # It does not ask to list again: a GET per queue from then on.
+    assert [r.path for r in k8s_api.requests[mark:]] == [
+        deployment_path(q) for q in ("default", "io", "heavy", "xl")]
+
+
+def test_no_queue_readable_fails_the_poll_with_the_first_reason(shipped, k8s_api):
+    with pytest.raises(BackendError) as err:
+        backend(shipped, k8s_api).replicas()
+    assert str(err.value).startswith("Deployment fleet-worker-default not found in "
+                                     "namespace fleet")
+    assert str(err.value).endswith("(and 3 other queues unread)")
 
 
 def test_scale_up_patches_only_the_scale_subresource(shipped, k8s_api):
@@ -117,7 +177,8 @@ def test_scale_up_patches_only_the_scale_subresource(shipped, k8s_api):
     assert patch.content_type == "application/merge-patch+json"
     assert patch.body["spec"] == {"replicas": 3}
     # made against the version it read: a concurrent change would be a 409, not lost
-    [read] = k8s_api.calls("GET", scale_path("heavy"))
+    # (outside a poll, the Deployment is read first)
+    [read] = k8s_api.calls("GET", deployment_path("heavy"))
     assert patch.body["metadata"]["resourceVersion"] == \
         read.response["metadata"]["resourceVersion"]
     assert not k8s_api.calls(path=f"/api/v1/namespaces/{NS}/pods")
@@ -175,18 +236,20 @@ def test_deletion_costs_are_proportional_to_held_tasks():
 
 def test_a_missing_deployment_names_it_and_its_namespace(shipped, k8s_api):
     k8s_api.add_deployment(NS, deployment("default"), labels=worker_labels("default"))
-    with pytest.raises(BackendError) as err:
-        backend(shipped, k8s_api).replicas()
-    message = str(err.value)
+    k8s = backend(shipped, k8s_api)
+    k8s.replicas()
+    message = k8s.unread()["io"]
     assert "Deployment fleet-worker-io not found in namespace fleet" in message
     assert "kubectl apply -k k8s/base" in message
-    assert len(k8s_api.calls("GET", scale_path("io"))) == 1  # a 404 is not retried
+    assert len(k8s_api.calls("GET", deployment_path("io"))) == 1  # a 404 is not retried
+    with pytest.raises(BackendError) as err:
+        k8s.scale("io", 1, [])
+    assert "Deployment fleet-worker-io not found" in str(err.value)
 
 
 @pytest.mark.parametrize(("verb", "resource", "action", "where"), [
-    ("get", "deployments/scale", "replicas", "in namespace fleet"),
+    ("get", "deployments", "scale up", "in namespace fleet"),
     ("patch", "deployments/scale", "scale up", "in namespace fleet"),
-    ("get", "deployments", "scale down", "in namespace fleet"),
     ("list", "pods", "scale down", "in namespace fleet"),
     ("patch", "pods", "scale down", "in namespace fleet"),
     ("list", "nodes", "budget", "cluster-wide"),
@@ -198,9 +261,7 @@ def test_forbidden_names_the_missing_permission(shipped, k8s_api, verb, resource
     k8s_api.forbid(verb, resource)
     k8s = backend(shipped, k8s_api)
     with pytest.raises(BackendError) as err:
-        if action == "replicas":
-            k8s.replicas()
-        elif action == "scale up":
+        if action == "scale up":
             k8s.scale("heavy", 3, [])
         elif action == "scale down":
             k8s.scale("heavy", 1, [sample("heavy", busy, active=1)])
@@ -222,11 +283,12 @@ def test_a_conflict_is_reread_and_reapplied(shipped, k8s_api):
     """A real 409: someone scales the Deployment between the autoscaler's read and its
     write, so the write's resourceVersion precondition fails."""
     add_deployments(k8s_api, shipped, heavy=1)
-    k8s_api.on("GET", scale_path("heavy"),
-               lambda: k8s_api.set_replicas(NS, deployment("heavy"), 5))
-    backend(shipped, k8s_api).scale("heavy", 3, [])
+    k8s_api.on("GET", LIST_PATH, lambda: k8s_api.set_replicas(NS, deployment("heavy"), 5))
+    k8s = backend(shipped, k8s_api)
+    assert k8s.replicas()["heavy"] == 1
+    k8s.scale("heavy", 3, [])
     calls = [(r.method, r.status) for r in k8s_api.calls(path=scale_path("heavy"))]
-    assert calls == [("GET", 200), ("PATCH", 409), ("GET", 200), ("PATCH", 200)]
+    assert calls == [("PATCH", 409), ("GET", 200), ("PATCH", 200)]
     first, second = k8s_api.calls("PATCH")
     assert first.body["metadata"]["resourceVersion"] != \
         second.body["metadata"]["resourceVersion"]
@@ -237,18 +299,18 @@ def test_a_conflict_is_reread_and_reapplied(shipped, k8s_api):
 def test_injected_errors_are_retried_and_succeed(shipped, k8s_api, status):
     add_deployments(k8s_api, shipped)
     k8s_api.fail(status, path=scale_path("heavy"), method="PATCH", times=2)
-    k8s_api.fail(status, path=scale_path("io"), method="GET", times=2)
+    k8s_api.fail(status, path=LIST_PATH, method="GET", times=2)
     k8s = backend(shipped, k8s_api)
     k8s.scale("heavy", 2, [])
     assert k8s_api.replicas(NS, deployment("heavy")) == 2
     assert [r.status for r in k8s_api.calls("PATCH")] == [status, status, 200]
     assert k8s.replicas()["heavy"] == 2
-    assert [r.status for r in k8s_api.calls("GET", scale_path("io"))] == [status, status, 200]
+    assert [r.status for r in k8s_api.calls("GET", LIST_PATH)] == [status, status, 200]
 
 
 def test_too_many_requests_waits_as_told(shipped, k8s_api):
     add_deployments(k8s_api, shipped)
-    k8s_api.fail(429, path=scale_path("default"), retry_after=1)
+    k8s_api.fail(429, path=LIST_PATH, retry_after=1)
     k8s = backend(shipped, k8s_api, retry=RetryPolicy(attempts=3, first=0.05, cap=1.5,
                                                        total=5))
     started = time.monotonic()
@@ -259,14 +321,14 @@ def test_too_many_requests_waits_as_told(shipped, k8s_api):
 
 def test_retries_stop_within_the_time_budget(shipped, k8s_api):
     add_deployments(k8s_api, shipped)
-    k8s_api.fail(500, path=scale_path("default"), times=100, message="etcdserver: timeout")
+    k8s_api.fail(500, path=LIST_PATH, times=100, message="etcdserver: timeout")
     started = time.monotonic()
     with pytest.raises(BackendError) as err:
         backend(shipped, k8s_api).replicas()
     assert time.monotonic() - started < FAST.total + 1.0
     assert "after 4 attempts: 500 Internal Server Error: etcdserver: timeout" in \
         str(err.value)
-    assert len(k8s_api.calls("GET", scale_path("default"))) == 4
+    assert len(k8s_api.calls("GET", LIST_PATH)) == 4
 
 
 def test_an_unreachable_api_server_is_a_clear_error(shipped, k8s_api):
@@ -374,6 +436,57 @@ def test_the_loop_spares_busy_workers_on_scale_down(fleet, redis_client, k8s_api
     assert k8s_api.deleted_pods == [old]
 
 
+def test_the_loop_holds_a_queue_whose_deployment_is_gone_and_scales_the_others(
+        fleet, redis_client, k8s_api):
+    for queue in ("default", "heavy", "xl"):
+        k8s_api.add_deployment(NS, deployment(queue), replicas=int(queue == "default"),
+                               labels=worker_labels(queue))
+    k8s_api.add_deployment(NS, deployment("io"), replicas=2, labels=worker_labels("io"))
+    reports: list[str] = []
+    scaler = autoscaler(fleet, redis_client, k8s_api, reports)
+    io_before = {d.queue: d for d in scaler.run_once()}["io"].desired
+    mark = len(k8s_api.requests)
+    del k8s_api.deployments[(NS, deployment("io"))]  # kubectl delete, meanwhile
+    app = fleet.app()
+    for i in range(2):
+        app.send_task("tasks.heavy.crunch", kwargs={"n": i})
+        app.send_task("tasks.io.fetch", kwargs={"url": "http://example.invalid/"})
+    for _ in range(2):
+        decisions = {d.queue: d for d in scaler.run_once()}
+    assert decisions["heavy"].desired == 2 and k8s_api.replicas(NS, deployment("heavy")) == 2
+    io = decisions["io"]
+    assert (io.current, io.desired) == (io_before, io_before), io  # last read, not 0
+    assert io_before > 0
+    assert io.reason.startswith("replicas not read (Deployment fleet-worker-io not found "
+                                "in namespace fleet"), io.reason
+    assert io.reason.endswith("): held")
+    assert not k8s_api.calls("PATCH", scale_path("io"), since=mark)
+    # Said once over the two polls, not at every poll; and said again when it is back.
+    assert sum(r.startswith("io: replicas not read, held: Deployment fleet-worker-io "
+                            "not found") for r in reports) == 1, reports
+    k8s_api.add_deployment(NS, deployment("io"), replicas=0, labels=worker_labels("io"))
+    decisions = {d.queue: d for d in scaler.run_once()}
+    assert "io: replicas read again" in reports
+    assert decisions["io"].desired >= 1 and k8s_api.replicas(NS, deployment("io")) >= 1
+
+
+def test_every_request_takes_a_token_from_the_rate_limit(shipped, k8s_api):
+    from autoscale.backends.token_bucket import TokenBucket
+
+    add_deployments(k8s_api, shipped)
+    limiter = TokenBucket(qps=10, burst=1)
+    k8s = backend(shipped, k8s_api, limiter=limiter)
+    k8s.replicas()
+    for n in (1, 2, 3):
+        k8s.scale("heavy", n, [])
+    # the list, a patch, then a read and a patch for each later change (the first
+    # patch's own status writes made what the list read stale)
+    assert [r.method for r in k8s_api.requests] == ["GET", "PATCH"] + ["GET", "PATCH"] * 2
+    assert all(r.status == 200 for r in k8s_api.requests)
+    # burst 1 at 10/s: the five requests after the first waited about 0.1 s each
+    assert limiter.waited >= 0.45, limiter.waited
+
+
 def test_the_capacity_budget_comes_from_the_nodes_when_queues_yaml_has_none(
         fleet, redis_client, k8s_api):
     config = fleet.config.model_copy(update={"autoscaler": fleet.config.autoscaler
@@ -406,7 +519,7 @@ def test_a_scale_request_arrives_within_two_passes_of_the_backlog(fleet, redis_c
     thread = threading.Thread(target=scaler.run, args=(stop, 0.3), daemon=True)
     thread.start()
     try:
-        wait_for(lambda: len(k8s_api.calls("GET", scale_path("heavy"))) >= 2, 15,
+        wait_for(lambda: len(k8s_api.calls("GET", LIST_PATH)) >= 2, 15,
                  what="two passes of the loop")
         assert not k8s_api.calls("PATCH"), reports
         mark = len(k8s_api.requests)
@@ -417,7 +530,7 @@ def test_a_scale_request_arrives_within_two_passes_of_the_backlog(fleet, redis_c
         assert patch.body["spec"]["replicas"] == 1
         # Counted in passes, not seconds (a loaded machine stretches seconds): the pass
         # under way when the messages landed, and at most the next one.
-        passes = [r for r in k8s_api.calls("GET", scale_path("heavy"), since=mark)
+        passes = [r for r in k8s_api.calls("GET", LIST_PATH, since=mark)
                   if r.index < patch.index]
         assert 1 <= len(passes) <= 2, passes
     finally:
@@ -447,9 +560,9 @@ def test_the_loop_rides_out_api_errors_and_an_outage(fleet, redis_client, k8s_ap
         wait_for(lambda: len(failures()) >= 4, 20, what="four failed passes")
         assert thread.is_alive()
         line = next(line for _, line in reports if "unreachable" in line)
-        assert line.startswith("backend error (could not get deployments/fleet-worker-"
-                               "default/scale in namespace fleet after 4 attempts: API "
-                               f"server {k8s_api.url} unreachable"), line
+        assert line.startswith("backend error (could not list deployments in namespace "
+                               f"fleet after 4 attempts: API server {k8s_api.url} "
+                               "unreachable"), line
         assert "retrying in" in line
         # The loop backs off: the passes drift apart (waits 0.4, 0.8, 1.6 s, doubling).
         t = failures()
@@ -460,7 +573,7 @@ def test_the_loop_rides_out_api_errors_and_an_outage(fleet, redis_client, k8s_ap
         assert patch.body["spec"]["replicas"] == 1 and patch.status == 200
 
         # Errors on every read for a while (4 attempts per pass): reported, not fatal.
-        k8s_api.fail(500, path=scale_path("io"), method="GET", times=8)
+        k8s_api.fail(500, path=LIST_PATH, method="GET", times=8)
         wait_for(lambda: any("500 Internal Server Error" in line for _, line in reports), 15,
                  what="the 500s to be reported")
         app.send_task("tasks.io.fetch", kwargs={"url": "http://example.invalid/"})
@@ -487,7 +600,7 @@ def test_the_loop_rides_out_a_redis_outage(fleet, k8s_api, tmp_path):
         scaler = autoscaler(fleet, client, k8s_api, reports, config=config)
         thread = threading.Thread(target=scaler.run, args=(stop, 0.2), daemon=True)
         thread.start()
-        wait_for(lambda: len(k8s_api.calls("GET", scale_path("heavy"))) >= 1, 15,
+        wait_for(lambda: len(k8s_api.calls("GET", LIST_PATH)) >= 1, 15,
                  what="a first pass")
         server.stop()
         wait_for(lambda: sum(r.startswith("Redis unreachable") for r in reports) >= 2, 20,
@@ -555,8 +668,8 @@ def test_cli_reports_an_unreachable_api_server_in_one_line(fleet, k8s_api, tmp_p
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     [line] = done.stderr.strip().splitlines()
-    assert line.startswith("fleet: error: could not get deployments/fleet-worker-default/"
-                           "scale in namespace fleet after 4 attempts: API server "), line
+    assert line.startswith("fleet: error: could not list deployments in namespace fleet "
+                           "after 4 attempts: API server "), line
     assert "Connection refused" in line
 
 
@@ -567,7 +680,8 @@ def test_cli_reports_missing_deployments_in_one_line(fleet, k8s_api, tmp_path):
     assert done.stderr.strip() == (
         "fleet: error: Deployment fleet-worker-default not found in namespace fleet: apply "
         "the worker Deployments (kubectl apply -k k8s/base), or make "
-        "autoscaler.kubernetes.namespace/deployment in queues.yaml name them")
+        "autoscaler.kubernetes.namespace/deployment in queues.yaml name them (and 3 "
+        "other queues unread)")
 
 
 def test_the_fake_answers_a_stale_resource_version_with_409(k8s_api):

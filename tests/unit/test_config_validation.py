@@ -103,6 +103,15 @@ def test_a_zero_that_means_nothing_is_an_error(tmp_path, overrides, key):
         found
 
 
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("api_qps", 0, "Input should be greater than 0 (got 0)"),
+    ("api_burst", 0, "Input should be greater than or equal to 1 (got 0)"),
+])
+def test_an_api_rate_limit_that_would_never_send_a_request(tmp_path, key, value, expected):
+    found = only(problems(tmp_path, {"autoscaler": {"kubernetes": {key: value}}}))
+    assert found == f"autoscaler.kubernetes.{key}: {expected}", found
+
+
 def test_size_rule_to_undefined_queue(tmp_path):
     found = only(problems(tmp_path, {"size_rules": [{"over": "1Gi", "queue": "xxl"}]}))
     assert found.startswith("size_rules.0.queue: routes to undefined queue 'xxl'")

@@ -724,7 +724,7 @@ def grants(role: dict) -> set[tuple[str, str, str]]:
 #: What the Kubernetes backend calls: read Deployments, set their scale, annotate pods
 #: with their deletion cost; and, cluster-wide, list nodes for the capacity budget.
 ROLE_GRANTS = {
-    ("apps", "deployments", "get"),
+    ("apps", "deployments", "get"), ("apps", "deployments", "list"),
     ("apps", "deployments/scale", "get"), ("apps", "deployments/scale", "patch"),
     ("", "pods", "list"), ("", "pods", "patch"),
 }
