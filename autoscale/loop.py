@@ -20,8 +20,8 @@ from autoscale.backends.base import (
     Backend,
     BackendError,
     BudgetedBackend,
+    HoldingBackend,
     NoticingBackend,
-    PartialBackend,
     PlanningBackend,
 )
 from autoscale.passes import Passes
@@ -51,23 +51,23 @@ class Autoscaler(Passes):
     def __post_init__(self) -> None:
         self.tracker = RateTracker(self.config)
         self._start_passes()
-        #: The replicas per queue as last read or set, and why each unread queue is (so
-        #: a queue that stays unreadable is reported once, not at every poll).
+        #: The replicas per queue as last read or set, and why each held queue is held
+        #: (so a queue that stays held is reported once, not at every poll).
         self._last_read: dict[str, int] = {}
-        self._unread: dict[str, str] = {}
+        self._held_why: dict[str, str] = {}
 
     def run_once(self) -> list[ScaleDecision]:
         obs = self.metrics.poll()
         figures = self.tracker.update(obs)
         current = self.backend.replicas()
-        unread = self._unread_queues()
-        if unread:
-            figures = {q: m for q, m in figures.items() if q not in unread}
+        held = self._held_queues()
+        if held:
+            figures = {q: m for q, m in figures.items() if q not in held}
         previous = self.history
         decisions, self.history = decide_poll(obs, figures, current, self.config,
                                               self.history, self._budget())
-        if unread:
-            decisions, self.history = self._held(decisions, unread, previous)
+        if held:
+            decisions, self.history = self._hold(decisions, held, current, previous)
         self._last_read.update(current)
         decisions = self._with_notices(decisions)
         for d in decisions:
@@ -89,30 +89,34 @@ class Autoscaler(Passes):
         self._record(obs.at, decisions)
         return decisions
 
-    def _unread_queues(self) -> dict[str, str]:
-        """Queues the backend could not read this poll (a PartialBackend), reported when
+    def _held_queues(self) -> dict[str, str]:
+        """Queues the backend will not scale this poll (a HoldingBackend), reported when
         the reason is new."""
-        unread = self.backend.unread() if isinstance(self.backend, PartialBackend) else {}
-        for queue, why in unread.items():
-            if self._unread.get(queue) != why:
-                self.report(f"{queue}: replicas not read, held: {why}")
-        for queue in self._unread.keys() - unread.keys():
-            self.report(f"{queue}: replicas read again")
-        self._unread = dict(unread)
-        return unread
+        held = self.backend.held() if isinstance(self.backend, HoldingBackend) else {}
+        for queue, why in held.items():
+            if self._held_why.get(queue) != why:
+                self.report(f"{queue}: {why}: held")
+        for queue in self._held_why.keys() - held.keys():
+            self.report(f"{queue}: scaled by the fleet again")
+        self._held_why = dict(held)
+        return held
 
-    def _held(self, decisions: list[ScaleDecision], unread: dict[str, str],
-              previous: History) -> tuple[list[ScaleDecision], History]:
-        """An unread queue keeps what it had (no change is made on a count not read)
-        and its stabilization window (so a scale-down is not rushed after it)."""
-        held = [ScaleDecision(q, self._last_read.get(q, 0), self._last_read.get(q, 0),
-                              f"replicas not read ({why}): held")
-                for q, why in unread.items() if q in self.config.queues]
-        kept = {q: recs for q, recs in previous.recommendations.items() if q in unread}
+    def _hold(self, decisions: list[ScaleDecision], held: dict[str, str],
+              current: dict[str, int], previous: History
+              ) -> tuple[list[ScaleDecision], History]:
+        """A held queue keeps what it has (the count read, else the last read or set:
+        no change is made on a count not read) and its stabilization window (so a
+        scale-down is not rushed after it)."""
+        kept = []
+        for queue, why in held.items():
+            if queue in self.config.queues:
+                n = current.get(queue, self._last_read.get(queue, 0))
+                kept.append(ScaleDecision(queue, n, n, f"{why}: held"))
+        recs = {q: r for q, r in previous.recommendations.items() if q in held}
         history = replace(self.history,
-                          recommendations={**self.history.recommendations, **kept})
+                          recommendations={**self.history.recommendations, **recs})
         order = {q: i for i, q in enumerate(self.config.queues)}
-        return sorted(decisions + held, key=lambda d: order.get(d.queue, len(order))), \
+        return sorted(decisions + kept, key=lambda d: order.get(d.queue, len(order))), \
             history
 
     def _with_notices(self, decisions: list[ScaleDecision]) -> list[ScaleDecision]:

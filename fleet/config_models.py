@@ -260,6 +260,10 @@ class KubernetesTarget(Model):
     #: LIST plus a request per queue that changes, so a burst covers a busy poll.
     api_qps: float = Field(20.0, gt=0)
     api_burst: int = Field(30, ge=1)
+    #: A count the fleet did not write (``kubectl scale``, another autoscaler) is left
+    #: alone this long before the fleet scales that queue again; the annotation
+    #: ``fleet.io/autoscaling: manual`` on the Deployment leaves it alone for good.
+    foreign_write_hold: PositiveDuration = 600.0
 
     def deployment_name(self, queue: str) -> str:
         """The Deployment of ``queue``'s workers: what the manifests create, the

@@ -65,13 +65,15 @@ class CheckingBackend(Protocol):
 
 
 @runtime_checkable
-class PartialBackend(Protocol):
-    """An optional ability: a backend whose ``replicas()`` can leave a queue out when
-    that queue alone could not be read (its Deployment missing, or forbidden), so one
-    bad queue does not stop the others. The loop holds such a queue for the poll."""
+class HoldingBackend(Protocol):
+    """An optional ability: a backend that can say a queue is not its to scale this poll:
+    its replicas could not be read (its Deployment missing, or forbidden: ``replicas()``
+    leaves it out), or someone else owns the count (an HPA, a manual hand-over, a write
+    the fleet did not make). One such queue does not stop the others; the loop holds it
+    and puts the reason in its decision."""
 
-    def unread(self) -> dict[str, str]:
-        """The queues the last ``replicas()`` left out, and why."""
+    def held(self) -> dict[str, str]:
+        """The queues the last ``replicas()`` found not the fleet's to scale, and why."""
 
 
 @runtime_checkable

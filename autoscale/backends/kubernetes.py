@@ -13,8 +13,7 @@ API calls (and the RBAC rule each needs; k8s/base/autoscaler.yaml grants exactly
 - ``PATCH .../deployments/NAME/scale`` (patch deployments/scale): a JSON merge patch of
   ``spec.replicas`` carrying that resourceVersion, so a count changed meanwhile by someone
   else (``kubectl scale``, a second autoscaler) comes back as 409 instead of being
-  overwritten unseen; the backend then re-reads the scale (get deployments/scale) and
-  re-applies (the policy owns the count). The subresource, not the Deployment: this role
+  overwritten unseen; the backend then re-reads the scale (get deployments/scale). The subresource, not the Deployment: this role
   cannot change a pod template.
 - ``GET  api/v1/namespaces/NS/pods?labelSelector=...`` (list pods) and
   ``PATCH api/v1/namespaces/NS/pods/POD`` (patch pods): before a scale-down, each pod's
@@ -27,6 +26,20 @@ API calls (and the RBAC rule each needs; k8s/base/autoscaler.yaml grants exactly
   Only pods whose cost changes are patched; Kubernetes advises against frequent updates.
 - ``GET  api/v1/nodes`` (list nodes, cluster-wide): the capacity budget from the nodes'
   allocatable when queues.yaml's ``autoscaler.capacity`` leaves CPU or memory out.
+
+- ``GET  apis/autoscaling/v2/namespaces/NS/horizontalpodautoscalers`` (list
+  horizontalpodautoscalers): at start and every minute, to find an HPA that targets a
+  worker Deployment (KEDA makes one per ScaledObject). Such a queue is the HPA's: the
+  fleet reads its count and does not write it.
+
+Who owns the count: the fleet, unless the Deployment is annotated
+``fleet.io/autoscaling: manual`` (handed to manual control), an HPA targets it, or its
+count is not the one the fleet last wrote (``kubectl scale``, another autoscaler); then
+the queue is held, with that reason in its decision, for as long as the annotation or
+the HPA is there, or for ``autoscaler.kubernetes.foreign_write_hold`` after a foreign
+write. A 409 on the scale patch is re-applied only if the count is still the one the
+decision was made on (a status write moved the resourceVersion); a changed count is a
+foreign write.
 
 So a quiet poll is one request, a scale-up one more, a scale-down two more plus a patch
 per pod whose cost changes. Every request first takes a token from a client-side rate
@@ -85,7 +98,8 @@ MERGE_PATCH = "application/merge-patch+json"
 
 #: What RBAC k8s/base grants, named in 403 messages.
 RBAC_HINT = ("apply k8s/base: Role fleet-autoscaler grants get/list deployments, get/patch "
-             "deployments/scale and list/patch pods in the namespace; ClusterRole "
+             "deployments/scale, list/patch pods and list horizontalpodautoscalers in "
+             "the namespace; ClusterRole "
              "fleet-autoscaler-nodes grants list nodes")
 #: Taints that keep worker pods (which carry no tolerations) off a node.
 BLOCKING_TAINTS = {"NoSchedule", "NoExecute"}
@@ -94,6 +108,14 @@ BUDGET_TTL = 60.0
 #: Every worker Deployment ``fleet render k8s`` writes carries these labels (and its
 #: queue's): the one LIST per poll selects by them.
 WORKERS = f"{LABEL_COMPONENT}=worker,{LABEL_NAME}=fleet"
+#: ``kubectl annotate deployment NAME fleet.io/autoscaling=manual`` hands a queue to
+#: manual control; ``fleet.io/autoscaling-`` gives it back.
+CONTROL = "fleet.io/autoscaling"
+MANUAL = "manual"
+#: HPAs come and go rarely; list them at most this often (seconds).
+OWNERS_TTL = 60.0
+#: The label KEDA puts on the HPA it makes for a ScaledObject.
+KEDA_OWNER = "scaledobject.keda.sh/name"
 
 
 @dataclass(frozen=True)
@@ -120,11 +142,14 @@ class Listed:
     replicas: int
     version: str | None
     selector: Any  # V1LabelSelector (None if the Deployment has none)
+    control: str | None = None  # its fleet.io/autoscaling annotation
+    uid: str | None = None  # a Deployment deleted and made again is another object
 
     @classmethod
     def of(cls, deployment: Any) -> Listed:
-        return cls(deployment.spec.replicas or 0, deployment.metadata.resource_version,
-                   deployment.spec.selector)
+        meta = deployment.metadata
+        return cls(deployment.spec.replicas or 0, meta.resource_version,
+                   deployment.spec.selector, (meta.annotations or {}).get(CONTROL), meta.uid)
 
 
 @dataclass(frozen=True)
@@ -216,6 +241,7 @@ class KubernetesBackend:
         self.api = api_client if api_client is not None else connect(kubeconfig_path)
         self.apps = k8s.AppsV1Api(self.api)
         self.core = k8s.CoreV1Api(self.api)
+        self.autoscaling = k8s.AutoscalingV2Api(self.api)
         self.retry = retry or RetryPolicy()
         self.timeout = request_timeout
         self.limiter = limiter or TokenBucket(target.api_qps, target.api_burst)
@@ -223,49 +249,69 @@ class KubernetesBackend:
         #: This poll's reading of each queue's Deployment (replicas()), kept up to date
         #: by scale(); and the queues it could not read, with why.
         self._listed: dict[str, Listed] = {}
-        self._unread: dict[str, str] = {}
+        self._held: dict[str, str] = {}
         self._may_list = True
         self._told_unlabelled: set[str] = set()
+        self.foreign_hold = target.foreign_write_hold
+        #: The count the fleet last wrote per queue, and to which Deployment (uid): a
+        #: different count read back from it is a foreign write; and the queues left
+        #: alone after one: until when, and why.
+        self._written: dict[str, tuple[str | None, int]] = {}
+        self._hands_off: dict[str, tuple[float, str]] = {}
+        #: Deployment name -> the HPA that scales it, as last listed (and when).
+        self._owners: tuple[float, dict[str, str]] | None = None
+        self._may_list_hpas = True
 
     # -- the Backend protocol ------------------------------------------------------------
 
     def replicas(self) -> dict[str, int]:
         """Every queue's replicas from one LIST; a queue it misses from a GET of its own.
-        A queue neither could read is left out (``unread`` says why) unless none could
-        be read at all: then the poll fails as a whole, with the first reason."""
+        A queue neither could read is left out (``held`` says why) unless none could be
+        read at all: then the poll fails as a whole, with the first reason."""
         listed = self._list_deployments()
-        self._listed, self._unread = {}, {}
+        self._listed, self._held = {}, {}
         for queue, name in self.deployments.items():
             found = listed.get(name)
             if found is None:
                 try:
                     found = self._get_deployment(queue)
                 except BackendError as exc:
-                    self._unread[queue] = str(exc)
+                    self._held[queue] = f"replicas not read ({exc})"
                     continue
                 if self._may_list and name not in self._told_unlabelled:
                     self._told_unlabelled.add(name)
                     logger.warning("deployments/%s does not carry the labels %s: read with "
                                    "a GET of its own at every poll", name, WORKERS)
             self._listed[queue] = found
-        if self._unread and not self._listed:
-            first = next(iter(self._unread.values()))
-            others = len(self._unread) - 1
+        if self._held and not self._listed:
+            first = next(iter(self._held.values()))
+            first = first.removeprefix("replicas not read (").removesuffix(")")
+            others = len(self._held) - 1
             raise BackendError(first + (f" (and {others} other queue"
                                         f"{'s' if others != 1 else ''} unread)"
                                         if others else ""))
+        owners = self._hpa_owners()
+        for queue, found in self._listed.items():
+            why = self._owner(queue, found, owners)
+            if why is not None:
+                self._held[queue] = why
         return {q: found.replicas for q, found in self._listed.items()}
 
-    def unread(self) -> dict[str, str]:
-        """The queues the last ``replicas()`` could not read, and why (PartialBackend)."""
-        return dict(self._unread)
+    def held(self) -> dict[str, str]:
+        """The queues the last ``replicas()`` found not the fleet's to scale, and why
+        (HoldingBackend): unread, handed to manual control, an HPA's, or left alone
+        after a foreign write."""
+        return dict(self._held)
 
     def scale(self, queue: str, replicas: int, workers: list[WorkerSample]) -> None:
+        if queue in self._held:
+            raise BackendError(f"not scaling {queue}: {self._held[queue]}")
         current = self._current(queue)
         if replicas < current.replicas:
             for change in self._cost_changes(queue, current, workers):
                 self._annotate(change)
-        self._patch_scale(queue, replicas, current.version)
+        self._patch_scale(queue, replicas, current)
+        self._written[queue] = (current.uid, replicas)
         # The controllers' status writes follow at once with new resourceVersions, so
         # what was read is stale now: a second change before the next poll reads again.
         self._listed.pop(queue, None)
@@ -323,6 +369,69 @@ class KubernetesBackend:
 
     # -- API calls -----------------------------------------------------------------------
 
+    def _owner(self, queue: str, found: Listed, owners: dict[str, str]) -> str | None:
+        """Why the fleet must not write this queue's count now, if it must not."""
+        name = self.deployments[queue]
+        if found.control == MANUAL:
+            self._written.pop(queue, None)
+            return (f"under manual control (annotation {CONTROL}={MANUAL} on "
+                    f"deployments/{name}; remove it to hand the queue back)")
+        if name in owners:
+            self._written.pop(queue, None)
+            return f"scaled by {owners[name]}, not by the fleet"
+        uid, written = self._written.get(queue, (None, None))
+        if written is not None and uid == found.uid and written != found.replicas:
+            self._yield(queue, f"deployments/{name} set to {found.replicas} by another "
+                               f"writer (the fleet set {written})")
+        hands_off = self._hands_off.get(queue)
+        if hands_off is not None:
+            until, why = hands_off
+            if time.time() < until:
+                return why
+            del self._hands_off[queue]
+            logger.info("%s: the hold after a foreign write is over", queue)
+        return None
+
+    def _yield(self, queue: str, what: str) -> None:
+        """Leave the queue to whoever wrote its count, for ``foreign_hold`` seconds."""
+        self._written.pop(queue, None)
+        until = time.time() + self.foreign_hold
+        stamp = time.strftime("%H:%M:%S UTC", time.gmtime(until))
+        self._hands_off[queue] = (until, (
+            f"{what}: left alone until {stamp} (annotate deployments/"
+            f"{self.deployments[queue]} {CONTROL}={MANUAL} to keep it so)"))
+
+    def _hpa_owners(self) -> dict[str, str]:
+        """Worker Deployment name -> the HPA (and KEDA ScaledObject) that scales it;
+        listed at most every OWNERS_TTL. Not knowing (forbidden, an API without
+        autoscaling/v2) is said once and leaves the fleet in charge."""
+        now = time.monotonic()
+        if not self._may_list_hpas or (
+                self._owners is not None and now - self._owners[0] < OWNERS_TTL):
+            return self._owners[1] if self._owners is not None else {}
+        try:
+            hpas = self._call("list", "horizontalpodautoscalers", "horizontalpodautoscalers",
+                              lambda: self.autoscaling.list_namespaced_horizontal_pod_autoscaler(
+                                  self.namespace, _request_timeout=self.timeout)).items
+        except BackendError as exc:
+            if isinstance(exc, _Forbidden | _NotFound):
+                self._may_list_hpas = False
+                logger.warning("%s: an HPA or KEDA ScaledObject that also scales a worker "
+                               "Deployment will not be noticed", exc)
+            else:
+                logger.warning("keeping the last list of HPAs: %s", exc)
+            return self._owners[1] if self._owners is not None else {}
+        names = set(self.deployments.values())
+        owners = {}
+        for hpa in hpas:
+            ref = hpa.spec.scale_target_ref
+            if ref.kind == "Deployment" and ref.name in names:
+                keda = (hpa.metadata.labels or {}).get(KEDA_OWNER)
+                owners[ref.name] = (f"HorizontalPodAutoscaler {hpa.metadata.name}"
+                                    + (f" (KEDA ScaledObject {keda})" if keda else ""))
+        self._owners = (now, owners)
+        return owners
+
     def _list_deployments(self) -> dict[str, Listed]:
         """Every worker Deployment in the namespace by name, from one LIST; empty (every
         queue then read alone) if this ServiceAccount may not list them."""
@@ -358,10 +467,12 @@ class KubernetesBackend:
                           lambda: self.apps.read_namespaced_deployment_scale(
                               name, self.namespace, _request_timeout=self.timeout))
 
-    def _patch_scale(self, queue: str, replicas: int, version: str | None) -> None:
-        """Set the count against ``version`` (a 409 if it changed meanwhile)."""
+    def _patch_scale(self, queue: str, replicas: int, current: Listed) -> None:
+        """Set the count against the version read. A 409 is re-applied only when the
+        count is still the one read (a status write moved the version on); a count
+        changed meanwhile is someone else's, and is left to them."""
         name = self.deployments[queue]
-        state = {"version": version}
+        state = {"version": current.version}
 
         def patch() -> Any:
             body = {"metadata": {"resourceVersion": state["version"]},
@@ -371,9 +482,16 @@ class KubernetesBackend:
                 _request_timeout=self.timeout)
 
         def reread() -> None:
-            logger.info("deployments/%s changed while scaling it (409): re-read, re-apply",
-                        name)
-            state["version"] = self._read_scale(queue).metadata.resource_version
+            scale = self._read_scale(queue)
+            now = scale.spec.replicas or 0
+            if now != current.replicas:
+                what = (f"deployments/{name} set to {now} by another writer while the "
+                        f"fleet scaled it from {current.replicas} to {replicas}")
+                self._yield(queue, what)
+                raise BackendError(f"{what}: left to them")
+            logger.info("deployments/%s changed while scaling it (409, count unchanged): "
+                        "re-read, re-apply", name)
+            state["version"] = scale.metadata.resource_version
 
         self._call("patch", "deployments/scale", f"deployments/{name}/scale", patch,
                    on_conflict=reread)
@@ -446,8 +564,9 @@ class KubernetesBackend:
                         f"the Kubernetes API rejected the credentials (401) to {verb} "
                         f"{what}: check the kubeconfig or the ServiceAccount token") from None
                 if not (status in (409, 429) or status >= 500):
-                    raise BackendError(f"could not {verb} {what} {where}: {status} "
-                                       f"{exc.reason}: {message}") from None
+                    error = _NotFound if status == 404 else BackendError
+                    raise error(f"could not {verb} {what} {where}: {status} "
+                                f"{exc.reason}: {message}") from None
                 failure = f"{status} {exc.reason}: {message}"
                 if status == 429:
                     wait = _retry_after(exc)
@@ -473,6 +592,10 @@ class _Gone(Exception):
 
 class _Forbidden(BackendError):
     """A 403: RBAC does not grant the call (the message names the rule)."""
+
+
+class _NotFound(BackendError):
+    """A 404 of something other than a worker Deployment (an API the cluster lacks)."""
 
 
 def _cost(value: str | None) -> int:

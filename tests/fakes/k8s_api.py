@@ -15,6 +15,9 @@ kubeconfig naming ``fake.url``):
   patch with merge-patch, strategic-merge-patch or json-patch; only metadata may change,
   annotation values must be strings and pod-deletion-cost an int32 (as validated there);
 - v1 Nodes: list, with status.allocatable;
+- autoscaling/v2 HorizontalPodAutoscalers: list (``add_hpa``);
+- ``annotate`` (kubectl annotate) and ``touch`` (a controller's status write: a new
+  resourceVersion, the same spec);
 - Status objects for errors (404 NotFound, 403 Forbidden with the real wording, 409,
   422, 429 with Retry-After, 500), and bearer-token authentication (401) when a token is
   set.
@@ -77,6 +80,8 @@ _ROUTES = [
     ("GET", r"/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)", "get_pod"),
     ("PATCH", r"/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)", "patch_pod"),
     ("GET", r"/api/v1/nodes", "list_nodes"),
+    ("GET", r"/apis/autoscaling/v2/namespaces/(?P<ns>[^/]+)/horizontalpodautoscalers",
+     "list_hpas"),
 ]
 
 
@@ -237,6 +242,7 @@ class FakeKubernetes:
         self.deployments: dict[tuple[str, str], dict] = {}
         self.pods: dict[tuple[str, str], dict] = {}
         self.nodes: dict[str, dict] = {}
+        self.hpas: dict[tuple[str, str], dict] = {}
         self.requests: list[Recorded] = []
         #: Pod names in the order the emulated ReplicaSet controller deleted them.
         self.deleted_pods: list[str] = []
@@ -358,6 +364,41 @@ class FakeKubernetes:
                 "status": {"allocatable": resources, "capacity": dict(resources),
                            "conditions": [{"type": "Ready", "status": "True"}]},
             }
+
+    def add_hpa(self, namespace: str, name: str, deployment: str, *,
+                labels: dict[str, str] | None = None) -> None:
+        """An autoscaling/v2 HPA scaling ``deployment`` (KEDA makes one per ScaledObject,
+        labelled ``scaledobject.keda.sh/name``)."""
+        with self.lock:
+            self.hpas[(namespace, name)] = {
+                "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
+                             "resourceVersion": self._rv(), "creationTimestamp": _now(),
+                             "labels": dict(labels or {})},
+                "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
+                                            "name": deployment},
+                         "minReplicas": 1, "maxReplicas": 10},
+                "status": {"currentReplicas": 0, "desiredReplicas": 0},
+            }
+
+    def annotate(self, namespace: str, name: str, key: str, value: str | None) -> None:
+        """``kubectl annotate deployment NAME key=value`` (None: ``key-``)."""
+        with self.lock:
+            d = self.deployments[(namespace, name)]
+            annotations = d["metadata"].setdefault("annotations", {})
+            if value is None:
+                annotations.pop(key, None)
+            else:
+                annotations[key] = value
+            d["metadata"]["resourceVersion"] = self._rv()
+
+    def touch(self, namespace: str, name: str) -> None:
+        """A controller's status write: a new resourceVersion, the same spec (what makes
+        a real scale patch with a precondition meet a 409 it may safely re-apply)."""
+        with self.lock:
+            d = self.deployments[(namespace, name)]
+            d["status"] = {**d["status"], "observedGeneration": d["metadata"]["generation"]}
+            d["metadata"]["resourceVersion"] = self._rv()
 
     def set_replicas(self, namespace: str, name: str, replicas: int) -> None:
         """What ``kubectl scale`` does: change the count behind the autoscaler's back."""
@@ -645,6 +686,10 @@ class FakeKubernetes:
         self.pods[(ns, name)] = new
         return copy.deepcopy(new)
 
+    def _list_hpas(self, ns, query):
+        items = [copy.deepcopy(h) for (n, _), h in sorted(self.hpas.items()) if n == ns]
+        return _list("HorizontalPodAutoscalerList", "autoscaling/v2", items, self._rv())
+
     def _list_nodes(self, query):
         reqs = parse_selector(query.get("labelSelector", ""))
         items = [copy.deepcopy(n) for _, n in sorted(self.nodes.items())
@@ -696,6 +741,8 @@ def _target(method: str, path: str, params: dict[str, str]) -> _Target | None:
         resource, group = "pods", ""
     elif path.startswith("/api/v1/nodes"):
         resource, group = "nodes", ""
+    elif "/horizontalpodautoscalers" in path:
+        resource, group = "horizontalpodautoscalers", "autoscaling"
     else:
         return None
     if method == "GET":

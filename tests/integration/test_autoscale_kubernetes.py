@@ -69,6 +69,8 @@ def deployment(queue: str) -> str:
 
 #: The one LIST of worker Deployments a poll makes.
 LIST_PATH = f"/apis/apps/v1/namespaces/{NS}/deployments"
+#: Listed at start and every minute: an HPA targeting a worker Deployment owns it.
+HPA_PATH = f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers"
 
 
 def deployment_path(queue: str) -> str:
@@ -112,14 +114,19 @@ def test_replicas_come_from_one_list_of_the_worker_deployments(shipped, k8s_api)
     k8s_api.add_deployment(NS, "someone-elses", replicas=7)  # not selected, not read
     k8s = backend(shipped, k8s_api)
     assert k8s.replicas() == {"default": 1, "io": 0, "heavy": 2, "xl": 0}
-    [listed] = k8s_api.requests
+    listed, hpas = k8s_api.requests
     assert (listed.method, listed.path) == ("GET", LIST_PATH)
     assert listed.query["labelSelector"] == \
         "app.kubernetes.io/component=worker,app.kubernetes.io/name=fleet"
-    assert k8s.unread() == {}
+    assert (hpas.method, hpas.path) == ("GET", HPA_PATH)  # the first poll, then a minute
+    assert k8s.held() == {}
+    mark = len(k8s_api.requests)
+    assert k8s.replicas()["heavy"] == 2
+    assert [r.path for r in k8s_api.requests[mark:]] == [LIST_PATH]  # a quiet poll: 1
+    listed = k8s_api.requests[mark]
     # A scale-up in the same poll needs no read: one PATCH, against the listed version.
     k8s.scale("heavy", 3, [])
-    [patch] = k8s_api.requests[1:]
+    [patch] = k8s_api.requests[mark + 1:]
     assert (patch.method, patch.path) == ("PATCH", scale_path("heavy"))
     listed_heavy = next(d for d in listed.response["items"]
                         if d["metadata"]["name"] == deployment("heavy"))
@@ -134,14 +141,15 @@ def test_one_missing_deployment_holds_that_queue_only(shipped, k8s_api):
                                labels=worker_labels(queue))
     k8s = backend(shipped, k8s_api)
     assert k8s.replicas() == {"default": 1, "heavy": 1, "xl": 1}
-    [why] = k8s.unread().values()
-    assert list(k8s.unread()) == ["io"]
-    assert why.startswith("Deployment fleet-worker-io not found in namespace fleet")
+    [why] = k8s.held().values()
+    assert list(k8s.held()) == ["io"]
+    assert why.startswith("replicas not read (Deployment fleet-worker-io not found in "
+                          "namespace fleet")
     # Looked for with a GET of its own (it may be there, unlabelled); a 404 is final.
     assert [r.status for r in k8s_api.calls("GET", deployment_path("io"))] == [404]
     # An unlabelled Deployment is found that way, and read so at every poll.
     k8s_api.add_deployment(NS, deployment("io"), replicas=2, labels={"app": "io"})
-    assert k8s.replicas()["io"] == 2 and k8s.unread() == {}
+    assert k8s.replicas()["io"] == 2 and k8s.held() == {}
 
 
 def test_listing_forbidden_falls_back_to_a_get_per_queue(shipped, k8s_api):
@@ -155,7 +163,7 @@ def test_listing_forbidden_falls_back_to_a_get_per_queue(shipped, k8s_api):
     mark = len(k8s_api.requests)
     assert k8s.replicas()["heavy"] == 2
     # It does not ask to list again: a GET per queue from then on.
-    assert [r.path for r in k8s_api.requests[mark:]] == [
+    assert [r.path for r in k8s_api.requests[mark:] if r.path != HPA_PATH] == [
         deployment_path(q) for q in ("default", "io", "heavy", "xl")]
 
 
@@ -238,7 +246,7 @@ def test_a_missing_deployment_names_it_and_its_namespace(shipped, k8s_api):
     k8s_api.add_deployment(NS, deployment("default"), labels=worker_labels("default"))
     k8s = backend(shipped, k8s_api)
     k8s.replicas()
-    message = k8s.unread()["io"]
+    message = k8s.held()["io"]
     assert "Deployment fleet-worker-io not found in namespace fleet" in message
     assert "kubectl apply -k k8s/base" in message
     assert len(k8s_api.calls("GET", deployment_path("io"))) == 1  # a 404 is not retried
@@ -279,11 +287,12 @@ def test_forbidden_names_the_missing_permission(shipped, k8s_api, verb, resource
     assert k8s_api.replicas(NS, deployment("heavy")) == 2
 
 
-def test_a_conflict_is_reread_and_reapplied(shipped, k8s_api):
-    """A real 409: someone scales the Deployment between the autoscaler's read and its
-    write, so the write's resourceVersion precondition fails."""
+def test_a_status_write_between_read_and_patch_is_reread_and_reapplied(shipped, k8s_api):
+    """A real 409 with the count unchanged: the Deployment controller wrote its status
+    between the list and the patch (it does after every change), so the patch's
+    resourceVersion precondition fails; the count is still the fleet's to set."""
     add_deployments(k8s_api, shipped, heavy=1)
-    k8s_api.on("GET", LIST_PATH, lambda: k8s_api.set_replicas(NS, deployment("heavy"), 5))
+    k8s_api.on("GET", LIST_PATH, lambda: k8s_api.touch(NS, deployment("heavy")))
     k8s = backend(shipped, k8s_api)
     assert k8s.replicas()["heavy"] == 1
     k8s.scale("heavy", 3, [])
@@ -293,6 +302,97 @@ def test_a_conflict_is_reread_and_reapplied(shipped, k8s_api):
     assert first.body["metadata"]["resourceVersion"] != \
         second.body["metadata"]["resourceVersion"]
     assert k8s_api.replicas(NS, deployment("heavy")) == 3
+
+
+def test_a_count_changed_between_read_and_patch_is_left_to_its_writer(shipped, k8s_api):
+    """The old behaviour re-applied the fleet's count over a ``kubectl scale`` made
+    meanwhile (last writer wins, blindly). Now the 409's re-read sees another count,
+    and the fleet leaves it, for the hold, and says so."""
+    add_deployments(k8s_api, shipped, heavy=1)
+    k8s_api.on("GET", LIST_PATH, lambda: k8s_api.set_replicas(NS, deployment("heavy"), 5))
+    k8s = backend(shipped, k8s_api)
+    assert k8s.replicas()["heavy"] == 1
+    with pytest.raises(BackendError) as err:
+        k8s.scale("heavy", 3, [])
+    assert str(err.value) == ("deployments/fleet-worker-heavy set to 5 by another writer "
+                              "while the fleet scaled it from 1 to 3: left to them")
+    calls = [(r.method, r.status) for r in k8s_api.calls(path=scale_path("heavy"))]
+    assert calls == [("PATCH", 409), ("GET", 200)]
+    assert k8s_api.replicas(NS, deployment("heavy")) == 5
+    assert k8s.replicas()["heavy"] == 5
+    why = k8s.held()["heavy"]
+    assert why.startswith("deployments/fleet-worker-heavy set to 5 by another writer "
+                          "while the fleet scaled it from 1 to 3: left alone until ")
+    assert why.endswith("(annotate deployments/fleet-worker-heavy "
+                        "fleet.io/autoscaling=manual to keep it so)")
+    with pytest.raises(BackendError, match="not scaling heavy: deployments/"):
+        k8s.scale("heavy", 3, [])
+    assert k8s_api.replicas(NS, deployment("heavy")) == 5
+
+
+def test_a_foreign_write_between_polls_is_noticed_and_held_for_a_while(shipped, k8s_api):
+    add_deployments(k8s_api, shipped, heavy=1)
+    k8s = backend(shipped, k8s_api)
+    k8s.foreign_hold = 1.0
+    k8s.replicas()
+    k8s.scale("heavy", 2, [])
+    assert k8s.replicas()["heavy"] == 2 and k8s.held() == {}  # its own write: no alarm
+    k8s_api.set_replicas(NS, deployment("heavy"), 6)  # kubectl scale --replicas 6
+    assert k8s.replicas()["heavy"] == 6
+    assert k8s.held()["heavy"].startswith("deployments/fleet-worker-heavy set to 6 by "
+                                          "another writer (the fleet set 2): left alone "
+                                          "until ")
+    assert set(k8s.held()) == {"heavy"}  # the others are still the fleet's
+    wait_for(lambda: (k8s.replicas(), "heavy" not in k8s.held())[1], 5,
+             what="the hold to end")
+    k8s.scale("heavy", 4, [])
+    assert k8s_api.replicas(NS, deployment("heavy")) == 4
+
+
+def test_the_manual_control_annotation_hands_a_queue_over_and_back(shipped, k8s_api):
+    add_deployments(k8s_api, shipped, io=2)
+    k8s_api.annotate(NS, deployment("io"), "fleet.io/autoscaling", "manual")
+    k8s = backend(shipped, k8s_api)
+    assert k8s.replicas()["io"] == 2
+    assert k8s.held() == {"io": "under manual control (annotation fleet.io/autoscaling="
+                                "manual on deployments/fleet-worker-io; remove it to hand "
+                                "the queue back)"}
+    k8s_api.set_replicas(NS, deployment("io"), 7)  # the team's own kubectl scale
+    assert k8s.replicas()["io"] == 7 and "manual control" in k8s.held()["io"]
+    k8s_api.annotate(NS, deployment("io"), "fleet.io/autoscaling", None)
+    assert k8s.replicas()["io"] == 7 and k8s.held() == {}  # the fleet's again, at once
+    k8s.scale("io", 1, [])
+    assert k8s_api.replicas(NS, deployment("io")) == 1
+
+
+def test_an_hpa_or_keda_scaledobject_on_a_worker_deployment_owns_it(shipped, k8s_api):
+    add_deployments(k8s_api, shipped, heavy=3)
+    k8s_api.add_hpa(NS, "keda-hpa-fleet-worker-heavy", deployment("heavy"),
+                    labels={"scaledobject.keda.sh/name": "fleet-worker-heavy"})
+    k8s_api.add_hpa(NS, "unrelated", "some-other-app")
+    k8s = backend(shipped, k8s_api)
+    assert k8s.replicas()["heavy"] == 3
+    assert k8s.held() == {"heavy": "scaled by HorizontalPodAutoscaler "
+                                   "keda-hpa-fleet-worker-heavy (KEDA ScaledObject "
+                                   "fleet-worker-heavy), not by the fleet"}
+    # Listed once a minute, not at every poll.
+    k8s.replicas()
+    assert len(k8s_api.calls("GET", HPA_PATH)) == 1
+
+
+def test_hpas_not_listable_leave_the_fleet_in_charge(shipped, k8s_api, caplog):
+    add_deployments(k8s_api, shipped, heavy=1)
+    k8s_api.add_hpa(NS, "hpa", deployment("heavy"))
+    k8s_api.forbid("list", "horizontalpodautoscalers")
+    k8s = backend(shipped, k8s_api)
+    with caplog.at_level("WARNING", logger="autoscale.kubernetes"):
+        assert k8s.replicas()["heavy"] == 1
+        k8s.replicas()
+    assert k8s.held() == {}
+    assert len(k8s_api.calls("GET", HPA_PATH)) == 1  # asked once, not at every poll
+    [warning] = [r.getMessage() for r in caplog.records if "HPA" in r.getMessage()]
+    assert "may not list horizontalpodautoscalers" in warning
+    assert "will not be noticed" in warning
 
 
 @pytest.mark.parametrize("status", [409, 500, 503])
@@ -462,12 +562,43 @@ def test_the_loop_holds_a_queue_whose_deployment_is_gone_and_scales_the_others(
     assert io.reason.endswith("): held")
     assert not k8s_api.calls("PATCH", scale_path("io"), since=mark)
     # Said once over the two polls, not at every poll; and said again when it is back.
-    assert sum(r.startswith("io: replicas not read, held: Deployment fleet-worker-io "
-                            "not found") for r in reports) == 1, reports
+    assert sum(r.startswith("io: replicas not read (Deployment fleet-worker-io not found")
+               for r in reports) == 1, reports
     k8s_api.add_deployment(NS, deployment("io"), replicas=0, labels=worker_labels("io"))
     decisions = {d.queue: d for d in scaler.run_once()}
-    assert "io: replicas read again" in reports
+    assert "io: scaled by the fleet again" in reports
     assert decisions["io"].desired >= 1 and k8s_api.replicas(NS, deployment("io")) >= 1
+
+
+def test_the_loop_leaves_a_kubectl_scale_alone_and_the_dashboard_says_why(
+        fleet, redis_client, k8s_api, tmp_path):
+    from fleet.dashboard.sampler import Sampler
+    from fleet.dashboard.store import Store
+    from fleet.keys import latest_decisions_key
+
+    add_deployments(k8s_api, fleet.config, default=1)
+    reports: list[str] = []
+    scaler = autoscaler(fleet, redis_client, k8s_api, reports)
+    app = fleet.app()
+    app.send_task("tasks.heavy.crunch")
+    scaler.run_once()
+    assert k8s_api.replicas(NS, deployment("heavy")) == 1
+    k8s_api.set_replicas(NS, deployment("heavy"), 4)  # a platform engineer, by hand
+    mark = len(k8s_api.requests)
+    for _ in range(3):  # one task, four replicas: the policy alone would scale down
+        decisions = {d.queue: d for d in scaler.run_once()}
+    heavy = decisions["heavy"]
+    assert (heavy.current, heavy.desired) == (4, 4), heavy
+    assert heavy.reason.startswith("deployments/fleet-worker-heavy set to 4 by another "
+                                   "writer (the fleet set 1): left alone until "), heavy
+    assert not k8s_api.calls("PATCH", scale_path("heavy"), since=mark)
+    assert k8s_api.replicas(NS, deployment("heavy")) == 4
+    assert sum("set to 4 by another writer" in r for r in reports) == 1, reports
+    latest = json.loads(redis_client.hget(latest_decisions_key(fleet.config), "heavy"))
+    assert latest["reason"] == heavy.reason
+    sampler = Sampler(fleet.config, redis_client, Store(f"sqlite:///{tmp_path}/dash.sqlite"))
+    shown = sampler.poll().replicas["heavy"]
+    assert "by another writer (the fleet set 1): left alone until" in shown["reason"], shown
 
 
 def test_every_request_takes_a_token_from_the_rate_limit(shipped, k8s_api):
@@ -481,10 +612,11 @@ def test_every_request_takes_a_token_from_the_rate_limit(shipped, k8s_api):
         k8s.scale("heavy", n, [])
     # the list, a patch, then a read and a patch for each later change (the first
     # patch's own status writes made what the list read stale)
-    assert [r.method for r in k8s_api.requests] == ["GET", "PATCH"] + ["GET", "PATCH"] * 2
+    assert [r.method for r in k8s_api.requests] == ["GET", "GET", "PATCH"] + \
+        ["GET", "PATCH"] * 2
     assert all(r.status == 200 for r in k8s_api.requests)
-    # burst 1 at 10/s: the five requests after the first waited about 0.1 s each
-    assert limiter.waited >= 0.45, limiter.waited
+    # burst 1 at 10/s: the six requests after the first waited about 0.1 s each
+    assert limiter.waited >= 0.55, limiter.waited
 
 
 def test_the_capacity_budget_comes_from_the_nodes_when_queues_yaml_has_none(

@@ -727,6 +727,7 @@ ROLE_GRANTS = {
     ("apps", "deployments", "get"), ("apps", "deployments", "list"),
     ("apps", "deployments/scale", "get"), ("apps", "deployments/scale", "patch"),
     ("", "pods", "list"), ("", "pods", "patch"),
+    ("autoscaling", "horizontalpodautoscalers", "list"),
 }
 CLUSTER_ROLE_GRANTS = {("", "nodes", "list")}
 
