@@ -1035,16 +1035,24 @@ def reconcile(once: bool, interval: float | None, config_path: str | None) -> No
 @click.option("--hostname", default=None, help="Worker node name (default: QUEUE@host).")
 @click.option("--max-age", type=float, default=30.0, show_default=True,
               help="Seconds after which the worker's report (or event loop) is stale.")
+@click.option("--live", is_flag=True,
+              help="Liveness: read the worker's local health file only, not Redis, so a "
+                   "broker outage does not fail it (docs/kubernetes.md, \"Probes\").")
 @pass_config_path
-def probe(queue: str, hostname: str | None, max_age: float, config_path: str | None) -> None:
-    """Liveness/readiness: exit 0 if this host's worker reported recently and its event
-    loop runs; exit 1 (saying why) otherwise."""
+def probe(queue: str, hostname: str | None, max_age: float, live: bool,
+          config_path: str | None) -> None:
+    """Readiness: exit 0 if this host's worker reported to Redis recently and its event
+    loop runs; with --live, liveness: its process, heartbeat and event loop run, from
+    its local health file. Exit 1, saying why, otherwise."""
     import socket
 
+    name = hostname or f"{queue}@{socket.gethostname()}"
+    if live:
+        _probe_live(name, max_age)
+        return
     from fleet.keys import broker_client, workers_key
 
     config = _load(config_path)
-    name = hostname or f"{queue}@{socket.gethostname()}"
     raw = _redis_call(lambda: broker_client(config).hget(workers_key(config), name))
     if raw is None:
         raise FleetError(f"worker {name} has not reported (not started, or not a fleet worker)")
@@ -1061,6 +1069,26 @@ def probe(queue: str, hostname: str | None, max_age: float, config_path: str | N
         raise FleetError(f"worker {name}'s event loop last ran {now - report.loop_at:.0f}s ago")
     click.echo(f"worker {name} ok: {report.active} running, reported "
                f"{now - report.at:.1f}s ago")
+
+
+def _probe_live(name: str, max_age: float) -> None:
+    from fleet.health import health_path, liveness, pid_alive, read_health
+
+    path = health_path(name)
+    try:
+        health = read_health(path)
+    except ValueError as exc:
+        raise FleetError(f"worker {name}'s health file is malformed: {exc}") from None
+    if health is None:
+        raise FleetError(f"worker {name} has written no health file at {path} (not "
+                         f"started, or not a fleet worker)")
+    now = time.time()
+    why = liveness(health, now, max_age, pid_alive(health.pid))
+    if why is not None:
+        raise FleetError(why)
+    broker = "" if health.broker_ok else (
+        f"; broker unreachable for {now - health.broker_since:.0f}s, reconnecting")
+    click.echo(f"worker {name} alive: beat {now - health.at:.1f}s ago{broker}")
 
 
 @cli.group()

@@ -5,6 +5,9 @@ own entry for Kubernetes liveness. One HSET every ``worker_metrics_interval`` in
 one hash for the whole fleet; readers ignore and remove entries older than
 ``stale_after``, so a dead worker drops out by itself.
 
+Each beat also writes the worker's health to a local file (fleet.health), Redis or
+not, for the liveness probe, which must not depend on the broker.
+
 ``loop_at`` proves more than the thread being alive: the thread asks the worker's
 event loop to stamp it (a kombu Hub ready-callback), so a stuck event loop shows as a
 stale ``loop_at`` while ``at`` stays fresh.
@@ -25,6 +28,7 @@ from celery.worker import state as worker_state
 
 from fleet.cgroup import memory_available
 from fleet.config import FleetConfig
+from fleet.health import Health, health_path, write_health
 from fleet.keys import workers_key
 from fleet.observe.model import WorkerSample
 from fleet.periodic import Periodic
@@ -64,6 +68,8 @@ class Heartbeat:
         self.pod = socket.gethostname()
         self.loop_at: float | None = None
         self._procs: dict[int, psutil.Process] = {}
+        self._health = health_path(worker.hostname)
+        self._broker_ok, self._broker_since = True, time.time()
         # The first report goes out at once: the dashboard maps this worker's task
         # events to its queue from it, and the first task may arrive within a second.
         self._thread = Periodic("fleet-heartbeat", self._beat, self.interval, first_after=0,
@@ -75,8 +81,18 @@ class Heartbeat:
     def _beat(self) -> None:
         try:
             self.publish()
+            ok = True
         except redis.RedisError as exc:
             logger.warning("could not publish worker metrics: %s", exc)
+            ok = False
+        now = time.time()
+        if ok != self._broker_ok:
+            self._broker_ok, self._broker_since = ok, now
+        try:
+            write_health(self._health, Health(os.getpid(), self.worker.hostname, now,
+                                              self.loop_at, ok, self._broker_since))
+        except OSError as exc:
+            logger.warning("could not write the health file %s: %s", self._health, exc)
 
     def _mark_loop(self) -> None:
         self.loop_at = time.time()
@@ -130,6 +146,7 @@ class Heartbeat:
     def withdraw(self) -> None:
         """Remove this worker's entry (a clean shutdown need not wait for staleness)."""
         self._thread.stop(timeout=0)  # as before: no wait for a beat in progress
+        self._health.unlink(missing_ok=True)
         try:
             self.client.hdel(workers_key(self.config), self.worker.hostname)
         except redis.RedisError:

@@ -13,8 +13,8 @@ API calls (and the RBAC rule each needs; k8s/base/autoscaler.yaml grants exactly
 - ``PATCH .../deployments/NAME/scale`` (patch deployments/scale): a JSON merge patch of
   ``spec.replicas`` carrying that resourceVersion, so a count changed meanwhile by someone
   else (``kubectl scale``, a second autoscaler) comes back as 409 instead of being
-  overwritten unseen; the backend then re-reads the scale (get deployments/scale). The subresource, not the Deployment: this role
-  cannot change a pod template.
+  overwritten unseen; the backend then re-reads the scale (get deployments/scale). The
+  subresource, not the Deployment: this role cannot change a pod template.
 - ``GET  api/v1/namespaces/NS/pods?labelSelector=...`` (list pods) and
   ``PATCH api/v1/namespaces/NS/pods/POD`` (patch pods): before a scale-down, each pod's
   ``controller.kubernetes.io/pod-deletion-cost``. The ReplicaSet controller, not the

@@ -15,11 +15,13 @@ Choices a reader may question:
   shutdown waits for running tasks, and the queue's hard time limit bounds them (see
   ``grace_period``). Past the grace period the kubelet SIGKILLs the pod, and an acks_late
   task comes back only through the broker's visibility timeout.
-- Probes run ``fleet probe``, which reads the worker's own heartbeat in Redis: fresh
-  figures and a recent event-loop stamp, so a wedged event loop fails liveness while a
-  long task in a pool process does not (the solo pool, whose loop runs the task, gets
-  no liveness probe). Liveness tolerates a minute of staleness, three times in a row,
-  so a Redis restart, which workers survive, does not restart them all.
+- Probes run ``fleet probe``. Startup and readiness read the worker's own heartbeat in
+  Redis: fresh figures and a recent event-loop stamp. Liveness (``--live``) reads the
+  worker's local health file instead (fleet.health): its process, heartbeat thread and
+  event loop, and not Redis, so a broker outage of any length restarts no worker (the
+  loop's stamp is excused while the broker is unreachable: Celery's reconnect loop does
+  not turn it). A wedged event loop fails liveness while a long task in a pool process
+  does not (the solo pool, whose loop runs the task, gets no liveness probe).
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ UNBOUNDED_TASK_SECONDS = 300
 GRACE_MARGIN_SECONDS = 30
 
 #: Readiness and startup use the probe's default freshness (a few heartbeat intervals);
-#: liveness allows this much staleness before counting a failure, so a Redis restart
-#: or a slow node does not restart every worker (workers survive a Redis restart).
+#: liveness allows this much staleness of the local health file before counting a
+#: failure, so a slow node does not restart every worker.
 LIVENESS_MAX_AGE_SECONDS = 60
 
 LABEL_NAME = "app.kubernetes.io/name"
@@ -132,7 +134,8 @@ def probes(queue: str, q: QueueClass) -> dict[str, dict]:
         "readinessProbe": {"exec": {"command": list(probe)}, "periodSeconds": 30,
                            "timeoutSeconds": 10, "failureThreshold": 2},
         "livenessProbe": {
-            "exec": {"command": [*probe, "--max-age", str(LIVENESS_MAX_AGE_SECONDS)]},
+            "exec": {"command": [*probe, "--live", "--max-age",
+                                 str(LIVENESS_MAX_AGE_SECONDS)]},
             "periodSeconds": 60, "timeoutSeconds": 10, "failureThreshold": 3},
     }
     if q.pool == "solo":

@@ -85,7 +85,7 @@ def test_probes_pass_on_a_healthy_worker_and_fail_on_a_frozen_one(fleet, pods):
              what="readiness to pass again once the worker runs")
 
 
-def test_readiness_fails_while_the_broker_is_unreachable(fleet, pods):
+def test_readiness_fails_and_liveness_holds_while_the_broker_is_unreachable(fleet, pods):
     host, port = REDIS_URL.removeprefix("redis://").split("/")[0].split(":")
     proxy = TcpProxy((host, int(port)))
     try:
@@ -99,6 +99,11 @@ def test_readiness_fails_while_the_broker_is_unreachable(fleet, pods):
         passed, out = pod.probe("readiness")
         assert not passed
         assert "Redis" in out or "broker" in out, out
+        # Liveness reads the container's own health file: the outage restarts nothing.
+        wait_for(lambda: "broker unreachable" in pod.probe("liveness")[1], 30, interval=1,
+                 what="the worker's health file to record the outage")
+        passed, out = pod.probe("liveness")
+        assert passed, out
         proxy.mend()
         wait_for(lambda: pod.probe("readiness")[0], 60, interval=1,
                  what="readiness to pass once the broker is back")
