@@ -264,6 +264,10 @@ class KubernetesTarget(Model):
     #: alone this long before the fleet scales that queue again; the annotation
     #: ``fleet.io/autoscaling: manual`` on the Deployment leaves it alone for good.
     foreign_write_hold: PositiveDuration = 600.0
+    #: The longest termination grace the platform honours: Cluster Autoscaler's
+    #: --max-graceful-termination-sec (600 s by default) when it drains a node. A queue
+    #: whose pods need longer (its hard time limit + 30 s) is refused by validation.
+    max_termination_grace: PositiveDuration = 600.0
 
     def deployment_name(self, queue: str) -> str:
         """The Deployment of ``queue``'s workers: what the manifests create, the

@@ -16,6 +16,7 @@ from fleet.errors import Problem
 from fleet.plugins import BACKENDS, PAYLOAD_STORES
 from fleet.retry import resolve_exception
 from fleet.routing import globs_overlap, specificity
+from fleet.shutdown import GRACE_MARGIN_SECONDS, grace_period
 from fleet.units import cpu_cores, format_duration, format_size
 from fleet.yamlfile import line_of
 
@@ -257,6 +258,31 @@ def queue_names_fit_kubernetes(config: FleetConfig) -> Iterator[Found]:
                 f"Deployment name ({deployment!r}) of at most 63 characters")
 
 
+def grace_within_platform_cap(config: FleetConfig) -> Iterator[Found]:
+    """A pod that needs longer to stop than the platform waits is killed mid-task when a
+    node is drained (Cluster Autoscaler: 600 s by default), whatever its grace says."""
+    cap = config.autoscaler.kubernetes.max_termination_grace
+    for name, q in _queues(config):
+        grace = grace_period(q)
+        if grace <= cap:
+            continue
+        limit = q.time_limit.hard
+        path = ("queues", name, "time_limit", "hard") if limit is not None else \
+            ("queues", name, "time_limit")
+        bound = (f"its hard time limit {format_duration(limit)}" if limit is not None
+                 else "the 5m allowed for a task without a hard limit")
+        yield path, (
+            f"its pods need {grace}s to stop ({bound} for a task started just before "
+            f"SIGTERM, + {GRACE_MARGIN_SECONDS}s to exit), over the "
+            f"{format_duration(cap)} the platform honours "
+            f"(autoscaler.kubernetes.max_termination_grace; Cluster Autoscaler's "
+            f"--max-graceful-termination-sec is 600s unless set): a node drain would kill "
+            f"a task in its last minutes. Lower time_limit.hard to "
+            f"{format_duration(cap - GRACE_MARGIN_SECONDS)} or less, or raise "
+            f"max_termination_grace on purpose where the platform waits longer (and set "
+            f"Cluster Autoscaler's flag to match)")
+
+
 def plugins_registered(config: FleetConfig) -> Iterator[Found]:
     """A backend or store name is a plug-in's (fleet.plugins): a typo, or a team's
     package not installed here, is reported now, with the names that are."""
@@ -283,5 +309,6 @@ RULES: list[Callable[[FleetConfig], Iterator[Found]]] = [
     requests_within_limits,
     retry_exceptions_known,
     queue_names_fit_kubernetes,
+    grace_within_platform_cap,
     plugins_registered,
 ]

@@ -48,7 +48,7 @@ except ImportError as exc:  # an optional extra: say how to get it, not a traceb
 
 from fleet.config import ENV_BROKER_URL, ENV_KEY_PREFIX, ENV_LEDGER_URL, FleetConfig
 from fleet.observe.model import WorkerSample
-from fleet.render.k8s import grace_period
+from fleet.shutdown import grace_period
 from fleet.units import cpu_cores
 
 logger = logging.getLogger("autoscale.docker")

@@ -12,9 +12,12 @@ Choices a reader may question:
   Kubernetes' own advice for HPA-managed Deployments is the same. A new Deployment
   starts with one replica; the autoscaler takes it to ``min_replicas`` on its first pass.
 - The termination grace period covers a task that started just before SIGTERM: a warm
-  shutdown waits for running tasks, and the queue's hard time limit bounds them (see
-  ``grace_period``). Past the grace period the kubelet SIGKILLs the pod, and an acks_late
-  task comes back only through the broker's visibility timeout.
+  shutdown waits for running tasks, and the queue's hard time limit bounds them
+  (fleet.shutdown says which signal starts which shutdown). Past the grace period the
+  kubelet SIGKILLs the pod, and an acks_late task comes back only through the broker's
+  visibility timeout. A pod whose grace is above Cluster Autoscaler's default cap (600
+  s) is annotated not to be evicted by it (nor by Karpenter), and validation refuses a
+  grace above ``autoscaler.kubernetes.max_termination_grace``.
 - Probes run ``fleet probe``. Startup and readiness read the worker's own heartbeat in
   Redis: fresh figures and a recent event-loop stamp. Liveness (``--live``) reads the
   worker's local health file instead (fleet.health): its process, heartbeat thread and
@@ -26,9 +29,14 @@ Choices a reader may question:
 
 from __future__ import annotations
 
-import math
-
 from fleet.config import FleetConfig, QueueClass, ResourceList
+from fleet.shutdown import (  # noqa: F401 (re-exported: the docker backend, the tests)
+    AUTOSCALER_GRACE_CAP,
+    GRACE_MARGIN_SECONDS,
+    UNBOUNDED_TASK_SECONDS,
+    grace_period,
+    task_bound,
+)
 
 #: Where the ConfigMap made from queues.yaml is mounted in every fleet container.
 CONFIG_DIR = "/etc/fleet"
@@ -46,12 +54,6 @@ LEDGER_SECRET = "fleet-ledger"
 #: The image's non-root user (k8s/Dockerfile creates it with this uid).
 RUN_AS_USER = 10001
 
-#: Seconds allowed for the last task of a queue with no hard time limit (Celery cannot
-#: stop such a task; this bounds how long a scale-down may wait for it).
-UNBOUNDED_TASK_SECONDS = 300
-#: Seconds on top of the task bound: the worker's own exit (pool join, acks, withdrawing
-#: its heartbeat) and the kubelet's signalling.
-GRACE_MARGIN_SECONDS = 30
 
 #: Readiness and startup use the probe's default freshness (a few heartbeat intervals);
 #: liveness allows this much staleness of the local health file before counting a
@@ -70,27 +72,6 @@ def deployment_name(config: FleetConfig, queue: str) -> str:
 
 def worker_labels(queue: str) -> dict[str, str]:
     return {LABEL_NAME: "fleet", LABEL_COMPONENT: "worker", LABEL_QUEUE: queue}
-
-
-def task_bound(q: QueueClass) -> float:
-    """The longest a running task can take: the hard time limit, else an assumed bound.
-
-    Without a hard limit (the threads pool cannot enforce one) a task may run forever;
-    UNBOUNDED_TASK_SECONDS (or the soft limit, if longer) is what a scale-down waits.
-    """
-    if q.time_limit.hard is not None:
-        return q.time_limit.hard
-    return max(q.time_limit.soft or 0.0, UNBOUNDED_TASK_SECONDS)
-
-
-def grace_period(q: QueueClass) -> int:
-    """terminationGracePeriodSeconds = task bound + soft_shutdown_timeout + margin.
-
-    SIGTERM starts Celery's warm shutdown: no new tasks, running ones finish. A task
-    started just before it needs up to the hard time limit; the soft shutdown timeout is
-    added in case a second signal turns the warm shutdown into a soft one.
-    """
-    return math.ceil(task_bound(q) + q.soft_shutdown_timeout + GRACE_MARGIN_SECONDS)
 
 
 def quantity(n_bytes: int) -> str:
@@ -146,6 +127,20 @@ def probes(queue: str, q: QueueClass) -> dict[str, dict]:
     return out
 
 
+#: Pod annotations that keep node autoscalers from evicting a pod they would cut short.
+NO_EVICTION = {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+               "karpenter.sh/do-not-disrupt": "true"}
+
+
+def pod_metadata(labels: dict[str, str], q: QueueClass) -> dict:
+    """A pod that needs longer to stop than Cluster Autoscaler grants by default (a long
+    task in flight) is not one it may evict to empty a node: it would be killed midway."""
+    out: dict = {"labels": dict(labels)}
+    if grace_period(q) > AUTOSCALER_GRACE_CAP:
+        out["annotations"] = dict(NO_EVICTION)
+    return out
+
+
 def worker_deployment(config: FleetConfig, queue: str) -> dict:
     q = config.queue(queue)
     target = config.autoscaler.kubernetes
@@ -190,7 +185,7 @@ def worker_deployment(config: FleetConfig, queue: str) -> dict:
             # No "replicas": the autoscaler owns it (see the module docstring).
             "selector": {"matchLabels": dict(labels)},
             "template": {
-                "metadata": {"labels": dict(labels)},
+                "metadata": pod_metadata(labels, q),
                 "spec": {
                     # Workers never call the Kubernetes API.
                     "automountServiceAccountToken": False,

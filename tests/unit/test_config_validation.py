@@ -417,3 +417,35 @@ def test_max_deliveries_defaults_to_three_and_must_be_at_least_one(tmp_path):
     assert line.strip() == "max_deliveries: 0"
     assert only(problems(tmp_path, {"queues": {"heavy": {"max_deliveries": "many"}}})
                 ).startswith("queues.heavy.max_deliveries: Input should be a valid integer")
+
+
+def test_a_grace_over_the_platform_cap_names_the_queue_and_the_ways_out(tmp_path):
+    """Cluster Autoscaler drains a node giving each pod at most 600 s by default: heavy's
+    11m hard limit needs 690 s and xl's 32m 1950 s, so each is refused at the default cap
+    (the shipped queues.yaml raises it on purpose)."""
+    found = problems(tmp_path, {"autoscaler": {"kubernetes": {"max_termination_grace": "10m"}}})
+    assert [f.split(":")[0] for f in found] == ["queues.heavy.time_limit.hard",
+                                                 "queues.xl.time_limit.hard"]
+    heavy = found[0]
+    assert "its pods need 690s to stop (its hard time limit 11m for a task started just " \
+           "before SIGTERM, + 30s to exit), over the 10m the platform honours" in heavy
+    assert "Lower time_limit.hard to 9m30s or less, or raise max_termination_grace on " \
+           "purpose" in heavy
+    # Within the cap: accepted, the one hard limit lowered is enough for heavy.
+    assert [f.split(":")[0] for f in problems(tmp_path, {"autoscaler": {"kubernetes": {
+        "max_termination_grace": "10m"}}, "queues": {"heavy": {"time_limit": {
+            "soft": "9m", "hard": "9m30s"}}}})] == ["queues.xl.time_limit.hard"]
+
+
+def test_render_refuses_a_grace_over_the_cap_in_one_line(tmp_path):
+    data = deep_merge(shipped_config(), {"autoscaler": {"kubernetes": {
+        "max_termination_grace": "10m"}}, "queues": {"xl": {"time_limit": {
+            "soft": "5m", "hard": "6m"}}}})
+    path = write(tmp_path, data)
+    for args in (["render", "k8s", "--config", str(path)], ["validate", str(path)]):
+        done = subprocess.run([sys.executable, "-m", "fleet.cli", *args], capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert "queues.heavy.time_limit.hard" in done.stderr and "690s to stop" in \
+            done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and "kind: Deployment" not in done.stdout

@@ -527,7 +527,9 @@ def test_quantity_is_exact(n_bytes: int, expected: str):
     assert QUANTITY_STRICT.match(expected)
 
 
-def test_grace_period_covers_hard_limit_soft_shutdown_and_a_margin():
+def test_grace_period_covers_hard_limit_and_a_margin_not_the_soft_shutdown():
+    """SIGTERM, all the kubelet sends before SIGKILL, starts a warm shutdown, which the
+    soft shutdown timeout plays no part in (fleet.shutdown; the fault test pins it)."""
     config = config_with({"queues": {
         "heavy": {"time_limit": {"soft": "10m", "hard": "11m"}, "soft_shutdown_timeout": "90s"},
         "default": {"time_limit": {"soft": "50s", "hard": "61.5s"}},
@@ -536,7 +538,7 @@ def test_grace_period_covers_hard_limit_soft_shutdown_and_a_margin():
     def grace(queue: str) -> int:
         return worker(config, queue)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
 
-    assert grace("heavy") == 660 + 90 + k8s.GRACE_MARGIN_SECONDS
+    assert grace("heavy") == 660 + k8s.GRACE_MARGIN_SECONDS
     assert grace("default") == 62 + k8s.GRACE_MARGIN_SECONDS  # rounded up, never down
     # No hard limit (threads pool): the documented default bound.
     assert config.queues["io"].time_limit.hard is None
@@ -547,14 +549,28 @@ def test_grace_period_without_hard_limit_still_covers_a_long_soft_limit():
     config = config_with({"queues": {"default": {
         "time_limit": {"soft": "20m", "hard": None}, "soft_shutdown_timeout": "1m"}}})
     spec = worker(config, "default")["spec"]["template"]["spec"]
-    assert spec["terminationGracePeriodSeconds"] == 1200 + 60 + k8s.GRACE_MARGIN_SECONDS
+    assert spec["terminationGracePeriodSeconds"] == 1200 + k8s.GRACE_MARGIN_SECONDS
+
+
+def grace_of(config, queue: str) -> int:
+    return worker(config, queue)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
 
 
 def test_shipped_grace_periods_exceed_every_hard_limit():
     config = shipped()
     for queue, q in config.queues.items():
         grace = worker(config, queue)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-        assert grace >= (q.time_limit.hard or 0) + q.soft_shutdown_timeout + 30, queue
+        assert grace >= (q.time_limit.hard or 0) + 30, queue
+        assert grace <= config.autoscaler.kubernetes.max_termination_grace, queue
+        # Past Cluster Autoscaler's default cap, the pod asks not to be evicted by it.
+        annotations = worker(config, queue)["spec"]["template"]["metadata"].get(
+            "annotations", {})
+        if grace > k8s.AUTOSCALER_GRACE_CAP:
+            assert annotations == k8s.NO_EVICTION, queue
+        else:
+            assert annotations == {}, queue
+    assert [q for q in config.queues if grace_of(config, q) > k8s.AUTOSCALER_GRACE_CAP] \
+        == ["heavy", "xl"]
 
 
 def test_probes_run_fleet_probe_for_the_queue():
