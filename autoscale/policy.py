@@ -57,9 +57,7 @@ def replica_cost(queue: QueueClass) -> tuple[float, int]:
     known = _COSTS.get(id(queue))
     if known is not None and known[0] is queue:
         return known[1]
-    res = queue.kubernetes.resources
-    cpu = cpu_cores(res.requests.cpu) or cpu_cores(res.limits.cpu) or 0.0
-    memory = res.requests.memory or res.limits.memory or 0
+    cpu, memory = queue.kubernetes.resources.per_replica()
     if len(_COSTS) >= 4096:
         _COSTS.clear()
     _COSTS[id(queue)] = (queue, (cpu, memory))

@@ -26,6 +26,7 @@ from fleet.errors import ConfigError, Problem
 from fleet.units import (
     CPU_PATTERN,
     Rate,
+    cpu_cores,
     format_duration,
     format_size,
     parse_duration,
@@ -221,6 +222,12 @@ class Resources(Model):
     requests: ResourceList = ResourceList()
     limits: ResourceList = ResourceList()
 
+    def per_replica(self) -> tuple[float, int]:
+        """CPU cores and memory bytes one replica takes from the capacity budget: its
+        requests, else its limits (what the scheduler reserves), else nothing."""
+        cpu = cpu_cores(self.requests.cpu) or cpu_cores(self.limits.cpu) or 0.0
+        return cpu, self.requests.memory or self.limits.memory or 0
+
 
 class Kubernetes(Model):
     resources: Resources = Resources()
@@ -249,11 +256,16 @@ class Capacity(Model):
 
 
 class KubernetesTarget(Model):
+    #: Where the worker Deployments are, for an autoscaler outside the cluster; inside
+    #: it, the namespace it runs in (FLEET_K8S_NAMESPACE from the downward API) wins.
     namespace: str = "fleet"
     #: Deployment of each queue's workers; {queue} is replaced by the queue name.
     deployment: str = "fleet-worker-{queue}"
     #: The container image the rendered manifests use.
     image: str = "fleet:latest"
+    #: Explicit, not Kubernetes' default (Always for a :latest tag, which fails where
+    #: the image was loaded onto the nodes rather than pushed to a registry).
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     #: The autoscaler's own limit on API requests (a token bucket, as client-go's):
     #: sustained requests per second, and how many may go at once after a quiet spell.
     #: KEDA's operator defaults (--kube-api-qps 20, --kube-api-burst 30): a poll is one

@@ -283,6 +283,33 @@ def grace_within_platform_cap(config: FleetConfig) -> Iterator[Found]:
             f"Cluster Autoscaler's flag to match)")
 
 
+def replicas_fit_capacity(config: FleetConfig) -> Iterator[Found]:
+    """The capacity budget (autoscaler.capacity) and the replicas' requests must add up:
+    the budget grants every queue its min_replicas first, so minimums above it are not
+    met, and a queue one of whose replicas exceeds it never gets one."""
+    cap = config.autoscaler.capacity
+    limits = {"cpu": cpu_cores(cap.cpu), "memory": cap.memory}
+    shown = {"cpu": lambda v: f"{v:g} cores", "memory": format_size}
+    minimum = {"cpu": 0.0, "memory": 0}
+    for name, q in _queues(config):
+        one = dict(zip(("cpu", "memory"), q.kubernetes.resources.per_replica(), strict=True))
+        for kind, limit in limits.items():
+            if limit is None:
+                continue
+            minimum[kind] += one[kind] * q.autoscaling.min_replicas
+            if q.autoscaling.max_replicas > 0 and one[kind] > limit:
+                yield ("queues", name, "kubernetes", "resources", "requests", kind), (
+                    f"one replica requests {shown[kind](one[kind])}, more than the whole "
+                    f"capacity budget (autoscaler.capacity.{kind}: {shown[kind](limit)}): "
+                    f"the autoscaler could never start one")
+    for kind, limit in limits.items():
+        if limit is not None and minimum[kind] > limit:
+            yield ("autoscaler", "capacity", kind), (
+                f"the queues' min_replicas together request {shown[kind](minimum[kind])}, "
+                f"more than the budget's {shown[kind](limit)}: raise the budget or lower "
+                f"some min_replicas (each queue's requests x min_replicas)")
+
+
 def plugins_registered(config: FleetConfig) -> Iterator[Found]:
     """A backend or store name is a plug-in's (fleet.plugins): a typo, or a team's
     package not installed here, is reported now, with the names that are."""
@@ -310,5 +337,6 @@ RULES: list[Callable[[FleetConfig], Iterator[Found]]] = [
     retry_exceptions_known,
     queue_names_fit_kubernetes,
     grace_within_platform_cap,
+    replicas_fit_capacity,
     plugins_registered,
 ]

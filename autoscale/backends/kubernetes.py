@@ -203,6 +203,16 @@ def label_selector(selector: Any) -> str:
     return ",".join(parts)
 
 
+#: Set from the downward API in the autoscaler's pod (k8s/base/autoscaler.yaml).
+NAMESPACE_ENV = "FLEET_K8S_NAMESPACE"
+
+
+def namespace_of(config: FleetConfig) -> str:
+    """The namespace the autoscaler runs in, inside a cluster (so an overlay that moves
+    the fleet moves what it scales); queues.yaml's outside it."""
+    return os.environ.get(NAMESPACE_ENV) or config.autoscaler.kubernetes.namespace
+
+
 def connect(kubeconfig_path: str | None = None) -> k8s.ApiClient:
     """An API client from the pod's ServiceAccount, else from a kubeconfig.
 
@@ -236,7 +246,7 @@ class KubernetesBackend:
                  limiter: TokenBucket | None = None):
         self.config = config
         target = config.autoscaler.kubernetes
-        self.namespace = target.namespace
+        self.namespace = namespace_of(config)
         self.deployments = {q: deployment_name(config, q) for q in config.queues}
         self.api = api_client if api_client is not None else connect(kubeconfig_path)
         self.apps = k8s.AppsV1Api(self.api)

@@ -148,6 +148,7 @@ def worker_deployment(config: FleetConfig, queue: str) -> dict:
     container = {
         "name": "worker",
         "image": target.image,
+        "imagePullPolicy": target.image_pull_policy,
         "command": ["fleet", "worker", "--queue", queue],
         "env": [
             {"name": "FLEET_CONFIG", "value": CONFIG_PATH},
@@ -176,11 +177,8 @@ def worker_deployment(config: FleetConfig, queue: str) -> dict:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {
-            "name": deployment_name(config, queue),
-            "namespace": target.namespace,
-            "labels": dict(labels),
-        },
+        # No namespace: kustomize's namespace transformer sets it, the one place.
+        "metadata": {"name": deployment_name(config, queue), "labels": dict(labels)},
         "spec": {
             # No "replicas": the autoscaler owns it (see the module docstring).
             "selector": {"matchLabels": dict(labels)},
@@ -209,6 +207,29 @@ def worker_deployment(config: FleetConfig, queue: str) -> dict:
     }
 
 
+def disruption_budget(config: FleetConfig, queue: str) -> dict | None:
+    """At most one of the queue's pods evicted at a time (a node drain, an upgrade), so
+    a drain does not stop all its busy workers at once; a pod that is not ready (say,
+    during a broker outage) may always be evicted, so it blocks no drain. Only where
+    there can be more than one replica: for one, it would guard nothing."""
+    if config.queues[queue].autoscaling.max_replicas < 2:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": deployment_name(config, queue), "labels": worker_labels(queue)},
+        "spec": {"maxUnavailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow",
+                 "selector": {"matchLabels": worker_labels(queue)}},
+    }
+
+
 def render_workers(config: FleetConfig) -> list[dict]:
-    """A worker Deployment per queue, in queues.yaml's order."""
-    return [worker_deployment(config, queue) for queue in config.queues]
+    """A worker Deployment per queue, each with its PodDisruptionBudget where it has
+    one, in queues.yaml's order."""
+    out = []
+    for queue in config.queues:
+        out.append(worker_deployment(config, queue))
+        budget = disruption_budget(config, queue)
+        if budget is not None:
+            out.append(budget)
+    return out

@@ -135,6 +135,22 @@ def test_replicas_come_from_one_list_of_the_worker_deployments(shipped, k8s_api)
     assert k8s_api.replicas(NS, deployment("heavy")) == 3
 
 
+def test_in_cluster_the_namespace_it_runs_in_wins_over_queues_yaml(shipped, k8s_api,
+                                                                   monkeypatch):
+    """The autoscaler's pod sets FLEET_K8S_NAMESPACE from the downward API: an overlay that
+    moves the fleet moves what it scales, though queues.yaml still says fleet."""
+    for queue in shipped.queues:
+        k8s_api.add_deployment("team-a", deployment(queue), replicas=1,
+                               labels=worker_labels(queue))
+    monkeypatch.setenv("FLEET_K8S_NAMESPACE", "team-a")
+    k8s = backend(shipped, k8s_api)
+    assert k8s.replicas() == {q: 1 for q in shipped.queues}
+    k8s.scale("heavy", 2, [])
+    assert k8s_api.replicas("team-a", deployment("heavy")) == 2
+    assert {r.path.split("/")[5] for r in k8s_api.requests
+            if "/namespaces/" in r.path} == {"team-a"}
+
+
 def test_one_missing_deployment_holds_that_queue_only(shipped, k8s_api):
     for queue in ("default", "heavy", "xl"):
         k8s_api.add_deployment(NS, deployment(queue), replicas=1,

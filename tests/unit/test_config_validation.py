@@ -449,3 +449,23 @@ def test_render_refuses_a_grace_over_the_cap_in_one_line(tmp_path):
         assert "queues.heavy.time_limit.hard" in done.stderr and "690s to stop" in \
             done.stderr, done.stderr
         assert "Traceback" not in done.stderr and "kind: Deployment" not in done.stdout
+
+
+def test_minimums_above_the_capacity_budget_are_refused(tmp_path):
+    """default needs 250m per replica: four of them and heavy's one core are 2 cores, over a
+    1.5-core budget."""
+    found = only(problems(tmp_path, {
+        "autoscaler": {"capacity": {"cpu": "1500m", "memory": "24Gi"}},
+        "queues": {"default": {"autoscaling": {"min_replicas": 4}},
+                   "heavy": {"autoscaling": {"min_replicas": 1}}}}))
+    assert found == ("autoscaler.capacity.cpu: the queues' min_replicas together request 2 "
+                     "cores, more than the budget's 1.5 cores: raise the budget or lower some "
+                     "min_replicas (each queue's requests x min_replicas)")
+
+
+def test_a_replica_bigger_than_the_whole_budget_is_refused(tmp_path):
+    found = only(problems(tmp_path, {"autoscaler": {"capacity": {"cpu": "8",
+                                                                 "memory": "4Gi"}}}))
+    assert found == ("queues.xl.kubernetes.resources.requests.memory: one replica requests "
+                     "5.0Gi, more than the whole capacity budget (autoscaler.capacity.memory: "
+                     "4.0Gi): the autoscaler could never start one")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import os
 import re
 import shutil
 import subprocess
@@ -381,10 +382,12 @@ def test_in_cluster_secret_points_at_the_redis_service():
     objects = kustomize("base")
     service = of_kind(objects, "Service")["redis"]
     secret = broker_secret(objects)
-    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
     port = service["spec"]["ports"][0]["port"]
     url = urlparse(secret_value(secret, "url"))
-    assert (url.hostname, url.port) == (host, port)
+    # The fleet's pods are in the Service's namespace: its short name, whatever that is.
+    assert (url.hostname, url.port) == (service["metadata"]["name"], port)
+    # KEDA's operator runs in its own namespace: the fully qualified name.
+    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
     assert secret_value(secret, "address") == f"{host}:{port}"
 
 
@@ -429,9 +432,13 @@ def test_worker_deployments_match_the_mounted_queues_yaml(path: str):
     replaces queues.yaml must not change what the base's workers were rendered from)."""
     objects = kustomize(path)
     config = mounted_config(objects)
+    namespace = config.autoscaler.kubernetes.namespace
     applied = {n: strip_generated_names(o) for n, o in of_kind(objects, "Deployment").items()
                if o["metadata"]["labels"].get(k8s.LABEL_COMPONENT) == "worker"}
-    expected = {o["metadata"]["name"]: o for o in k8s.render_workers(config)}
+    # Rendered without a namespace: the kustomization's transformer sets it.
+    expected = {o["metadata"]["name"]: {**o, "metadata": {**o["metadata"],
+                                                          "namespace": namespace}}
+                for o in k8s.render_workers(config) if o["kind"] == "Deployment"}
     assert applied.keys() == expected.keys(), (
         f"k8s/{path}: worker Deployments {sorted(applied)} but its queues.yaml has queues "
         f"for {sorted(expected)}: render the workers again and keep overlays in step")
@@ -440,7 +447,6 @@ def test_worker_deployments_match_the_mounted_queues_yaml(path: str):
             f"k8s/{path}: Deployment {name} differs from what its queues.yaml renders: run "
             "`fleet render k8s -o k8s/base/workers.yaml`, and keep an overlay's queues.yaml "
             "(resources, time limits, image) in step with the base")
-    namespace = config.autoscaler.kubernetes.namespace
     for obj in objects:
         if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
             assert obj["metadata"]["namespace"] == namespace, obj["metadata"]["name"]
@@ -457,9 +463,72 @@ def test_drift_is_detected():
 
 
 def worker(config: FleetConfig, queue: str) -> dict:
-    (found,) = [d for d in k8s.render_workers(config)
-                if d["metadata"]["labels"][k8s.LABEL_QUEUE] == queue]
+    (found,) = [d for d in k8s.render_workers(config) if d["kind"] == "Deployment"
+                and d["metadata"]["labels"][k8s.LABEL_QUEUE] == queue]
     return found
+
+
+def test_a_disruption_budget_guards_each_queue_that_can_have_two_pods():
+    objects = kustomize("base")
+    budgets = of_kind(objects, "PodDisruptionBudget")
+    deployments = of_kind(objects, "Deployment")
+    config = shipped()
+    for queue, q in config.queues.items():
+        name = k8s.deployment_name(config, queue)
+        if q.autoscaling.max_replicas < 2:
+            assert name not in budgets, queue
+            continue
+        spec = budgets[name]["spec"]
+        # One pod at a time, and a not-ready pod never blocks a drain.
+        assert spec["maxUnavailable"] == 1
+        assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        # Exactly that Deployment's pods.
+        assert spec["selector"] == deployments[name]["spec"]["selector"]
+    assert set(budgets) == {k8s.deployment_name(config, q) for q, c in config.queues.items()
+                            if c.autoscaling.max_replicas >= 2}
+
+
+def test_every_container_says_its_pull_policy():
+    """Left out, a :latest image is pulled Always: it fails where the image was loaded
+    onto the nodes rather than pushed."""
+    for obj in kustomize("base"):
+        spec = obj.get("spec", {}).get("template", {}).get("spec", {})
+        for container in spec.get("containers", []):
+            assert container.get("imagePullPolicy") == "IfNotPresent", \
+                (obj["metadata"]["name"], container["name"])
+
+
+def test_an_overlay_can_move_the_fleet_to_another_namespace(tmp_path):
+    """With kustomize's NamespaceTransformer (setRoleBindingSubjects), as
+    docs/kubernetes.md says: every namespaced object, the RoleBinding's subject and the
+    autoscaler (which reads its namespace from the downward API) move together."""
+    overlay = tmp_path / "moved"
+    overlay.mkdir()
+    (overlay / "namespace.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "builtin", "kind": "NamespaceTransformer",
+        "metadata": {"name": "namespace", "namespace": "team-a"},
+        "setRoleBindingSubjects": "allServiceAccounts"}))
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "base", overlay)],
+        "transformers": ["namespace.yaml"]}))
+    done = subprocess.run(["kubectl", "kustomize", str(overlay)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    objects = [o for o in yaml.safe_load_all(done.stdout) if o]
+    for obj in objects:
+        if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            assert obj["metadata"]["namespace"] == "team-a", obj["metadata"]["name"]
+        for subject in obj.get("subjects", []):
+            assert subject["namespace"] == "team-a", obj["metadata"]["name"]
+    autoscaler = container_of(of_kind(objects, "Deployment")["fleet-autoscaler"])
+    [env] = [e for e in autoscaler["env"] if e["name"] == "FLEET_K8S_NAMESPACE"]
+    assert env["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    # Nothing else names the old namespace but queues.yaml's out-of-cluster default
+    # (inside the ConfigMap) and KEDA's fully qualified Redis address.
+    leftovers = [line.strip() for line in done.stdout.splitlines() if "fleet.svc" in line
+                 or line.strip() == "namespace: fleet"]
+    assert leftovers == ["namespace: fleet"], leftovers
 
 
 def container_of(deployment: dict) -> dict:
@@ -470,13 +539,13 @@ def container_of(deployment: dict) -> dict:
 def test_one_deployment_per_queue_named_and_labelled_from_the_config():
     config = config_with({"autoscaler": {"kubernetes": {
         "namespace": "data", "deployment": "team-{queue}-workers", "image": "reg/fleet:1.2"}}})
-    deployments = k8s.render_workers(config)
+    deployments = [d for d in k8s.render_workers(config) if d["kind"] == "Deployment"]
     assert [d["metadata"]["name"] for d in deployments] == [
         f"team-{q}-workers" for q in QUEUES]
     heavy = worker(config, "heavy")
     labels = {"app.kubernetes.io/name": "fleet", "app.kubernetes.io/component": "worker",
               "fleet.io/queue": "heavy"}
-    assert heavy["metadata"]["namespace"] == "data"
+    assert "namespace" not in heavy["metadata"]  # the kustomization's, in one place
     assert heavy["metadata"]["labels"] == labels
     assert heavy["spec"]["selector"]["matchLabels"] == labels
     assert heavy["spec"]["template"]["metadata"]["labels"] == labels
@@ -812,8 +881,9 @@ def test_the_ledgers_postgres_is_persistent_and_where_its_url_says():
     service = of_kind(objects, "Service")["postgres"]
     [secret] = [o for n, o in of_kind(objects, "Secret").items() if n.startswith("fleet-ledger")]
     url = urlparse(secret_value(secret, "url"))
-    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
-    assert (url.hostname, url.port) == (host, service["spec"]["ports"][0]["port"])
+    # By the Service's short name: the pods are in its namespace, whichever that is.
+    assert (url.hostname, url.port) == (service["metadata"]["name"],
+                                        service["spec"]["ports"][0]["port"])
     assert url.password == secret_value(secret, "password")
     container = server["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
