@@ -55,6 +55,7 @@ class Autoscaler(Passes):
         #: (so a queue that stays held is reported once, not at every poll).
         self._last_read: dict[str, int] = {}
         self._held_why: dict[str, str] = {}
+        self._failed: dict[str, str] = {}
 
     def run_once(self) -> list[ScaleDecision]:
         obs = self.metrics.poll()
@@ -81,8 +82,13 @@ class Autoscaler(Passes):
             try:
                 self.backend.scale(d.queue, d.desired, obs.workers_of(d.queue))
                 self._last_read[d.queue] = d.desired
+                self._failed.pop(d.queue, None)
             except BackendError as exc:
-                self.report(f"could not scale {d.queue}: {exc}")
+                # Said once while it stays the same (a scale-down waiting for a rollout
+                # is refused at every poll).
+                if self._failed.get(d.queue) != str(exc):
+                    self.report(f"could not scale {d.queue}: {exc}")
+                self._failed[d.queue] = str(exc)
             except Exception as exc:  # a bug in one backend call: the other queues go on
                 logger.exception("scaling %s failed", d.queue)
                 self.report(f"could not scale {d.queue}: {type(exc).__name__}: {exc}")

@@ -184,6 +184,60 @@ def deletion_costs(pods: Iterable[str], workers: Iterable[WorkerSample]) -> dict
             for pod in pods}
 
 
+_PHASES = {"Pending": 0, "Unknown": 1, "Running": 2}
+TEMPLATE_HASH = "pod-template-hash"
+
+
+def _rank_key(pod: Any, cost: int) -> tuple[int, int, int, int]:
+    """The first keys of the ReplicaSet controller's deletion ranking (controller_utils.go
+    ActivePodsWithRanks): unassigned, then Pending < Unknown < Running, then not ready,
+    then the deletion cost; lower goes first."""
+    status = pod.status
+    ready = any(c.type == "Ready" and c.status == "True"
+                for c in (status.conditions if status is not None else None) or [])
+    return (int(bool(pod.spec.node_name)),
+            _PHASES.get(status.phase if status is not None else "Pending", 0),
+            int(ready), cost)
+
+
+def safe_decrease(pods: list[Any], costs: dict[str, int], busy: Counter[str],
+                  wanted: int) -> tuple[int, str | None]:
+    """How many pods a scale-down by ``wanted`` may remove without the ReplicaSet
+    controller choosing a busy one, given the deletion costs about to be set; and why
+    fewer, if fewer.
+
+    The cost is only the controller's fourth key: a busy pod that is not ready (or not
+    Running) goes before every ready idle pod, whatever its cost, so only idle pods that
+    rank before each such busy pod are safe to remove. And it ranks within one
+    ReplicaSet: during a rollout (live pods of two templates) the Deployment controller
+    first shares the decrease among them, so no cost can keep a busy pod; then the
+    scale-down waits for the rollout to end."""
+    live = [p for p in pods if p.metadata.deletion_timestamp is None]
+    busy_pods = [p for p in live if busy[p.metadata.name] > 0]
+    if not busy_pods:
+        return wanted, None
+    templates = {(p.metadata.labels or {}).get(TEMPLATE_HASH) for p in live}
+    if len(templates) > 1:
+        return 0, (f"a rollout is under way (pods of {len(templates)} ReplicaSets, "
+                   f"{len(busy_pods)} busy): the ReplicaSet controller ranks each set's pods "
+                   f"apart, so the deletion cost cannot spare a busy one; the scale-down "
+                   f"waits for the rollout")
+    keys = {p.metadata.name: _rank_key(p, costs.get(p.metadata.name, 0)) for p in live}
+    exposed = [p for p in busy_pods if keys[p.metadata.name][:3] != (1, 2, 1)]
+    if not exposed:
+        return wanted, None
+    idle = [p for p in live if busy[p.metadata.name] == 0]
+    first = [p for p in idle
+             if all(keys[p.metadata.name] < keys[b.metadata.name] for b in exposed)]
+    allowed = min(wanted, len(first))
+    if allowed == wanted:
+        return wanted, None
+    names = ", ".join(sorted(p.metadata.name for p in exposed))
+    return allowed, (f"busy pod {names} is not ready (or not running): the ReplicaSet "
+                     f"controller removes such pods before it looks at the deletion cost, "
+                     f"so only {allowed} of the {wanted} fewer replicas can go without it")
+
+
 def label_selector(selector: Any) -> str:
     """A V1LabelSelector as the ``labelSelector`` query string."""
     parts = [f"{k}={v}" for k, v in sorted((selector.match_labels or {}).items())]
@@ -271,6 +325,7 @@ class KubernetesBackend:
         #: Deployment name -> the HPA that scales it, as last listed (and when).
         self._owners: tuple[float, dict[str, str]] | None = None
         self._may_list_hpas = True
+        self._notices: dict[str, list[str]] = {}
 
     # -- the Backend protocol ------------------------------------------------------------
 
@@ -318,8 +373,15 @@ class KubernetesBackend:
             raise BackendError(f"not scaling {queue}: {self._held[queue]}")
         current = self._current(queue)
         if replicas < current.replicas:
-            for change in self._cost_changes(queue, current, workers):
+            changes, allowed, why = self._scale_down_plan(queue, current, workers,
+                                                          current.replicas - replicas)
+            if allowed == 0:
+                raise BackendError(f"not scaling {queue} down: {why}")
+            for change in changes:
                 self._annotate(change)
+            if why is not None:
+                replicas = current.replicas - allowed
+                self._notice(queue, f"scaled down to {replicas} only: {why}")
         self._patch_scale(queue, replicas, current)
         self._written[queue] = (current.uid, replicas)
         # The controllers' status writes follow at once with new resourceVersions, so
@@ -337,8 +399,14 @@ class KubernetesBackend:
         current = self._current(queue)
         lines = []
         if replicas < current.replicas:
-            lines = [f"would set {change}"
-                     for change in self._cost_changes(queue, current, workers)]
+            changes, allowed, why = self._scale_down_plan(queue, current, workers,
+                                                          current.replicas - replicas)
+            if allowed == 0:
+                return [f"would not scale down: {why}"]
+            lines = [f"would set {change}" for change in changes]
+            if why is not None:
+                replicas = current.replicas - allowed
+                lines.append(f"would scale down to {replicas} only: {why}")
         lines.append(f"would patch deployments/{name}/scale in {self.namespace}: replicas "
                      f"{current.replicas} -> {replicas}")
         return lines
@@ -506,8 +574,27 @@ class KubernetesBackend:
         self._call("patch", "deployments/scale", f"deployments/{name}/scale", patch,
                    on_conflict=reread)
 
-    def _cost_changes(self, queue: str, current: Listed,
-                      workers: list[WorkerSample]) -> list[CostChange]:
+    def notices(self) -> dict[str, list[str]]:
+        """What a scale call did other than asked, per queue, once (NoticingBackend)."""
+        out, self._notices = self._notices, {}
+        return out
+
+    def _notice(self, queue: str, text: str) -> None:
+        logger.warning("%s: %s", queue, text)
+        self._notices.setdefault(queue, []).append(text)
+
+    def _scale_down_plan(self, queue: str, current: Listed, workers: list[WorkerSample],
+                         wanted: int) -> tuple[list[CostChange], int, str | None]:
+        """The cost changes to make, how many pods may go, and why fewer than wanted."""
+        changes, pods = self._cost_changes(queue, current, workers, with_pods=True)
+        costs = {p.metadata.name: _cost((p.metadata.annotations or {}).get(DELETION_COST))
+                 for p in pods}
+        costs.update({c.pod: c.new for c in changes})
+        allowed, why = safe_decrease(pods, costs, held(workers), wanted)
+        return changes, allowed, why
+
+    def _cost_changes(self, queue: str, current: Listed, workers: list[WorkerSample], *,
+                      with_pods: bool = False) -> Any:
         name = self.deployments[queue]
         if current.selector is None:
             raise BackendError(f"deployments/{name} has no pod selector: cannot find its "
@@ -526,7 +613,7 @@ class KubernetesBackend:
             new = wanted[pod.metadata.name]
             if _cost(old) != new:
                 changes.append(CostChange(pod.metadata.name, old, new, busy[pod.metadata.name]))
-        return changes
+        return (changes, live) if with_pods else changes
 
     def _annotate(self, change: CostChange) -> None:
         body = {"metadata": {"annotations": {DELETION_COST: str(change.new)}}}

@@ -8,9 +8,16 @@ kubeconfig naming ``fake.url``):
 
 - apps/v1 Deployments: get, list, and the ``scale`` subresource (get, patch, put) with
   resourceVersion preconditions (409 when stale) and 422 on a bad replica count;
-- the ReplicaSet controller, in short: when a Deployment's replicas change, pods are
-  created or deleted at once, the lowest ``controller.kubernetes.io/pod-deletion-cost``
-  first and the newest among equals (how it ranks running, ready pods);
+- the ReplicaSet and Deployment controllers (tests/fakes/k8s_controllers.py): when a
+  Deployment's replicas change, pods are created at once or chosen for deletion as the
+  real ReplicaSet controller ranks them (unassigned, Pending, not ready first, then the
+  lowest ``controller.kubernetes.io/pod-deletion-cost``, doubled-up, ready for less
+  time, more restarts, newer), within each ReplicaSet; during a rollout
+  (``begin_rollout`` .. ``finish_rollout``) a change is shared among the ReplicaSets in
+  proportion to their sizes; a deleted pod is Terminating (``deletionTimestamp`` set,
+  still listed) for its grace period or until ``finish_terminating``;
+- pod state a test sets (``set_pod``): phase, readiness (with its transition time),
+  restarts, node;
 - v1 Pods: get, list with ``labelSelector`` (=, ==, !=, in, notin, exists, !exists),
   patch with merge-patch, strategic-merge-patch or json-patch; only metadata may change,
   annotation values must be strings and pod-deletion-cost an int32 (as validated there);
@@ -30,8 +37,8 @@ request is recorded (method, path, query, content type, JSON body, status return
 ``latency`` adds a round trip's seconds to every answer.
 
 Not emulated: watches, server-side apply, field selectors, admission, namespaces as
-objects, rollouts (one ReplicaSet per Deployment), graceful pod termination (a deleted
-pod is gone at once).
+objects, a rollout's own progress (it stays mid-way until the test ends it), the
+kubelet (pods start Running and Ready at once).
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.fakes.k8s_controllers import deletion_order, facts, share
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 SERVICE_ACCOUNT = "system:serviceaccount:fleet:fleet-autoscaler"
@@ -252,6 +261,15 @@ class FakeKubernetes:
         self._revision = itertools.count(1000)
         self._created = itertools.count()
         self._order: dict[tuple[str, str], int] = {}
+        #: Per Deployment its ReplicaSets, oldest first: [name, size] (the newest is the
+        #: current template's).
+        self._sets: dict[tuple[str, str], list[list]] = {}
+        self._born: dict[tuple[str, str], float] = {}
+        self._ready_since: dict[tuple[str, str], float] = {}
+        #: Terminating pods: until when (their grace), and how many rollouts a
+        #: Deployment has had (each one a new pod-template-hash).
+        self._ending: dict[tuple[str, str], float] = {}
+        self._rollouts: dict[tuple[str, str], int] = {}
         self._random = random.Random(seed)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -333,7 +351,7 @@ class FakeKubernetes:
         with self.lock:
             self.deployments[(namespace, name)] = {
                 "apiVersion": "apps/v1", "kind": "Deployment",
-                "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
+                "metadata": {"name": name, "namespace": namespace, "uid": self._uid(),
                              "resourceVersion": self._rv(), "generation": 1,
                              "creationTimestamp": _now(), "labels": dict(labels)},
                 "spec": {"replicas": replicas, "selector": {"matchLabels": dict(labels)},
@@ -343,6 +361,7 @@ class FakeKubernetes:
                          "strategy": {"type": "RollingUpdate"}},
                 "status": {},
             }
+            self._sets[(namespace, name)] = [[_replica_set(name), replicas]]
             self._reconcile(namespace, name)
             return copy.deepcopy(self.deployments[(namespace, name)])
 
@@ -357,7 +376,7 @@ class FakeKubernetes:
             resources = {"cpu": cpu, "memory": memory, "pods": "110"}
             self.nodes[name] = {
                 "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": name, "uid": str(uuid.uuid4()),
+                "metadata": {"name": name, "uid": self._uid(),
                              "resourceVersion": self._rv(), "creationTimestamp": _now(),
                              "labels": {"kubernetes.io/hostname": name}},
                 "spec": spec,
@@ -372,7 +391,7 @@ class FakeKubernetes:
         with self.lock:
             self.hpas[(namespace, name)] = {
                 "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
-                "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
+                "metadata": {"name": name, "namespace": namespace, "uid": self._uid(),
                              "resourceVersion": self._rv(), "creationTimestamp": _now(),
                              "labels": dict(labels or {})},
                 "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -409,16 +428,80 @@ class FakeKubernetes:
         with self.lock:
             return self.deployments[(namespace, name)]["spec"]["replicas"]
 
-    def pods_of(self, namespace: str, deployment: str) -> list[dict]:
-        """The deployment's pods, oldest first."""
+    def pods_of(self, namespace: str, deployment: str, *,
+                terminating: bool = False) -> list[dict]:
+        """The deployment's pods (all its ReplicaSets'), oldest first; the Terminating
+        ones instead if ``terminating``."""
         with self.lock:
-            rs = _replica_set(deployment)
+            self._purge()
+            sets = {rs for rs, _ in self._sets.get((namespace, deployment), [])}
             found = [(self._order[k], copy.deepcopy(p)) for k, p in self.pods.items()
-                     if k[0] == namespace and p["metadata"]["ownerReferences"][0]["name"] == rs]
+                     if k[0] == namespace and _owner(p) in sets
+                     and (k in self._ending) == terminating]
             return [p for _, p in sorted(found, key=lambda op: op[0])]
 
-    def pod_names(self, namespace: str, deployment: str) -> list[str]:
-        return [p["metadata"]["name"] for p in self.pods_of(namespace, deployment)]
+    def pod_names(self, namespace: str, deployment: str, *,
+                  terminating: bool = False) -> list[str]:
+        return [p["metadata"]["name"]
+                for p in self.pods_of(namespace, deployment, terminating=terminating)]
+
+    def set_pod(self, namespace: str, pod: str, *, ready: bool | None = None,
+                phase: str | None = None, restarts: int | None = None,
+                node: str | None = None) -> None:
+        """What the kubelet and the scheduler would report: readiness (its transition
+        time now), phase, container restarts, node."""
+        with self.lock:
+            key = (namespace, pod)
+            p = self.pods[key]
+            status = p["status"]
+            if ready is not None:
+                status["conditions"] = [{"type": "Ready", "status": str(ready),
+                                         "lastTransitionTime": _now()}]
+                if ready:
+                    self._ready_since[key] = time.time()
+            if phase is not None:
+                status["phase"] = phase
+            if restarts is not None:
+                status["containerStatuses"] = [{"name": "worker", "restartCount": restarts,
+                                                "ready": status["conditions"][0]["status"]
+                                                == "True"}]
+            if node is not None:
+                p["spec"]["nodeName"] = node
+            p["metadata"]["resourceVersion"] = self._rv()
+
+    def begin_rollout(self, namespace: str, name: str, *, surge: int = 1) -> str:
+        """A template change (a queues.yaml edit rolls every worker): a new ReplicaSet
+        with ``surge`` pods beside the old ones, and the rollout stopped there, as a
+        rolling update is while its new pods become ready. Returns the new pod-template
+        hash."""
+        with self.lock:
+            key = (namespace, name)
+            self._rollouts[key] = self._rollouts.get(key, 0) + 1
+            rs = _replica_set(f"{name}#{self._rollouts[key]}", prefix=name)
+            self._sets[key].append([rs, surge])
+            d = self.deployments[key]
+            d["metadata"]["generation"] += 1
+            self._scale_sets(namespace, name)  # surged: more pods than spec.replicas
+            return rs.rsplit("-", 1)[1]
+
+    def finish_rollout(self, namespace: str, name: str) -> None:
+        """The rollout completes: every replica in the newest ReplicaSet, the old ones'
+        pods Terminating."""
+        with self.lock:
+            sets = self._sets[(namespace, name)]
+            want = self.deployments[(namespace, name)]["spec"]["replicas"]
+            for rs in sets[:-1]:
+                rs[1] = 0
+            sets[-1][1] = want
+            self._scale_sets(namespace, name)
+
+    def finish_terminating(self, namespace: str, pod: str | None = None) -> None:
+        """End the grace period now: of ``pod``, or of every Terminating pod."""
+        with self.lock:
+            for key in list(self._ending):
+                if key[0] == namespace and (pod is None or key[1] == pod):
+                    self._ending[key] = 0.0
+            self._purge()
 
     def annotation(self, namespace: str, pod: str, key: str = DELETION_COST) -> str | None:
         with self.lock:
@@ -445,54 +528,96 @@ class FakeKubernetes:
         self._reconcile(namespace, name)
         return version
 
-    def _reconcile(self, namespace: str, name: str) -> None:
-        """The ReplicaSet controller (at once): create or delete pods to match, deleting
-        the lowest pod-deletion-cost first and the newest among equals; then the
-        Deployment controller's status update (a new resourceVersion)."""
-        d = self.deployments[(namespace, name)]
-        rs = _replica_set(name)
-        template_hash = rs.rsplit("-", 1)[1]
-        mine = [k for k, p in self.pods.items()
-                if k[0] == namespace and p["metadata"]["ownerReferences"][0]["name"] == rs]
-        want = d["spec"]["replicas"]
-        while len(mine) < want:
-            suffix = "".join(self._random.choices("bcdfghjklmnpqrstvwxz2456789", k=5))
-            pod = f"{rs}-{suffix}"
-            key = (namespace, pod)
-            if key in self.pods:
-                continue
-            labels = {**d["spec"]["template"]["metadata"]["labels"],
-                      "pod-template-hash": template_hash}
-            self.pods[key] = {
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": pod, "generateName": f"{rs}-", "namespace": namespace,
-                             "uid": str(uuid.uuid4()), "resourceVersion": self._rv(),
-                             "creationTimestamp": _now(), "labels": labels,
-                             "annotations": {},
-                             "ownerReferences": [{"apiVersion": "apps/v1",
-                                                  "kind": "ReplicaSet", "name": rs,
-                                                  "uid": d["metadata"]["uid"],
-                                                  "controller": True,
-                                                  "blockOwnerDeletion": True}]},
-                "spec": copy.deepcopy(d["spec"]["template"]["spec"]) | {"nodeName": "node-1"},
-                "status": {"phase": "Running",
-                           "conditions": [{"type": "Ready", "status": "True"}]},
-            }
-            self._order[key] = next(self._created)
-            mine.append(key)
-        if len(mine) > want:
-            def rank(key: tuple[str, str]) -> tuple[int, int]:
-                cost = self.pods[key]["metadata"].get("annotations", {}).get(DELETION_COST)
-                return (int(cost) if cost is not None else 0, -self._order[key])
+    def _uid(self) -> str:
+        return str(uuid.UUID(int=self._random.getrandbits(128), version=4))
 
-            for key in sorted(mine, key=rank)[: len(mine) - want]:
-                del self.pods[key]
-                del self._order[key]
-                self.deleted_pods.append(key[1])
-        d["status"] = {"observedGeneration": d["metadata"]["generation"], "replicas": want,
-                       "updatedReplicas": want, "readyReplicas": want,
-                       "availableReplicas": want}
+    def _reconcile(self, namespace: str, name: str) -> None:
+        """The Deployment controller (at once): a change of replicas shared among its
+        ReplicaSets (all to the one outside a rollout); then each ReplicaSet's; then the
+        status update (a new resourceVersion)."""
+        d = self.deployments[(namespace, name)]
+        sets = self._sets[(namespace, name)]
+        want = d["spec"]["replicas"]
+        if sum(size for _, size in sets) != want:
+            for rs, size in zip(sets, share([size for _, size in sets], want), strict=True):
+                rs[1] = size
+        self._scale_sets(namespace, name)
+
+    def _scale_sets(self, namespace: str, name: str) -> None:
+        """Each ReplicaSet's controller: create pods up to its size, or mark the ones it
+        ranks first for deletion (Terminating for their grace period)."""
+        self._purge()
+        d = self.deployments[(namespace, name)]
+        sets = self._sets[(namespace, name)]
+        now = time.time()
+        related = [k for k, p in self.pods.items() if k[0] == namespace
+                   and _owner(p) in {rs for rs, _ in sets} and k not in self._ending]
+        for rs, size in sets:
+            mine = [k for k in related if _owner(self.pods[k]) == rs]
+            while len(mine) < size:
+                key = self._new_pod(d, namespace, rs)
+                mine.append(key)
+                related.append(key)
+            if len(mine) > size:
+                order = deletion_order([self._facts(k) for k in mine],
+                                       [self._facts(k) for k in related], now)
+                grace = d["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+                for victim in order[: len(mine) - size]:
+                    key = (namespace, victim.name)
+                    meta = self.pods[key]["metadata"]
+                    meta["deletionTimestamp"] = _now()
+                    meta["deletionGracePeriodSeconds"] = grace
+                    meta["resourceVersion"] = self._rv()
+                    self._ending[key] = now + grace
+                    self.deleted_pods.append(victim.name)
+        total = sum(size for _, size in sets)
+        newest = sets[-1][1]
+        d["status"] = {"observedGeneration": d["metadata"]["generation"], "replicas": total,
+                       "updatedReplicas": newest, "readyReplicas": total,
+                       "availableReplicas": total}
         d["metadata"]["resourceVersion"] = self._rv()
+
+    def _new_pod(self, d: dict, namespace: str, rs: str) -> tuple[str, str]:
+        template_hash = rs.rsplit("-", 1)[1]
+        while True:
+            suffix = "".join(self._random.choices("bcdfghjklmnpqrstvwxz2456789", k=5))
+            key = (namespace, f"{rs}-{suffix}")
+            if key not in self.pods:
+                break
+        labels = {**d["spec"]["template"]["metadata"]["labels"],
+                  "pod-template-hash": template_hash}
+        self.pods[key] = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": key[1], "generateName": f"{rs}-", "namespace": namespace,
+                         "uid": self._uid(), "resourceVersion": self._rv(),
+                         "creationTimestamp": _now(), "labels": labels,
+                         "annotations": {},
+                         "ownerReferences": [{"apiVersion": "apps/v1",
+                                              "kind": "ReplicaSet", "name": rs,
+                                              "uid": d["metadata"]["uid"],
+                                              "controller": True,
+                                              "blockOwnerDeletion": True}]},
+            "spec": copy.deepcopy(d["spec"]["template"]["spec"]) | {"nodeName": "node-1"},
+            "status": {"phase": "Running",
+                       "conditions": [{"type": "Ready", "status": "True",
+                                       "lastTransitionTime": _now()}]},
+        }
+        self._order[key] = next(self._created)
+        self._born[key] = self._ready_since[key] = time.time()
+        return key
+
+    def _facts(self, key: tuple[str, str]):
+        return facts(self.pods[key], self._born[key], self._ready_since.get(key))
+
+    def _purge(self) -> None:
+        """Terminating pods whose grace is over are gone."""
+        now = time.time()
+        for key in [k for k, until in self._ending.items() if until <= now]:
+            del self._ending[key]
+            self.pods.pop(key, None)
+            self._order.pop(key, None)
+            self._born.pop(key, None)
+            self._ready_since.pop(key, None)
 
     # -- HTTP ----------------------------------------------------------------------------
 
@@ -637,6 +762,7 @@ class FakeKubernetes:
         return self._apply_scale(ns, name, body)
 
     def _list_pods(self, ns, query):
+        self._purge()
         reqs = parse_selector(query.get("labelSelector", ""))
         items = [copy.deepcopy(p) for k, p in sorted(self.pods.items(),
                                                      key=lambda kp: self._order[kp[0]])
@@ -714,9 +840,13 @@ def _patched(current: dict, content_type: str | None, body: Any) -> dict:
                         f"application/strategic-merge-patch+json (fake: not {content_type})")
 
 
-def _replica_set(deployment: str) -> str:
-    """The one ReplicaSet of a Deployment: its name and a pod-template-hash."""
-    return f"{deployment}-{hashlib.sha1(deployment.encode()).hexdigest()[:10]}"
+def _replica_set(template: str, prefix: str | None = None) -> str:
+    """A ReplicaSet's name: the Deployment's and a pod-template-hash of ``template``."""
+    return f"{prefix or template}-{hashlib.sha1(template.encode()).hexdigest()[:10]}"
+
+
+def _owner(pod: dict) -> str:
+    return pod["metadata"]["ownerReferences"][0]["name"]
 
 
 def _list(kind: str, api_version: str, items: list[dict], version: str) -> dict:
