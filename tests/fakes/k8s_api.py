@@ -24,7 +24,11 @@ kubeconfig naming ``fake.url``):
 - v1 Nodes: list, with status.allocatable;
 - autoscaling/v2 HorizontalPodAutoscalers: list (``add_hpa``);
 - ``annotate`` (kubectl annotate) and ``touch`` (a controller's status write: a new
-  resourceVersion, the same spec);
+  resourceVersion, the same spec), and ``status_churn``: such writes to every
+  Deployment after every N requests;
+- RBAC from the rendered manifests (``grants``, tests/fakes/k8s_rbac.py), and every
+  write checked against the Kubernetes OpenAPI schema of its kind (kubernetes-validate,
+  unknown fields refused);
 - Status objects for errors (404 NotFound, 403 Forbidden with the real wording, 409,
   422, 429 with Retry-After, 500), and bearer-token authentication (401) when a token is
   set.
@@ -59,9 +63,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import kubernetes_validate
+
 from tests.fakes.k8s_controllers import deletion_order, facts, share
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+#: The Kubernetes version whose OpenAPI schemas writes are checked against.
+SCHEMA_VERSION = "1.31"
 SERVICE_ACCOUNT = "system:serviceaccount:fleet:fleet-autoscaler"
 
 _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
@@ -257,6 +265,14 @@ class FakeKubernetes:
         self.deleted_pods: list[str] = []
         self._faults: list[_Fault] = []
         self._denied: set[tuple[str, str]] = set()
+        #: RBAC from the manifests (tests/fakes/k8s_rbac.py); None: every call allowed.
+        self.grants: Any = None
+        #: Every write checked against the OpenAPI schema of its kind (``_check_schema``).
+        self.validate_bodies = True
+        #: After every this many requests (0: never), every Deployment gets a status
+        #: write (a new resourceVersion, the same spec), as the controllers make now and
+        #: then; a count, not a chance, so a test's 409s do not depend on luck.
+        self.status_churn = 0
         self._hooks: list[_Hook] = []
         self._revision = itertools.count(1000)
         self._created = itertools.count()
@@ -644,6 +660,9 @@ class FakeKubernetes:
                 if hook.times > 0 and hook.method == method and hook.path == path:
                     hook.times -= 1
                     hook.action()
+            if self.status_churn and len(self.requests) % self.status_churn == 0:
+                for namespace, name in list(self.deployments):
+                    self.touch(namespace, name)
             return status, extra, payload
 
     def _dispatch(self, method, path, query, headers, content_type, body):
@@ -670,7 +689,9 @@ class FakeKubernetes:
             raise ApiError(404, "the server could not find the requested resource")
         if not route[0]:
             raise ApiError(405, f"the server does not allow this method on {path}")
-        if target and (target.verb, target.resource) in self._denied:
+        if target and ((target.verb, target.resource) in self._denied or (
+                self.grants is not None and not self.grants.allows(
+                    target.group, target.resource, target.verb, target.namespace))):
             raise ApiError(403, _forbidden(target))
         handler, params = route
         kwargs = dict(params)
@@ -694,6 +715,21 @@ class FakeKubernetes:
         return f"injected error {status}"
 
     # -- handlers ------------------------------------------------------------------------
+
+    def _check_schema(self, obj: dict, name: str) -> None:
+        """The object a write would store, against Kubernetes' own OpenAPI schema (the
+        kubernetes-validate package): a wrong type is a 400 as the API server's decoder
+        gives, an unknown field too (fieldValidation=Strict: stricter than the server's
+        default, which drops it with a warning, so a misspelt field fails a test rather
+        than being silently ignored on a cluster)."""
+        if not self.validate_bodies:
+            return
+        try:
+            kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path) or "(root)"
+            raise ApiError(400, f'{obj.get("kind")} "{name}" is invalid: {where}: '
+                                f"{exc.message}") from None
 
     def _get_version(self, query):
         return {"major": "1", "minor": "31", "gitVersion": "v1.31.0-fleet-fake"}
@@ -730,6 +766,7 @@ class FakeKubernetes:
 
     def _apply_scale(self, ns: str, name: str, new: dict) -> dict:
         d = self._deployment(ns, name)
+        self._check_schema({"apiVersion": "autoscaling/v1", "kind": "Scale", **new}, name)
         version = (new.get("metadata") or {}).get("resourceVersion")
         if version is not None and version != d["metadata"]["resourceVersion"]:
             raise ApiError(409, self._fault_message(409, _Target("patch", "deployments/scale",
@@ -781,6 +818,7 @@ class FakeKubernetes:
     def _patch_pod(self, ns, name, content_type, body):
         pod = self._pod(ns, name)
         new = _patched(pod, content_type, body)
+        self._check_schema(new, name)
         version = new["metadata"].get("resourceVersion")
         if version != pod["metadata"]["resourceVersion"]:
             raise ApiError(409, self._fault_message(409, _Target("patch", "pods", "", ns,

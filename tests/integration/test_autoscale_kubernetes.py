@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import redis
@@ -35,6 +35,7 @@ from fleet.observe.model import WorkerSample
 from fleet.render.k8s import worker_labels
 from tests.conftest import ROOT, free_port, wait_for
 from tests.fakes.k8s_api import FakeKubernetes
+from tests.fakes.k8s_rbac import grants_of, kustomized
 
 NS = "fleet"
 #: Quick retries for tests: the same code paths, a shorter clock.
@@ -44,6 +45,8 @@ TOKEN = "fake-serviceaccount-token"
 
 @pytest.fixture
 def k8s_api() -> Iterator[FakeKubernetes]:
+    """The emulated API server granting exactly what k8s/base binds to the autoscaler's
+    ServiceAccount: a call the shipped Role does not grant fails here as on a cluster."""
     fake = None
     for _attempt in range(3):  # another process may take the free port first
         try:
@@ -53,6 +56,7 @@ def k8s_api() -> Iterator[FakeKubernetes]:
             continue
     if fake is None:
         pytest.fail("the emulated API server could not bind a port")
+    fake.grants = grants_of(kustomized("base"))
     yield fake
     fake.stop()
 
@@ -142,6 +146,9 @@ def test_in_cluster_the_namespace_it_runs_in_wins_over_queues_yaml(shipped, k8s_
     for queue in shipped.queues:
         k8s_api.add_deployment("team-a", deployment(queue), replicas=1,
                                labels=worker_labels(queue))
+    base = k8s_api.grants  # the overlay that moved the fleet moved its Role too
+    k8s_api.grants = replace(base, namespaced=frozenset(
+        ("team-a", *grant[1:]) for grant in base.namespaced))
     monkeypatch.setenv("FLEET_K8S_NAMESPACE", "team-a")
     k8s = backend(shipped, k8s_api)
     assert k8s.replicas() == {q: 1 for q in shipped.queues}
@@ -149,6 +156,80 @@ def test_in_cluster_the_namespace_it_runs_in_wins_over_queues_yaml(shipped, k8s_
     assert k8s_api.replicas("team-a", deployment("heavy")) == 2
     assert {r.path.split("/")[5] for r in k8s_api.requests
             if "/namespaces/" in r.path} == {"team-a"}
+
+
+@pytest.mark.parametrize("overlay", ["base", "overlays/external-redis"])
+def test_every_call_of_a_full_cycle_is_granted_by_the_overlays_own_rbac(shipped, k8s_api,
+                                                                       overlay):
+    """The grants come from the overlay's rendered Role and ClusterRole: reads, a scale
+    up, a scale-down with its pod annotations, the node budget and the HPA list all pass
+    with them, and nothing else is asked for."""
+    k8s_api.grants = grants_of(kustomized(overlay))
+    add_deployments(k8s_api, shipped, heavy=2)
+    k8s_api.add_node("n1", cpu="4", memory="16Gi")
+    a, b = k8s_api.pod_names(NS, deployment("heavy"))
+    k8s = backend(shipped, k8s_api)
+    assert k8s.replicas()["heavy"] == 2
+    k8s.scale("io", 1, [])
+    k8s.replicas()
+    k8s.scale("heavy", 1, [sample("heavy", a, active=1), sample("heavy", b)])
+    assert k8s.budget().cpu == 4.0
+    assert k8s_api.pod_names(NS, deployment("heavy")) == [a]
+    assert [r for r in k8s_api.requests if r.status == 403] == []
+    assert {(r.method, r.path.split("/")[-1] if "/pods/" in r.path else r.path)
+            for r in k8s_api.requests} >= {("GET", LIST_PATH), ("GET", HPA_PATH),
+                                           ("PATCH", scale_path("io")), ("PATCH", a)}
+
+
+def test_a_call_the_role_does_not_grant_is_forbidden_as_on_a_cluster(shipped, k8s_api):
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    add_deployments(k8s_api, shipped, heavy=1)
+    apps = client.AppsV1Api(k8s_api.api_client())
+    with pytest.raises(ApiException) as err:  # update (PUT) of the scale: only patch is
+        apps.replace_namespaced_deployment_scale(
+            deployment("heavy"), NS, {"metadata": {"name": deployment("heavy")},
+                                      "spec": {"replicas": 3}})
+    assert err.value.status == 403
+    assert 'cannot update resource "deployments/scale" in API group "apps"' in \
+        json.loads(err.value.body)["message"]
+    core = client.CoreV1Api(k8s_api.api_client())
+    with pytest.raises(ApiException) as err:  # a Role grants in its own namespace only
+        core.list_namespaced_pod("kube-system")
+    assert err.value.status == 403
+    assert len(core.list_namespaced_pod(NS).items) == 1  # in the Role's namespace: granted
+    assert k8s_api.replicas(NS, deployment("heavy")) == 1
+
+
+def test_every_write_is_checked_against_the_kubernetes_openapi_schema(shipped, k8s_api):
+    """A misspelt or mistyped field in a body the backend sends would fail here, not be
+    dropped unseen by a real API server (its default field validation only warns)."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    add_deployments(k8s_api, shipped, heavy=1)
+    apps = client.AppsV1Api(k8s_api.api_client())
+    core = client.CoreV1Api(k8s_api.api_client())
+    [pod] = k8s_api.pod_names(NS, deployment("heavy"))
+    for call, field in [
+        (lambda: apps.patch_namespaced_deployment_scale(
+            deployment("heavy"), NS, {"spec": {"replicaz": 3}}), "replicaz"),
+        (lambda: apps.patch_namespaced_deployment_scale(
+            deployment("heavy"), NS, {"spec": {"replicas": "3"}}), "spec.replicas"),
+        (lambda: core.patch_namespaced_pod(pod, NS, {"metadata": {"anotations": {
+            DELETION_COST: "5"}}}), "anotations"),
+    ]:
+        with pytest.raises(ApiException) as err:
+            call()
+        assert err.value.status == 400
+        assert field in json.loads(err.value.body)["message"], err.value.body
+    assert k8s_api.replicas(NS, deployment("heavy")) == 1
+    # What the backend sends passes: a scale-down with its annotation, checked the same.
+    k8s_api.set_replicas(NS, deployment("heavy"), 2)
+    _, b = k8s_api.pod_names(NS, deployment("heavy"))
+    backend(shipped, k8s_api).scale("heavy", 1, [sample("heavy", b, active=1)])
+    assert k8s_api.pod_names(NS, deployment("heavy")) == [b]
 
 
 def test_one_missing_deployment_holds_that_queue_only(shipped, k8s_api):
@@ -602,6 +683,17 @@ def autoscaler(fleet, redis_client, k8s_api, reports: list, config=None, **kw) -
                       backend(config, k8s_api), report=reports.append, **kw)
 
 
+def after_backlog(fleet, scaler: Autoscaler, *, tasks: int, polls: int) -> dict:
+    """Send ``tasks`` heavy and io tasks, run ``polls`` passes; the last decisions."""
+    app = fleet.app()
+    for i in range(tasks):
+        app.send_task("tasks.heavy.crunch", kwargs={"n": i})
+        app.send_task("tasks.io.fetch", kwargs={"url": "http://example.invalid/"})
+    for _ in range(polls):
+        decisions = {d.queue: d for d in scaler.run_once()}
+    return decisions
+
+
 def test_the_loop_scales_a_queue_when_a_backlog_appears(fleet, redis_client, k8s_api):
     add_deployments(k8s_api, fleet.config, default=1)
     reports: list[str] = []
@@ -645,12 +737,7 @@ def test_the_loop_holds_a_queue_whose_deployment_is_gone_and_scales_the_others(
     io_before = {d.queue: d for d in scaler.run_once()}["io"].desired
     mark = len(k8s_api.requests)
     del k8s_api.deployments[(NS, deployment("io"))]  # kubectl delete, meanwhile
-    app = fleet.app()
-    for i in range(2):
-        app.send_task("tasks.heavy.crunch", kwargs={"n": i})
-        app.send_task("tasks.io.fetch", kwargs={"url": "http://example.invalid/"})
-    for _ in range(2):
-        decisions = {d.queue: d for d in scaler.run_once()}
+    decisions = after_backlog(fleet, scaler, tasks=2, polls=2)
     assert decisions["heavy"].desired == 2 and k8s_api.replicas(NS, deployment("heavy")) == 2
     io = decisions["io"]
     assert (io.current, io.desired) == (io_before, io_before), io  # last read, not 0
@@ -697,6 +784,29 @@ def test_the_loop_leaves_a_kubectl_scale_alone_and_the_dashboard_says_why(
     sampler = Sampler(fleet.config, redis_client, Store(f"sqlite:///{tmp_path}/dash.sqlite"))
     shown = sampler.poll().replicas["heavy"]
     assert "by another writer (the fleet set 1): left alone until" in shown["reason"], shown
+
+
+def test_the_loop_scales_through_constant_status_writes_without_a_false_alarm(
+        fleet, redis_client, k8s_api):
+    """Every third request is followed by the controllers' status writes to every
+    Deployment: patches meet 409s, are re-read and re-applied (the count unchanged), and
+    no queue is taken for someone else's."""
+    add_deployments(k8s_api, fleet.config, default=1)
+    k8s_api.status_churn = 3
+    reports: list[str] = []
+    scaler = autoscaler(fleet, redis_client, k8s_api, reports)
+    decisions = after_backlog(fleet, scaler, tasks=4, polls=4)
+    assert k8s_api.replicas(NS, deployment("heavy")) == 4, reports
+    assert k8s_api.replicas(NS, deployment("io")) >= 1, reports
+    assert not any("another writer" in d.reason or "not read" in d.reason
+                   for d in decisions.values()), decisions
+    assert not any("could not scale" in r for r in reports), reports
+    conflicts = [r for r in k8s_api.requests if r.status == 409]
+    assert conflicts  # the churn did bite, and each 409 was re-read and then written
+    for r in conflicts:
+        reread, again = k8s_api.requests[r.index + 1: r.index + 3]
+        assert (reread.method, reread.path) == ("GET", r.path), reread
+        assert (again.method, again.path) == ("PATCH", r.path), again
 
 
 def test_every_request_takes_a_token_from_the_rate_limit(shipped, k8s_api):
@@ -923,6 +1033,7 @@ def test_the_fake_answers_a_stale_resource_version_with_409(k8s_api):
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
+    k8s_api.grants = None  # the fake's own semantics: PUT is a call the Role does not grant
     k8s_api.add_deployment(NS, "w", replicas=1)
     apps = client.AppsV1Api(k8s_api.api_client())
     stale = apps.read_namespaced_deployment_scale("w", NS).metadata.resource_version
