@@ -59,6 +59,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import urllib3
@@ -71,6 +72,7 @@ try:
     from kubernetes import config as kubeconfig
     from kubernetes.client.exceptions import ApiException
     from kubernetes.config.config_exception import ConfigException
+    from kubernetes.config.incluster_config import InClusterConfigLoader
     from kubernetes.utils.quantity import parse_quantity
 except ImportError as exc:  # an optional extra: say how to get it, not a traceback
     raise BackendError(f"the Kubernetes backend needs the kubernetes client ({exc}): "
@@ -267,16 +269,33 @@ def namespace_of(config: FleetConfig) -> str:
     return os.environ.get(NAMESPACE_ENV) or config.autoscaler.kubernetes.namespace
 
 
-def connect(kubeconfig_path: str | None = None) -> k8s.ApiClient:
-    """An API client from the pod's ServiceAccount, else from a kubeconfig.
+#: Where the kubelet mounts the pod's ServiceAccount token and the cluster's CA.
+SERVICEACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def load_in_cluster(configuration: k8s.Configuration, serviceaccount: Path) -> None:
+    """The pod's ServiceAccount (token, CA) and the API server's address from the
+    environment, with the client's own token refresh (it re-reads the token file, which
+    the kubelet rotates, every minute). Raises ConfigException outside a pod."""
+    InClusterConfigLoader(token_filename=str(serviceaccount / "token"),
+                          cert_filename=str(serviceaccount / "ca.crt")
+                          ).load_and_set(configuration)
+
+
+def connect(kubeconfig_path: str | None = None,
+            serviceaccount: Path = SERVICEACCOUNT_DIR) -> tuple[k8s.ApiClient, bool]:
+    """An API client from the pod's ServiceAccount, else from a kubeconfig; and whether
+    it is the ServiceAccount's.
 
     ``KUBECONFIG`` is read here and passed on because the client library reads it only
     once, when it is imported.
     """
     configuration = k8s.Configuration()
+    in_pod = True
     try:
-        kubeconfig.load_incluster_config(client_configuration=configuration)
+        load_in_cluster(configuration, serviceaccount)
     except ConfigException as in_cluster:
+        in_pod = False
         path = kubeconfig_path or os.environ.get("KUBECONFIG") or "~/.kube/config"
         try:
             kubeconfig.load_kube_config(config_file=path, client_configuration=configuration)
@@ -287,7 +306,7 @@ def connect(kubeconfig_path: str | None = None) -> k8s.ApiClient:
                 f"with the fleet-autoscaler ServiceAccount, or set KUBECONFIG") from None
     # Retries are ours (with backoff, counted); urllib3's own would multiply them.
     configuration.retries = 0
-    return k8s.ApiClient(configuration)
+    return k8s.ApiClient(configuration), in_pod
 
 
 class KubernetesBackend:
@@ -297,12 +316,18 @@ class KubernetesBackend:
                  retry: RetryPolicy | None = None,
                  request_timeout: tuple[float, float] = (3.0, 5.0),
                  kubeconfig_path: str | None = None,
-                 limiter: TokenBucket | None = None):
+                 limiter: TokenBucket | None = None,
+                 serviceaccount: Path = SERVICEACCOUNT_DIR):
         self.config = config
         target = config.autoscaler.kubernetes
         self.namespace = namespace_of(config)
         self.deployments = {q: deployment_name(config, q) for q in config.queues}
-        self.api = api_client if api_client is not None else connect(kubeconfig_path)
+        in_pod = False
+        if api_client is None:
+            api_client, in_pod = connect(kubeconfig_path, serviceaccount)
+        self.api = api_client
+        #: In a pod: where its token is, re-read at once on a 401 (a rotated token).
+        self._serviceaccount = serviceaccount if in_pod else None
         self.apps = k8s.AppsV1Api(self.api)
         self.core = k8s.CoreV1Api(self.api)
         self.autoscaling = k8s.AutoscalingV2Api(self.api)
@@ -656,6 +681,12 @@ class KubernetesBackend:
                     raise _Forbidden(
                         f"forbidden: the autoscaler's ServiceAccount may not {verb} "
                         f"{resource} {where} ({message}); {RBAC_HINT}") from None
+                if status == 401 and self._serviceaccount is not None and attempt == 1:
+                    # The kubelet rotated the token since the client last read it (it
+                    # re-reads once a minute): read it now and try once more.
+                    load_in_cluster(self.api.configuration, self._serviceaccount)
+                    logger.info("401 to %s %s: re-read the ServiceAccount token", verb, what)
+                    continue
                 if status == 401:
                     raise BackendError(
                         f"the Kubernetes API rejected the credentials (401) to {verb} "

@@ -53,6 +53,7 @@ import itertools
 import json
 import random
 import re
+import ssl
 import threading
 import time
 import uuid
@@ -249,9 +250,11 @@ class FakeKubernetes:
     """The emulated API server: state, controls, and the HTTP front."""
 
     def __init__(self, port: int, *, token: str | None = None, seed: int = 0,
-                 latency: float = 0.0):
+                 latency: float = 0.0, tls: ssl.SSLContext | None = None):
         self.port = port
         self.token = token
+        #: Serve HTTPS with this server context (a throwaway CA's certificate).
+        self.tls = tls
         #: Seconds added before each answer (a real API server's round trip, for the
         #: bench), slept outside the lock so concurrent requests overlap as they would.
         self.latency = latency
@@ -294,10 +297,12 @@ class FakeKubernetes:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> FakeKubernetes:
         server = ThreadingHTTPServer(("127.0.0.1", self.port), _Handler)
+        if self.tls is not None:
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
         server.daemon_threads = True
         server.fake = self  # type: ignore[attr-defined]
         self._server = server
@@ -683,8 +688,10 @@ class FakeKubernetes:
                     if fault.retry_after is not None else {}
                 raise ApiError(fault.status, fault.message or self._fault_message(
                     fault.status, target), extra)
-        if self.token is not None and headers.get("authorization") != f"Bearer {self.token}":
-            raise ApiError(401, "Unauthorized")
+        if self.token is not None:
+            scheme, _, given = (headers.get("authorization") or "").partition(" ")
+            if scheme.lower() != "bearer" or given != self.token:  # the scheme: any case
+                raise ApiError(401, "Unauthorized")
         if route is None:
             raise ApiError(404, "the server could not find the requested resource")
         if not route[0]:

@@ -651,6 +651,53 @@ def test_kubeconfig_credentials_are_used(shipped, k8s_api, tmp_path, monkeypatch
         KubernetesBackend(shipped, kubeconfig_path=str(bad), retry=FAST).replicas()
 
 
+def serviceaccount(directory, ca, token: str):
+    """What the kubelet mounts in a pod: the token and the cluster's CA."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca.cert_pem.write_to_path(str(directory / "ca.crt"))
+    (directory / "token").write_text(token)
+    return directory
+
+
+def test_in_cluster_over_https_with_the_pods_token_rotated(shipped, tmp_path, monkeypatch):
+    """load_incluster_config's path for real: HTTPS to an API server whose certificate a
+    throwaway CA signed, the ServiceAccount's CA and token from their files, the address
+    from KUBERNETES_SERVICE_HOST/PORT; then the kubelet rotates the token and the old one
+    is refused: the backend reads the new one at once instead of failing for a minute."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    fake = FakeKubernetes(free_port(), token="token-one", tls=server).start()
+    try:
+        fake.grants = grants_of(kustomized("base"))
+        add_deployments(fake, shipped, heavy=2)
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(fake.port))
+        mounted = serviceaccount(tmp_path / "sa", ca, "token-one")
+        k8s = KubernetesBackend(shipped, retry=FAST, serviceaccount=mounted)
+        assert k8s.api.configuration.host == f"https://127.0.0.1:{fake.port}"
+        assert k8s.replicas()["heavy"] == 2
+        assert all(r.status == 200 for r in fake.requests)
+
+        fake.token = "token-two"  # the old token expired; the kubelet wrote the new one
+        (mounted / "token").write_text("token-two")
+        mark = len(fake.requests)
+        k8s.scale("heavy", 3, [])
+        assert fake.replicas(NS, deployment("heavy")) == 3
+        assert [r.status for r in fake.requests[mark:]][:2] == [401, 200]
+
+        # A CA that did not sign the server's certificate: refused, and said so.
+        other = serviceaccount(tmp_path / "other", trustme.CA(), "token-two")
+        with pytest.raises(BackendError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
+            KubernetesBackend(shipped, retry=FAST, serviceaccount=other).replicas()
+    finally:
+        fake.stop()
+
+
 def test_no_cluster_and_no_kubeconfig_is_a_clear_error(shipped, tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     missing = tmp_path / "nowhere" / "config"
