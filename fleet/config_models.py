@@ -280,6 +280,11 @@ class KubernetesTarget(Model):
     #: --max-graceful-termination-sec (600 s by default) when it drains a node. A queue
     #: whose pods need longer (its hard time limit + 30 s) is refused by validation.
     max_termination_grace: PositiveDuration = 600.0
+    #: Where autoscaler.capacity leaves CPU or memory out, take it from today's nodes'
+    #: allocatable. Set false under Cluster Autoscaler or Karpenter: they add nodes for
+    #: pending pods, so today's nodes are no limit (put the node group's real maximum in
+    #: autoscaler.capacity instead).
+    budget_from_nodes: bool = True
 
     def deployment_name(self, queue: str) -> str:
         """The Deployment of ``queue``'s workers: what the manifests create, the

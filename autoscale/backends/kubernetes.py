@@ -440,7 +440,11 @@ class KubernetesBackend:
         """The nodes' allocatable CPU and memory together, for the nodes worker pods can
         use (not cordoned, no NoSchedule/NoExecute taint). An upper bound: other pods'
         requests (Redis, the dashboard, daemons) are not subtracted. Cached for
-        BUDGET_TTL; a failed refresh keeps the last value (and logs it)."""
+        BUDGET_TTL; a failed refresh keeps the last value (and logs it). Unbounded
+        (no node is listed) when ``budget_from_nodes`` is off: a node autoscaler makes
+        today's nodes no limit."""
+        if not self.config.autoscaler.kubernetes.budget_from_nodes:
+            return Budget(None, None)
         now = time.monotonic()
         if self._budget is not None and now - self._budget[0] < BUDGET_TTL:
             return self._budget[1]

@@ -640,6 +640,18 @@ def test_budget_is_the_allocatable_of_nodes_workers_can_use(shipped, k8s_api):
     assert len(k8s_api.calls("GET", "/api/v1/nodes")) == 1  # cached
 
 
+def test_under_a_node_autoscaler_todays_nodes_are_no_budget(shipped, k8s_api):
+    """Cluster Autoscaler or Karpenter add nodes for pending pods: with budget_from_nodes
+    off the nodes are not even listed, and the budget is what queues.yaml says."""
+    k8s_api.add_node("n1", cpu="2", memory="8Gi")
+    config = shipped.model_copy(update={"autoscaler": shipped.autoscaler.model_copy(update={
+        "kubernetes": shipped.autoscaler.kubernetes.model_copy(update={
+            "budget_from_nodes": False})})})
+    assert backend(config, k8s_api).budget() == Budget(None, None)
+    assert not k8s_api.calls("GET", "/api/v1/nodes")
+    assert backend(shipped, k8s_api).budget() == Budget(cpu=2.0, memory=8 * 2**30)
+
+
 def test_kubeconfig_credentials_are_used(shipped, k8s_api, tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     add_deployments(k8s_api, shipped, heavy=1)
