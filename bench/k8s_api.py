@@ -63,6 +63,7 @@ def main() -> None:
     for size in (int(n) for n in args.sizes.split(",")):
         cfg = config(size)
         fake = FakeKubernetes(free_port(), latency=args.latency).start()
+        fake.validate_bodies = False  # the emulator's own schema checks: not the backend's
         try:
             for queue in cfg.queues:
                 fake.add_deployment(NS, f"fleet-worker-{queue}", replicas=1,
