@@ -25,7 +25,7 @@ from autoscale.backends.base import (
     PlanningBackend,
 )
 from autoscale.passes import Passes
-from autoscale.policy import Budget, History, budget_from, decide_poll
+from autoscale.policy import Budget, History, budget_from, decide_poll, replica_cost
 from fleet.config import FleetConfig
 from fleet.keys import changes_key, latest_decisions_key
 from fleet.observe.metrics import RedisMetrics
@@ -65,8 +65,11 @@ class Autoscaler(Passes):
         if held:
             figures = {q: m for q, m in figures.items() if q not in held}
         previous = self.history
+        budget = self._budget()
+        if held:
+            budget = self._less_held(budget, held, current)
         decisions, self.history = decide_poll(obs, figures, current, self.config,
-                                              self.history, self._budget())
+                                              self.history, budget)
         if held:
             decisions, self.history = self._hold(decisions, held, current, previous)
         self._last_read.update(current)
@@ -106,6 +109,21 @@ class Autoscaler(Passes):
             self.report(f"{queue}: scaled by the fleet again")
         self._held_why = dict(held)
         return held
+
+    def _less_held(self, budget: Budget, held: dict[str, str],
+                   current: dict[str, int]) -> Budget:
+        """A held queue's replicas (an HPA's, a manual count, or the last known) still
+        take their share of the capacity budget: the other queues get what is left."""
+        if budget.cpu is None and budget.memory is None:
+            return budget
+        cpu, memory = 0.0, 0
+        for queue in held:
+            if queue in self.config.queues:
+                n = current.get(queue, self._last_read.get(queue, 0))
+                one = replica_cost(self.config.queues[queue])
+                cpu, memory = cpu + n * one[0], memory + n * one[1]
+        return Budget(None if budget.cpu is None else max(0.0, budget.cpu - cpu),
+                      None if budget.memory is None else max(0, budget.memory - memory))
 
     def _hold(self, decisions: list[ScaleDecision], held: dict[str, str],
               current: dict[str, int], previous: History

@@ -912,6 +912,26 @@ def test_the_capacity_budget_comes_from_the_nodes_when_queues_yaml_has_none(
     assert not k8s_api.calls("GET", "/api/v1/nodes", since=mark)
 
 
+def test_a_held_queues_replicas_still_take_their_share_of_the_budget(fleet, redis_client,
+                                                                    k8s_api):
+    """heavy is an HPA's, at 2 replicas of 1 core each: with a 3.25-core budget and
+    default's 0.25, io (0.1 core a replica) gets at most what is left, 1 core."""
+    config = fleet.configure({"autoscaler": {"capacity": {"cpu": "3250m",
+                                                          "memory": "64Gi"}},
+                              "queues": {"io": {"autoscaling": {"max_replicas": 40}}}})
+    add_deployments(k8s_api, config, default=1, heavy=2)
+    k8s_api.add_hpa(NS, "heavy-hpa", deployment("heavy"))
+    app = fleet.app()
+    for _ in range(400):
+        app.send_task("tasks.io.fetch", kwargs={"url": "http://example.invalid/"})
+    reports: list[str] = []
+    decisions = {d.queue: d for d in autoscaler(fleet, redis_client, k8s_api, reports,
+                                                config=config).run_once()}
+    assert decisions["heavy"].reason.startswith("scaled by HorizontalPodAutoscaler")
+    assert decisions["io"].desired == 10, decisions["io"]  # 1 core / 0.1: it asks for 13
+    assert "capped at 10 by the capacity budget" in decisions["io"].reason
+
+
 def test_a_scale_request_arrives_within_two_passes_of_the_backlog(fleet, redis_client,
                                                                   k8s_api):
     add_deployments(k8s_api, fleet.config, default=1)
