@@ -110,6 +110,10 @@ class Autoscaler(Passes):
         self._held_why = dict(held)
         return held
 
+    def _count_of(self, queue: str, current: dict[str, int]) -> int:
+        """A held queue's replicas: as read now, else as last read or set."""
+        return current.get(queue, self._last_read.get(queue, 0))
+
     def _less_held(self, budget: Budget, held: dict[str, str],
                    current: dict[str, int]) -> Budget:
         """A held queue's replicas (an HPA's, a manual count, or the last known) still
@@ -119,7 +123,7 @@ class Autoscaler(Passes):
         cpu, memory = 0.0, 0
         for queue in held:
             if queue in self.config.queues:
-                n = current.get(queue, self._last_read.get(queue, 0))
+                n = self._count_of(queue, current)
                 one = replica_cost(self.config.queues[queue])
                 cpu, memory = cpu + n * one[0], memory + n * one[1]
         return Budget(None if budget.cpu is None else max(0.0, budget.cpu - cpu),
@@ -134,7 +138,7 @@ class Autoscaler(Passes):
         kept = []
         for queue, why in held.items():
             if queue in self.config.queues:
-                n = current.get(queue, self._last_read.get(queue, 0))
+                n = self._count_of(queue, current)
                 kept.append(ScaleDecision(queue, n, n, f"{why}: held"))
         recs = {q: r for q, r in previous.recommendations.items() if q in held}
         history = replace(self.history,

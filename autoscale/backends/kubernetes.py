@@ -614,16 +614,9 @@ class KubernetesBackend:
 
     def _scale_down_plan(self, queue: str, current: Listed, workers: list[WorkerSample],
                          wanted: int) -> tuple[list[CostChange], int, str | None]:
-        """The cost changes to make, how many pods may go, and why fewer than wanted."""
-        changes, pods = self._cost_changes(queue, current, workers, with_pods=True)
-        costs = {p.metadata.name: _cost((p.metadata.annotations or {}).get(DELETION_COST))
-                 for p in pods}
-        costs.update({c.pod: c.new for c in changes})
-        allowed, why = safe_decrease(pods, costs, held(workers), wanted)
-        return changes, allowed, why
-
-    def _cost_changes(self, queue: str, current: Listed, workers: list[WorkerSample], *,
-                      with_pods: bool = False) -> Any:
+        """Before a scale-down by ``wanted``: the pod-deletion-cost changes to make (only
+        the pods whose cost changes are patched), how many pods may go without the
+        ReplicaSet controller taking a busy one, and why fewer than wanted."""
         name = self.deployments[queue]
         if current.selector is None:
             raise BackendError(f"deployments/{name} has no pod selector: cannot find its "
@@ -634,15 +627,16 @@ class KubernetesBackend:
                               self.namespace, label_selector=selector,
                               _request_timeout=self.timeout)).items
         live = [p for p in pods if p.metadata.deletion_timestamp is None]
-        wanted = deletion_costs([p.metadata.name for p in live], workers)
+        costs = deletion_costs([p.metadata.name for p in live], workers)
         busy = held(workers)
         changes = []
         for pod in live:
             old = (pod.metadata.annotations or {}).get(DELETION_COST)
-            new = wanted[pod.metadata.name]
+            new = costs[pod.metadata.name]
             if _cost(old) != new:
                 changes.append(CostChange(pod.metadata.name, old, new, busy[pod.metadata.name]))
-        return (changes, live) if with_pods else changes
+        allowed, why = safe_decrease(live, costs, busy, wanted)
+        return changes, allowed, why
 
     def _annotate(self, change: CostChange) -> None:
         body = {"metadata": {"annotations": {DELETION_COST: str(change.new)}}}
